@@ -1,0 +1,51 @@
+"""Plain records passed between the stages (sources -> transform -> anchors -> shards)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SourceRow:
+    """One image as a source yields it, before any processing.
+
+    ``bboxes`` are raw, in the source's own convention (see the bbox-format decision); ``labels``
+    are already mapped to 1..80 (labels.INVALID_LABEL where the category was out of range).
+    """
+
+    index: int  # 0-based position in the source stream: rows consumed = index + 1
+    image_id: int
+    image: bytes | None  # encoded image bytes; None when the source could not provide them
+    width: int  # as declared by the row / annotation file
+    height: int
+    bbox_ids: np.ndarray  # int64 [N]
+    labels: np.ndarray  # int64 [N], 1..80 or INVALID_LABEL
+    bboxes: np.ndarray  # float64 [N, 4], raw
+    iscrowd: np.ndarray  # bool [N]
+    origin: str = ""  # where the row came from, for error messages (file, row number)
+
+
+@dataclass
+class Sample:
+    """One processed image, ready for anchor matching and writing."""
+
+    key: str
+    image_bytes: bytes  # encoded resized image
+    image_ext: str  # "jpg" or "png"
+    meta: dict  # the JSON member (see docs/FORMAT.md), boxes in resized pixels
+    boxes: np.ndarray  # float32 [K, 4] xyxy, resized pixels
+    labels: np.ndarray  # int64 [K], 1..80
+    crowd_boxes: np.ndarray  # float32 [C, 4] xyxy, resized pixels
+    box_drops: dict[str, int] = field(default_factory=dict)  # boxes dropped, by reason
+
+
+@dataclass
+class Dropped:
+    """A source row that produced no sample, with the rule that dropped it."""
+
+    index: int
+    image_id: int
+    reason: str
+    detail: str = ""
+    box_drops: dict[str, int] = field(default_factory=dict)
