@@ -1,0 +1,125 @@
+"""Shard and manifest I/O: reproducible tars, atomic publication, safe reading."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from frcnn_shard.shards import (
+    FORMAT_VERSION, MANIFEST_NAME, ManifestError, ShardFormatError, ShardWriter, file_sha256,
+    iter_shard, iter_tar_samples, list_shard_keys, read_manifest, shard_name, write_json_atomic,
+)
+
+SAMPLES = [
+    ("000000000001", [("jpg", b"\xff\xd8fake-jpeg-1"), ("json", b'{"a":1}'), ("rpn.npz", b"npz1")]),
+    ("000000000002", [("jpg", b"\xff\xd8fake-jpeg-2"), ("json", b'{"a":2}'), ("rpn.npz", b"npz2")]),
+]
+
+
+def write(path, samples=SAMPLES):
+    w = ShardWriter(path)
+    for key, members in samples:
+        w.add(key, members)
+    return w.close()
+
+
+def test_shard_name():
+    assert shard_name("train", 0) == "train-000000.tar"
+    assert shard_name("val", 123) == "val-000123.tar"
+
+
+def test_writer_publishes_atomically_and_reports_hash(tmp_path):
+    final = tmp_path / "train-000000.tar"
+    w = ShardWriter(final)
+    w.add(*SAMPLES[0])
+    assert not final.exists() and (tmp_path / "train-000000.tar.partial").exists()
+    info = w.close()
+    assert final.exists() and not (tmp_path / "train-000000.tar.partial").exists()
+    assert info.sha256 == file_sha256(final)
+    assert info.bytes == final.stat().st_size
+    assert (info.samples, info.first_key, info.last_key) == (1, "000000000001", "000000000001")
+
+
+def test_abort_leaves_nothing(tmp_path):
+    w = ShardWriter(tmp_path / "x-000000.tar")
+    w.add(*SAMPLES[0])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tars_are_reproducible_and_plain(tmp_path):
+    a, b = write(tmp_path / "a.tar"), write(tmp_path / "b.tar")
+    assert a.sha256 == b.sha256
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        infos = tar.getmembers()
+    assert [i.name for i in infos] == [f"{k}.{e}" for k, ms in SAMPLES for e, _ in ms]
+    assert all(i.mtime == 0 and i.uid == 0 and i.gid == 0 and i.uname == "" and i.mode == 0o644 for i in infos)
+
+
+def test_iter_shard_round_trip(tmp_path):
+    write(tmp_path / "s.tar")
+    got = list(iter_shard(tmp_path / "s.tar"))
+    assert [k for k, _ in got] == [k for k, _ in SAMPLES]
+    assert got[1][1] == dict(SAMPLES[1][1])
+    assert list_shard_keys(tmp_path / "s.tar") == [k for k, _ in SAMPLES]
+
+
+def _raw_tar(members: list[tuple[str, bytes]], kind=tarfile.REGTYPE) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.type = kind
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("000001.pickle", "pickle"),
+    ("000001.pyd", "pickle"),
+    ("000001.pth", "pickle"),
+    ("../000001.jpg", "path traversal"),
+    ("/etc/000001.jpg", "path traversal"),
+    ("sub/000001.jpg", "path traversal"),
+])
+def test_unsafe_members_are_refused(name, rule):
+    with pytest.raises(ShardFormatError, match=rule):
+        list(iter_tar_samples(_raw_tar([(name, b"x")]), "bad.tar"))
+
+
+def test_non_regular_and_oversized_members_are_refused():
+    with pytest.raises(ShardFormatError, match="not a regular file"):
+        list(iter_tar_samples(_raw_tar([("000001.jpg", b"")], kind=tarfile.SYMTYPE), "bad.tar"))
+    with pytest.raises(ShardFormatError, match="limit"):
+        list(iter_tar_samples(_raw_tar([("000001.jpg", b"x" * 100)]), "big.tar", max_member_bytes=10))
+
+
+def test_unknown_members_ignored_and_truncation_named(tmp_path):
+    got = list(iter_tar_samples(_raw_tar([("k.jpg", b"1"), ("k.txt", b"2"), ("k.json", b"{}")]), "t"))
+    assert got == [("k", {"jpg": b"1", "json": b"{}"})]
+    write(tmp_path / "s.tar")
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:700])
+    with pytest.raises(ShardFormatError, match="cut.tar"):
+        list(iter_shard(tmp_path / "cut.tar"))
+
+
+def test_manifest_atomic_write_and_version_rules(tmp_path):
+    write_json_atomic(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "x": 1})
+    assert read_manifest(tmp_path)["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]
+    major = int(FORMAT_VERSION.split(".")[0])
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": f"{major}.99"}))
+    read_manifest(tmp_path)  # a newer minor version stays readable
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": f"{major + 1}.0"}))
+    with pytest.raises(ManifestError, match="not readable"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ManifestError, match="unreadable"):
+        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_manifest(tmp_path / "nowhere")
