@@ -1,0 +1,524 @@
+"""The build: source rows -> worker pool (decode, resize, encode, match anchors) -> ordered shard writer.
+
+Output is a pure function of (source rows, options): the writer keeps source order and the tars are
+reproducible, so the worker count never changes a byte. A shard is published atomically and the
+manifest rewritten after each one, which is what makes an interrupted build resumable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import __version__, anchors as anc
+from .labels import CLASS_NAMES
+from .records import Dropped, Sample, SourceRow
+from .shards import (
+    FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, file_sha256,
+    list_shard_keys, read_manifest, shard_name, write_json_atomic,
+)
+from .sources import open_source
+from .transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, process_row
+
+# Image drop reasons that mean broken input (counted against --max-bad-fraction); "no_boxes" is not
+# one of them: COCO itself has images without annotations.
+BAD_INPUT_REASONS = ("missing_image", "corrupt_image", "too_many_pixels", "size_mismatch", "duplicate_image_id")
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or cannot go on; the message says why and what is kept."""
+
+
+class BuildInterrupted(BuildError):
+    """Stopped by the user or a signal; everything published so far is intact and resumable."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `frcnn-shard build` takes; the output-shaping part is recorded in the manifest."""
+
+    source: str = "detection-datasets/coco"
+    split: str = "train"
+    revision: str | None = None
+    out: str = "shards"
+    bbox_format: str = "auto"
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    anchor_preset: str = "frcnn-fpn"
+    anchor_sizes: tuple | None = None
+    anchor_ratios: tuple | None = None
+    anchor_strides: tuple | None = None
+    matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
+    samples_per_shard: int = 1000
+    max_shard_bytes: int | None = None
+    max_samples: int | None = None
+    max_bad_fraction: float = 0.01
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    device: str = "auto"
+    gpu_batch: int = 64
+    chunk_size: int = 8
+    overwrite: bool = False
+    detect_rows: int = 200
+
+
+@dataclass
+class BuildResult:
+    """What the build did, for the CLI's summary."""
+
+    out_dir: Path
+    status: str  # "built", "resumed", "already complete"
+    samples: int
+    shards: int
+    bytes: int
+    rows: int
+    drops: dict
+    box_drops: dict
+    bbox_format: dict
+    device: str
+    seconds: float
+    resumed_shards: int = 0
+    bad_fraction: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one process-global state, set once per worker by the pool initializer.
+
+_W: dict = {}
+
+
+def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
+                 ignore_sigint: bool = True) -> None:
+    """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
+    if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _W["tcfg"] = tcfg
+    _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
+
+
+def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
+    """Process a chunk of rows in a worker: transform each, then match its anchors on the CPU path.
+
+    The bbox-format decision travels with the chunk because the pool is forked before the source
+    is opened (and so before the decision is known).
+    """
+    bbox_format, rows = job
+    tcfg = replace(_W["tcfg"], bbox_format=bbox_format)
+    out = []
+    for row in rows:
+        item = process_row(row, tcfg)
+        targets = None
+        if isinstance(item, Sample) and _W["matcher"] is not None:
+            labels, matched = _W["matcher"].match(item.boxes, item.crowd_boxes)
+            targets = _pack(item, labels, matched)
+        out.append((item, targets))
+    return out
+
+
+def _pack(sample: Sample, labels: np.ndarray, matched: np.ndarray) -> bytes:
+    """Pack one sample's anchor targets and note their counts in its JSON record."""
+    sample.meta["rpn"] = {
+        "positive": int((labels == 1).sum()),
+        "ignore": int((labels == -1).sum()),
+        "negative": int((labels == 0).sum()),
+    }
+    return anc.pack_targets(labels, matched)
+
+
+def sample_members(sample: Sample, targets: bytes) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in their fixed order: image, JSON, anchor targets."""
+    meta = json.dumps(sample.meta, separators=(",", ":")).encode()
+    return [(sample.image_ext, sample.image_bytes), ("json", meta), (anc.TARGETS_EXT, targets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side.
+
+
+def _chunks(rows: Iterable[SourceRow], n: int) -> Iterator[list[SourceRow]]:
+    """Group rows into lists of n (the last may be shorter)."""
+    chunk: list[SourceRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ordered_results(pool, chunks: Iterator[list[SourceRow]], max_inflight: int):
+    """Map chunks over the pool in source order with at most max_inflight chunks in the air.
+
+    Pool.imap would read the whole input ahead (its feeder thread is unbounded); this keeps memory
+    flat whatever the dataset size.
+    """
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_process_chunk, (chunk,)))
+        if len(pending) >= max_inflight:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise BuildError(f"--device must be auto, cpu or cuda (got {device!r})")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise BuildError("--device cuda was asked for, but torch sees no CUDA device")
+    return "cpu"
+
+
+def anchor_spec(opts: BuildOptions) -> anc.AnchorSpec:
+    """The anchor spec of a build: the preset at the build's image size, custom values applied."""
+    return anc.preset_spec(
+        opts.anchor_preset, opts.transform.image_size,
+        sizes=opts.anchor_sizes, ratios=opts.anchor_ratios, strides=opts.anchor_strides,
+    )
+
+
+def _jsonable(obj):
+    """Normalise to what JSON gives back (tuples -> lists), so option dicts compare equal after a round trip."""
+    return json.loads(json.dumps(obj))
+
+
+def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict:
+    """The options that shape the output; a resume must see exactly these again."""
+    tdict = opts.transform.to_dict()
+    tdict.pop("bbox_format", None)  # the decision lives in the manifest's bbox_format section
+    return _jsonable({
+        "source": opts.source, "revision": opts.revision, "split": split,
+        "bbox_format": opts.bbox_format, "transform": tdict,
+        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching),
+        "samples_per_shard": opts.samples_per_shard, "max_shard_bytes": opts.max_shard_bytes,
+        "max_samples": opts.max_samples, "max_bad_fraction": opts.max_bad_fraction,
+    })
+
+
+def _validate(opts: BuildOptions) -> None:
+    """Refuse nonsensical options before any work starts."""
+    if opts.samples_per_shard < 1:
+        raise BuildError(f"--samples-per-shard must be >= 1 (got {opts.samples_per_shard})")
+    if opts.max_shard_bytes is not None and opts.max_shard_bytes < 1:
+        raise BuildError(f"--max-shard-bytes must be >= 1 (got {opts.max_shard_bytes})")
+    if opts.max_samples is not None and opts.max_samples < 1:
+        raise BuildError(f"--max-samples must be >= 1 (got {opts.max_samples})")
+    if not 0.0 <= opts.max_bad_fraction <= 1.0:
+        raise BuildError(f"--max-bad-fraction must be within 0..1 (got {opts.max_bad_fraction})")
+    if opts.workers < 0:
+        raise BuildError(f"--workers must be >= 0 (got {opts.workers})")
+    if opts.chunk_size < 1 or opts.gpu_batch < 1:
+        raise BuildError("chunk size and GPU batch must be >= 1")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a directory")
+
+
+def _clean_dir(out_dir: Path, split: str) -> None:
+    """Remove what a previous build of this split left: its shards, partial files and manifest."""
+    for p in out_dir.iterdir():
+        if p.name.endswith(PARTIAL_SUFFIX) or p.name == MANIFEST_NAME or SHARD_RE.match(p.name):
+            p.unlink()
+
+
+def _prepare_resume(out_dir: Path, split: str, options: dict, overwrite: bool) -> dict | None:
+    """Decide between a fresh build and a resume; return the manifest to resume from, or None.
+
+    Stray partial files are removed, shards the manifest does not list (published just before a
+    crash, before the manifest caught up) are removed too: they are rebuilt byte for byte.
+    """
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        return None
+    if overwrite:
+        _clean_dir(out_dir, split)
+        return None
+    for p in out_dir.glob("*" + PARTIAL_SUFFIX):
+        p.unlink()
+    has_manifest = (out_dir / MANIFEST_NAME).exists()
+    shards_on_disk = sorted(p.name for p in out_dir.iterdir() if SHARD_RE.match(p.name))
+    if not has_manifest:
+        if shards_on_disk:
+            raise BuildError(
+                f"{out_dir} holds shards ({shards_on_disk[0]}, ...) but no manifest; "
+                "pass --overwrite to replace them"
+            )
+        return None
+    manifest = read_manifest(out_dir)
+    if _jsonable(manifest.get("options")) != options:
+        old, new = manifest.get("options", {}), options
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise BuildError(
+            f"{out_dir} was built with different options (differing: {', '.join(diff)}); "
+            "re-run with the same options to resume, or pass --overwrite to start again"
+        )
+    listed = {s["name"]: s for s in manifest["shards"]}
+    for name in shards_on_disk:
+        if name not in listed:
+            (out_dir / name).unlink()
+    for s in manifest["shards"]:
+        p = out_dir / s["name"]
+        if not p.exists() or p.stat().st_size != s["bytes"] or file_sha256(p) != s["sha256"]:
+            raise BuildError(
+                f"{p}: listed in the manifest but missing or changed since it was written; "
+                "pass --overwrite to rebuild"
+            )
+    return manifest
+
+
+def _sum_counts(dicts: Iterable[dict]) -> dict:
+    """Add up {reason: count} dicts."""
+    total: Counter = Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(sorted(total.items()))
+
+
+class _Writer:
+    """Ordered sample sink: rolls shards, accounts rows and drops per shard, keeps the manifest current."""
+
+    def __init__(self, out_dir: Path, split: str, opts: BuildOptions, manifest: dict):
+        self.out_dir, self.split, self.opts, self.manifest = out_dir, split, opts, manifest
+        self.rows_done = sum(s["rows"] for s in manifest["shards"])  # rows accounted for in shards
+        self.samples = sum(s["samples"] for s in manifest["shards"])
+        self.seen: set[str] = set()
+        for s in manifest["shards"]:
+            self.seen.update(list_shard_keys(out_dir / s["name"]))
+        self.writer: ShardWriter | None = None
+        self.consumed = self.rows_done  # rows seen so far, accounted or not
+        self.drops: Counter = Counter()
+        self.box_drops: Counter = Counter()
+
+    def drop(self, index: int, reason: str, box_drops: dict) -> None:
+        """Count a dropped row."""
+        self.consumed = index + 1
+        self.drops[reason] += 1
+        self.box_drops.update(box_drops)
+
+    def add(self, sample: Sample, targets: bytes, index: int) -> None:
+        """Write one sample (or count it as a duplicate) and roll the shard when it is full."""
+        if sample.key in self.seen:
+            self.drop(index, "duplicate_image_id", {})
+            return
+        self.seen.add(sample.key)
+        self.consumed = index + 1
+        self.box_drops.update(sample.box_drops)
+        if self.writer is None:
+            name = shard_name(self.split, len(self.manifest["shards"]))
+            self.writer = ShardWriter(self.out_dir / name)
+        self.writer.add(sample.key, sample_members(sample, targets))
+        self.samples += 1
+        full = self.writer.samples >= self.opts.samples_per_shard
+        too_big = self.opts.max_shard_bytes is not None and self.writer.bytes_written >= self.opts.max_shard_bytes
+        if full or too_big:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        """Publish the open shard and record it, with the rows and drops it accounts for."""
+        info: ShardInfo = self.writer.close()
+        self.writer = None
+        self.manifest["shards"].append({
+            **asdict(info), "rows": self.consumed - self.rows_done,
+            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
+        })
+        self.rows_done = self.consumed
+        self.drops, self.box_drops = Counter(), Counter()
+        self.write_manifest()
+
+    def finish(self) -> None:
+        """Publish the last shard, account for trailing dropped rows, and mark the build complete."""
+        if self.writer is not None:
+            self.close_shard()
+        self.manifest["tail"] = {
+            "rows": self.consumed - self.rows_done,
+            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
+        }
+        self.manifest["complete"] = True
+        self.write_manifest()
+
+    def abort(self) -> None:
+        """Drop the open shard, leaving the manifest as it was after the last published shard."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def write_manifest(self) -> None:
+        """Recompute totals and rewrite the manifest atomically."""
+        m = self.manifest
+        parts = m["shards"] + ([m["tail"]] if m.get("tail") else [])
+        m["totals"] = {
+            "samples": sum(s["samples"] for s in m["shards"]), "shards": len(m["shards"]),
+            "bytes": sum(s["bytes"] for s in m["shards"]), "rows": sum(p["rows"] for p in parts),
+        }
+        m["drops"] = {"images": _sum_counts(p["drops"] for p in parts),
+                      "boxes": _sum_counts(p["box_drops"] for p in parts)}
+        write_json_atomic(self.out_dir / MANIFEST_NAME, m)
+
+
+def _new_manifest(opts: BuildOptions, options: dict, source, spec: anc.AnchorSpec, device: str) -> dict:
+    """A manifest for a build that has not published anything yet."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "frcnn-shard", "version": __version__},
+        "complete": False,
+        "split": source.info["split"],
+        "source": source.info,
+        "bbox_format": source.bbox_format,
+        "options": options,
+        "build": {"workers": opts.workers, "device": device},
+        "image": {"format": opts.transform.image_format, "size": list(opts.transform.image_size),
+                  "resize": opts.transform.resize, "mode": "RGB"},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "rule": "float = (uint8 / 255 - mean) / std, per RGB channel"},
+        "classes": list(CLASS_NAMES),
+        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching),
+        "shards": [], "tail": None,
+    }
+
+
+def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str) -> list:
+    """Match the anchors of the buffered samples in one batched call on the device."""
+    samples = [item for item, _ in buffer if isinstance(item, Sample)]
+    results = anc.match_batch_torch(
+        spec_anchors, [s.boxes for s in samples], [s.crowd_boxes for s in samples],
+        opts.matching, opts.transform.image_size, device=device,
+    )
+    packed = iter([_pack(s, lab, m) for s, (lab, m) in zip(samples, results)])
+    return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
+
+
+def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) -> BuildResult:
+    """Run (or resume) a build and return its summary; raises BuildError with a reason on failure."""
+    import multiprocessing as mp
+
+    _validate(opts)
+    t0 = time.perf_counter()
+    device = resolve_device(opts.device)
+    spec = anchor_spec(opts)
+    match_in_workers = device != "cuda"
+    pool = None
+    if opts.workers > 0:
+        # Fork before the source is opened, so no reader thread exists yet in the parent.
+        pool = mp.get_context("fork").Pool(
+            opts.workers, initializer=_init_worker,
+            initargs=(opts.transform, spec, opts.matching, match_in_workers),
+        )
+    else:
+        _init_worker(opts.transform, spec, opts.matching, match_in_workers, ignore_sigint=False)
+    try:
+        return _build(opts, progress, device, spec, pool, t0)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _build(opts: BuildOptions, progress, device: str, spec: anc.AnchorSpec, pool, t0: float) -> BuildResult:
+    """The body of build(), with the worker pool already running."""
+    source = open_source(opts.source, opts.split, revision=opts.revision,
+                         bbox_format=opts.bbox_format, detect_rows=opts.detect_rows)
+    split = source.info["split"]
+    out_dir = Path(opts.out) / split
+    options = output_options(opts, split, spec)
+    manifest = _prepare_resume(out_dir, split, options, opts.overwrite)
+    resumed = manifest is not None
+    if manifest is None:
+        manifest = _new_manifest(opts, options, source, spec, device)
+    else:
+        # A resume keeps the recorded decision; a different one would change what the rows mean.
+        recorded, now = manifest["bbox_format"]["decision"], source.bbox_format["decision"]
+        if recorded != now:
+            raise BuildError(f"bbox format decided now ({now}) differs from the recorded one ({recorded})")
+    resumed_shards = len(manifest["shards"]) if resumed else 0
+    w = _Writer(out_dir, split, opts, manifest)
+    if manifest.get("complete"):
+        status = "already complete"
+    else:
+        status = "resumed" if resumed else "built"
+        _run(opts, source, spec, device, pool, w, progress)
+    m = w.manifest
+    rows = m["totals"]["rows"]
+    bad = sum(m["drops"]["images"].get(r, 0) for r in BAD_INPUT_REASONS)
+    result = BuildResult(
+        out_dir=out_dir, status=status, samples=m["totals"]["samples"], shards=m["totals"]["shards"],
+        bytes=m["totals"]["bytes"], rows=rows, drops=m["drops"]["images"], box_drops=m["drops"]["boxes"],
+        bbox_format=m["bbox_format"], device=device, seconds=time.perf_counter() - t0,
+        resumed_shards=resumed_shards, bad_fraction=bad / rows if rows else 0.0,
+    )
+    if result.bad_fraction > opts.max_bad_fraction:
+        raise BuildError(
+            f"{bad} of {rows} rows were skipped as bad input ({result.bad_fraction:.2%} > "
+            f"--max-bad-fraction {opts.max_bad_fraction:.2%}); by reason: {result.drops}. "
+            f"The {result.samples} samples written in {out_dir} are kept."
+        )
+    return result
+
+
+def _run(opts: BuildOptions, source, spec, device: str, pool, w: _Writer, progress) -> None:
+    """Stream rows through the workers into the writer; on any failure, drop only the open shard."""
+    on_gpu = device == "cuda"
+    anchors_t = anc.make_anchors(spec) if on_gpu else None
+    fmt = source.bbox_format["decision"]
+    jobs = ((fmt, chunk) for chunk in _chunks(source.rows(skip=w.rows_done), opts.chunk_size))
+    if pool is not None:
+        results = _ordered_results(pool, jobs, max_inflight=4 * opts.workers)
+    else:
+        results = (r for job in jobs for r in _process_chunk(job))
+    try:
+        buffer: list = []
+        for item, targets in results:
+            if on_gpu:
+                buffer.append((item, targets))
+                if sum(isinstance(i, Sample) for i, _ in buffer) < opts.gpu_batch:
+                    continue
+                batch, buffer = _match_on_device(buffer, anchors_t, opts, device), []
+            else:
+                batch = [(item, targets)]
+            if _write_items(batch, w, opts, progress):
+                break
+        else:
+            if buffer:
+                _write_items(_match_on_device(buffer, anchors_t, opts, device), w, opts, progress)
+        w.finish()
+    except KeyboardInterrupt:
+        w.abort()
+        raise BuildInterrupted(
+            f"interrupted; {len(w.manifest['shards'])} complete shards are kept in {w.out_dir}. "
+            "Run the same command again to resume after the last complete shard."
+        ) from None
+    except OSError as e:
+        w.abort()
+        raise BuildError(
+            f"write failed in {w.out_dir}: {e}. The unfinished shard was removed; the manifest lists "
+            f"the {len(w.manifest['shards'])} complete shards. Free space and run the same command to resume."
+        ) from e
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _write_items(batch: list, w: _Writer, opts: BuildOptions, progress) -> bool:
+    """Hand processed items to the writer in order; True once --max-samples is reached."""
+    for item, targets in batch:
+        if isinstance(item, Dropped):
+            w.drop(item.index, item.reason, item.box_drops)
+        else:
+            w.add(item, targets, item.meta["source_index"])
+        if progress is not None:
+            progress({"rows": w.consumed, "samples": w.samples, "shards": len(w.manifest["shards"])})
+        if opts.max_samples is not None and w.samples >= opts.max_samples:
+            return True
+    return False

@@ -1,0 +1,58 @@
+"""Shared fixtures: where the real data is, and shards built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_COCO = ROOT.parent / "shared" / "data" / "tiny_coco"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tiny_coco() -> Path:
+    """The real 50-image COCO slice; skip without it, but fail under CI, where it must be present."""
+    if not (TINY_COCO / "annotations" / "instances_train2017.json").exists():
+        if IN_CI:
+            pytest.fail(f"CI=true but the real data is missing at {TINY_COCO}")
+        pytest.skip(f"real data not found at {TINY_COCO} (../shared/data/tiny_coco)")
+    return TINY_COCO
+
+
+@pytest.fixture(scope="session")
+def tiny_coco() -> Path:
+    return require_tiny_coco()
+
+
+def build_shards(out: Path, source: str, split: str, **kw):
+    """Run a build with test-friendly defaults (in-process, small shards) and return its result."""
+    from frcnn_shard.build import BuildOptions, build
+
+    kw.setdefault("workers", 0)
+    kw.setdefault("samples_per_shard", 16)
+    kw.setdefault("device", "cpu")
+    return build(BuildOptions(source=source, split=split, out=str(out), **kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_coco) -> Path:
+    """tiny_coco built from the official COCO layout: 50 rows, shards of 16 samples."""
+    out = tmp_path_factory.mktemp("tiny_shards")
+    res = build_shards(out, f"coco:{tiny_coco}", "train2017")
+    return res.out_dir
+
+
+@pytest.fixture(scope="session")
+def sample_hub(tmp_path_factory) -> Path:
+    """The embedded synthetic sample as a Hub-layout folder."""
+    from frcnn_shard.sample import make_sample_hub_folder
+
+    return make_sample_hub_folder(tmp_path_factory.mktemp("sample_hub"), n_train=24, n_val=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, sample_hub) -> Path:
+    """The synthetic sample built through the Hub code path, shards of 8 samples."""
+    out = tmp_path_factory.mktemp("sample_shards")
+    return build_shards(out, str(sample_hub), "train", samples_per_shard=8).out_dir

@@ -1,0 +1,180 @@
+"""End to end: real COCO (tiny_coco) through every source kind into shards, checked against the JSON."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import build_shards
+from frcnn_shard.build import BuildError, BuildInterrupted, BuildOptions, build
+from frcnn_shard.shards import MANIFEST_NAME, iter_shard, read_manifest
+
+SIZE = 400.0
+MIN_BOX = 1.0
+
+
+def expected_from_json(coco_dir: Path, crowd_as_objects: bool) -> dict[int, dict]:
+    """Boxes and labels computed straight from instances_train2017.json, independently of the package."""
+    data = json.loads((coco_dir / "annotations" / "instances_train2017.json").read_text())
+    label_of = {c["id"]: i + 1 for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+    images = {im["id"]: im for im in data["images"]}
+    out = {i: {"boxes": [], "labels": [], "crowd": []} for i in images}
+    for ann in data["annotations"]:
+        im = images[ann["image_id"]]
+        sx, sy = SIZE / im["width"], SIZE / im["height"]
+        x, y, w, h = ann["bbox"]
+        if w <= 0 or h <= 0:
+            continue
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + w, im["width"]), min(y + h, im["height"])
+        box = [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+        if ann["iscrowd"] and not crowd_as_objects:
+            out[ann["image_id"]]["crowd"].append(box)
+            continue
+        if box[2] - box[0] < MIN_BOX or box[3] - box[1] < MIN_BOX:
+            continue
+        out[ann["image_id"]]["boxes"].append(box)
+        out[ann["image_id"]]["labels"].append(label_of[ann["category_id"]])
+    return out
+
+
+def read_all(shard_dir: Path) -> dict[str, dict]:
+    samples = {}
+    for s in read_manifest(shard_dir)["shards"]:
+        for key, members in iter_shard(shard_dir / s["name"]):
+            samples[key] = json.loads(members["json"])
+    return samples
+
+
+def assert_matches_json(shard_dir: Path, expected: dict[int, dict]) -> None:
+    samples = read_all(shard_dir)
+    with_boxes = {i for i, e in expected.items() if e["boxes"]}
+    assert {int(k) for k in samples} == with_boxes
+    for key, meta in samples.items():
+        exp = expected[int(key)]
+        assert meta["labels"] == exp["labels"], key
+        np.testing.assert_allclose(np.array(meta["boxes"]).reshape(-1, 4), np.array(exp["boxes"]), atol=0.01)
+        np.testing.assert_allclose(np.array(meta["crowd_boxes"]).reshape(-1, 4),
+                                   np.array(exp["crowd"]).reshape(-1, 4), atol=0.01)
+        assert meta["size"] == [400, 400]
+        assert key == f"{meta['image_id']:012d}"
+
+
+def test_coco_source_equals_annotations(tiny_shards, tiny_coco):
+    expected = expected_from_json(tiny_coco, crowd_as_objects=False)
+    assert_matches_json(tiny_shards, expected)
+    m = read_manifest(tiny_shards)
+    assert m["complete"] and m["totals"]["rows"] == 50
+    assert m["bbox_format"]["decision"] == "xywh"
+    no_boxes = sum(1 for e in expected.values() if not e["boxes"])
+    assert m["drops"]["images"].get("no_boxes", 0) == no_boxes
+    assert m["totals"]["samples"] + sum(m["drops"]["images"].values()) == 50
+    crowd = sum(len(e["crowd"]) for e in expected.values())
+    assert crowd == 5 and sum(len(s["crowd_boxes"]) for s in read_all(tiny_shards).values()) == crowd
+    assert [s["samples"] for s in m["shards"]][:-1] == [16] * (len(m["shards"]) - 1)
+
+
+@pytest.fixture(scope="module")
+def hub_folders(tmp_path_factory, tiny_coco):
+    from frcnn_shard.sources import coco_to_hub_rows, write_hub_folder
+
+    out = {}
+    for fmt in ("xywh", "xyxy"):
+        root = tmp_path_factory.mktemp(f"hub_{fmt}")
+        rows = list(coco_to_hub_rows(tiny_coco, "train2017", bbox_format=fmt))
+        out[fmt] = write_hub_folder(root, {"train": rows, "val": rows[:5]}, rows_per_file=20)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["xywh", "xyxy"])
+def test_hub_layout_auto_detects_and_equals_annotations(hub_folders, tiny_coco, tmp_path, fmt):
+    res = build_shards(tmp_path, str(hub_folders[fmt]), "train")
+    assert res.bbox_format["decision"] == fmt and res.bbox_format["requested"] == "auto"
+    assert_matches_json(res.out_dir, expected_from_json(tiny_coco, crowd_as_objects=True))
+
+
+def test_explicit_wrong_format_is_recorded_with_its_evidence(hub_folders, tmp_path):
+    # xyxy rows forced to be read as xywh: honoured, but the evidence against it is in the manifest.
+    res = build_shards(tmp_path, str(hub_folders["xyxy"]), "train", bbox_format="xywh")
+    bf = read_manifest(res.out_dir)["bbox_format"]
+    assert (bf["requested"], bf["decision"]) == ("xywh", "xywh")
+    assert bf["evidence"]["xywh_violations"] > 0
+
+
+def test_worker_count_does_not_change_a_byte(hub_folders, tmp_path):
+    shas = []
+    for workers in (0, 1, 2):
+        res = build_shards(tmp_path / f"w{workers}", str(hub_folders["xywh"]), "train", workers=workers)
+        shas.append([s["sha256"] for s in read_manifest(res.out_dir)["shards"]])
+    assert shas[0] == shas[1] == shas[2] and len(shas[0]) == -(-res.samples // 16) > 1
+
+
+def test_interrupted_build_resumes_to_identical_shards(hub_folders, tmp_path):
+    src = str(hub_folders["xywh"])
+    ref = build_shards(tmp_path / "ref", src, "train")
+    ref_shards = read_manifest(ref.out_dir)["shards"]
+
+    def stop_after_40_rows(counts):
+        if counts["rows"] >= 40:
+            raise KeyboardInterrupt
+
+    opts = BuildOptions(source=src, split="train", out=str(tmp_path / "run"), workers=0,
+                        samples_per_shard=16, device="cpu")
+    with pytest.raises(BuildInterrupted, match="resume"):
+        build(opts, progress=stop_after_40_rows)
+    out_dir = tmp_path / "run" / "train"
+    m = read_manifest(out_dir)
+    assert not m["complete"] and 1 <= len(m["shards"]) < len(ref_shards)
+    assert not list(out_dir.glob("*.partial"))
+    # A shard published just before the crash, which the manifest never listed, is rebuilt identically.
+    shutil.copy(ref.out_dir / ref_shards[len(m["shards"])]["name"], out_dir)
+    (out_dir / "train-000009.tar.partial").write_bytes(b"junk")
+    res = build(opts)
+    assert res.status == "resumed" and res.resumed_shards == len(m["shards"])
+    got = read_manifest(out_dir)
+    assert [(s["name"], s["sha256"], s["rows"]) for s in got["shards"]] == \
+        [(s["name"], s["sha256"], s["rows"]) for s in ref_shards]
+    assert got["drops"] == read_manifest(ref.out_dir)["drops"]
+    assert not list(out_dir.glob("*.partial"))
+    assert build(opts).status == "already complete"
+
+
+def test_different_options_refused_unless_overwrite(hub_folders, tmp_path):
+    src = str(hub_folders["xywh"])
+    build_shards(tmp_path, src, "train", max_samples=10)
+    with pytest.raises(BuildError, match="different options.*max_samples"):
+        build_shards(tmp_path, src, "train", max_samples=12)
+    res = build_shards(tmp_path, src, "train", max_samples=12, overwrite=True)
+    assert res.samples == 12 and read_manifest(res.out_dir)["totals"]["samples"] == 12
+
+
+def test_split_alias_and_unknown_split(hub_folders, tmp_path):
+    res = build_shards(tmp_path, str(hub_folders["xywh"]), "validation")
+    assert res.out_dir.name == "val" and read_manifest(res.out_dir)["split"] == "val"
+    with pytest.raises(ValueError, match="train.*val|val.*train"):
+        build_shards(tmp_path, str(hub_folders["xywh"]), "test")
+
+
+def test_bad_options_refused_before_work(tmp_path, hub_folders):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BuildError, match="not a directory"):
+        build_shards(tmp_path / "file", str(hub_folders["xywh"]), "train")
+    with pytest.raises(BuildError, match="samples-per-shard"):
+        build_shards(tmp_path, str(hub_folders["xywh"]), "train", samples_per_shard=0)
+    assert not (tmp_path / "train").exists()
+
+
+def test_synthetic_sample_builds_through_hub_path(sample_shards):
+    m = read_manifest(sample_shards)
+    assert m["complete"] and m["source"]["kind"] == "hub" and m["totals"]["samples"] == 24
+    per_key = defaultdict(int)
+    for s in m["shards"]:
+        for key, members in iter_shard(sample_shards / s["name"]):
+            per_key[key] += 1
+            assert set(members) == {"jpg", "json", "rpn.npz"}
+    assert len(per_key) == 24 and set(per_key.values()) == {1}
+    assert (sample_shards / MANIFEST_NAME).exists()
