@@ -1,0 +1,698 @@
+"""`frcnn-shard check` and `info`: verify shards against their manifest, summarise a manifest.
+
+The default check reads every shard file exactly once into memory, hashes those bytes and walks
+the tar over the same bytes; per sample it does only cheap work (tar headers, the image *header*,
+the JSON, the anchor-target member). Full pixel decoding happens only where it can tell the user
+something the sha256 cannot: in a shard whose sha256 or size does not match the manifest (to name
+the damaged sample), and for the samples `--deep` selects. See docs/INSPECT.md.
+
+Nothing here writes to the shard directory: files are opened read-only and never locked or touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .labels import NUM_CLASSES
+from .shards import (
+    IMAGE_EXTS, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, ShardFormatError,
+    check_member_name, read_manifest, split_member_name,
+)
+
+# Rule names, as printed in reports and matched by tests; docs/INSPECT.md explains each one.
+RULE_MANIFEST_INCOMPLETE = "manifest_incomplete"
+RULE_MANIFEST_TOTALS = "manifest_totals"
+RULE_SHARD_MISSING = "shard_missing"
+RULE_SHARD_EXTRA = "shard_extra"
+RULE_PARTIAL_FILE = "partial_file"
+RULE_SHARD_UNREADABLE = "shard_unreadable"
+RULE_SHARD_SIZE = "shard_size"
+RULE_SHARD_SHA256 = "shard_sha256"
+RULE_TAR_UNREADABLE = "tar_unreadable"
+RULE_TAR_TRAILING = "tar_trailing"
+RULE_MEMBER_NAME = "member_name"
+RULE_MEMBERS = "members"
+RULE_SHARD_COUNT = "shard_count"
+RULE_SHARD_KEYS = "shard_keys"
+RULE_KEY_DUPLICATE = "key_duplicate"
+RULE_KEY_MISMATCH = "key_mismatch"
+RULE_JSON_INVALID = "json_invalid"
+RULE_IMAGE_DECODE = "image_decode"
+RULE_IMAGE_SIZE = "image_size"
+RULE_BOX_INVALID = "box_invalid"
+RULE_LABEL_INVALID = "label_invalid"
+RULE_TARGETS_INVALID = "targets_invalid"
+RULE_TARGETS_COUNTS = "targets_counts"
+RULE_TARGETS_DEEP = "targets_deep"
+
+RULES: tuple[str, ...] = (
+    RULE_MANIFEST_INCOMPLETE, RULE_MANIFEST_TOTALS, RULE_SHARD_MISSING, RULE_SHARD_EXTRA,
+    RULE_PARTIAL_FILE, RULE_SHARD_UNREADABLE, RULE_SHARD_SIZE, RULE_SHARD_SHA256, RULE_TAR_UNREADABLE,
+    RULE_TAR_TRAILING, RULE_MEMBER_NAME, RULE_MEMBERS, RULE_SHARD_COUNT, RULE_SHARD_KEYS,
+    RULE_KEY_DUPLICATE, RULE_KEY_MISMATCH, RULE_JSON_INVALID, RULE_IMAGE_DECODE, RULE_IMAGE_SIZE,
+    RULE_BOX_INVALID, RULE_LABEL_INVALID, RULE_TARGETS_INVALID, RULE_TARGETS_COUNTS, RULE_TARGETS_DEEP,
+)
+
+BOX_EPS = 1e-3  # boxes are float32 in resized pixels, clipped to the image; allow float32 rounding
+PROGRESS_EVERY = 64  # samples between progress callbacks (the callback may be a tqdm bar)
+# Below this many shard bytes a check runs in-process: starting worker processes would cost more than it saves.
+PARALLEL_MIN_BYTES = 256 << 20
+MAX_WORKERS = 16
+_PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+Found = list[tuple[str, str]]  # (rule, detail) pairs found for one sample
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: where (shard file name, sample key or '-') and what."""
+
+    shard: str
+    key: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.shard} {self.key or '-'}: {self.rule}: {self.detail}"
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return {"shard": self.shard, "key": self.key, "rule": self.rule, "detail": self.detail}
+
+
+@dataclass
+class CheckReport:
+    """The outcome of check_shards: what was read and every problem found."""
+
+    shard_dir: str
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    deep: bool = False
+    fraction: float = 1.0
+    deep_samples: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no rule was broken."""
+        return not self.problems
+
+    def rule_counts(self) -> dict[str, int]:
+        """Problems per rule, in the order of RULES."""
+        c = Counter(p.rule for p in self.problems)
+        return {r: c[r] for r in RULES if c[r]} | {r: n for r, n in c.items() if r not in RULES}
+
+    def summary_line(self) -> str:
+        """One line: what was checked and how many problems, by rule."""
+        what = f"checked {self.samples} samples in {self.shards} shards ({human_bytes(self.bytes)})"
+        if self.deep:
+            what += f", {self.deep_samples} deep-checked (fraction {self.fraction:g})"
+        if self.ok:
+            return f"{what}: 0 problems"
+        by_rule = ", ".join(f"{r} {n}" for r, n in self.rule_counts().items())
+        return f"{what}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''} ({by_rule})"
+
+    def to_dict(self) -> dict:
+        """JSON-able form (for `check --json`)."""
+        return {
+            "shard_dir": self.shard_dir, "ok": self.ok, "samples": self.samples, "shards": self.shards,
+            "bytes": self.bytes, "deep": self.deep, "fraction": self.fraction if self.deep else None,
+            "deep_samples": self.deep_samples, "seconds": round(self.seconds, 3),
+            "problem_counts": self.rule_counts(), "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------- context
+
+
+@dataclass
+class _Context:
+    """What every sample check needs from the manifest, resolved once."""
+
+    image_hw: tuple[int, int]
+    image_ext: str
+    num_anchors: int
+    targets_ext: str
+    unpack: Callable
+    deep: bool
+    fraction: float
+    seed: int
+    deep_fn: Callable | None = None  # (meta) -> recomputed labels, built lazily
+
+
+def _require(manifest: dict, *path: str):
+    """manifest[path...] or ManifestError naming the missing field (the check cannot run without it)."""
+    node = manifest
+    for i, k in enumerate(path):
+        if not isinstance(node, dict) or k not in node:
+            raise ManifestError(f"manifest has no {'.'.join(path[: i + 1])}")
+        node = node[k]
+    return node
+
+
+def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Context:
+    """Resolve manifest fields once; raises ManifestError when a required one is missing."""
+    from . import anchors as anc
+
+    size = _require(manifest, "image", "size")
+    shards = _require(manifest, "shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s for s in shards):
+        raise ManifestError("manifest 'shards' is not a list of shard entries")
+    try:
+        image_hw = (int(size[0]), int(size[1]))
+        num_anchors = int(_require(manifest, "anchors", "count"))
+    except (TypeError, ValueError, IndexError) as e:
+        raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
+    ext = str(manifest.get("image", {}).get("format", "jpg"))
+    ctx = _Context(image_hw, ext, num_anchors, anc.TARGETS_EXT, anc.unpack_targets, deep, fraction, seed)
+    if deep:
+        ctx.deep_fn = _deep_matcher(manifest, image_hw)
+    return ctx
+
+
+def _deep_matcher(manifest: dict, image_hw: tuple[int, int]) -> Callable[[dict], np.ndarray]:
+    """A function meta -> labels recomputed with the reference matcher and the manifest's config."""
+    from . import anchors as anc
+
+    try:
+        anchors = anc.anchors_from_manifest(manifest)
+        cfg = anc.MatchConfig.from_dict(_require(manifest, "anchors", "matching"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"manifest anchors section cannot be used for --deep: {e}") from None
+
+    def recompute(meta: dict) -> np.ndarray:
+        boxes = np.asarray(meta.get("boxes", []), dtype=np.float32).reshape(-1, 4)
+        crowd = np.asarray(meta.get("crowd_boxes", []), dtype=np.float32).reshape(-1, 4)
+        labels, _ = anc.match_reference(anchors, boxes, crowd, cfg, image_hw)
+        return np.asarray(labels)
+
+    return recompute
+
+
+def _selected(key: str, seed: int, fraction: float) -> bool:
+    """Deterministic per-key choice for --deep --fraction: independent of order and shard layout."""
+    if fraction >= 1.0:
+        return True
+    if fraction <= 0.0:
+        return False
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+
+
+# ------------------------------------------------------------------------------- per sample
+
+
+def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
+    """Image header (always) and full pixel decode (when asked): [(rule, detail)]."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format != _PIL_FORMATS.get(ext):
+            return [(RULE_IMAGE_DECODE, f"member .{ext} holds a {img.format} image")]
+        if full:
+            img.load()
+    except Exception as e:  # Pillow raises assorted exception types for broken data
+        return [(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}")]
+    h, w = img.height, img.width
+    if (h, w) != ctx.image_hw:
+        return [(RULE_IMAGE_SIZE, f"image is {h}x{w} (HxW), the manifest says {ctx.image_hw[0]}x{ctx.image_hw[1]}")]
+    return []
+
+
+def _box_array(value, what: str) -> tuple[np.ndarray | None, str]:
+    """JSON list -> float64 [N,4] array, or (None, why)."""
+    try:
+        a = np.asarray(value if value is not None else [], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None, f"{what} is not a list of numbers"
+    if a.size == 0:
+        return a.reshape(0, 4), ""
+    if a.ndim != 2 or a.shape[1] != 4:
+        return None, f"{what} has shape {list(a.shape)}, expected [N, 4]"
+    return a, ""
+
+
+def _bad_boxes(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Indices of boxes that are non-finite, outside the image (beyond BOX_EPS) or empty."""
+    h, w = hw
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(a).all(axis=1)
+        bad |= (a[:, 0] < -BOX_EPS) | (a[:, 1] < -BOX_EPS) | (a[:, 2] > w + BOX_EPS) | (a[:, 3] > h + BOX_EPS)
+        bad |= ~(a[:, 2] > a[:, 0]) | ~(a[:, 3] > a[:, 1])
+    return np.flatnonzero(bad)
+
+
+def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
+    """JSON member rules: key, size, boxes, labels. Returns ([(rule, detail)], number of boxes or None)."""
+    if not isinstance(meta, dict):
+        return [(RULE_JSON_INVALID, f"JSON member is a {type(meta).__name__}, expected an object")], None
+    out: list[tuple[str, str]] = []
+    missing = [f for f in ("image_id", "size", "boxes", "labels", "rpn") if f not in meta]
+    if missing:
+        out.append((RULE_JSON_INVALID, f"JSON member lacks {', '.join(missing)}"))
+    image_id = meta.get("image_id")
+    if "image_id" in meta:
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or f"{image_id:012d}" != key:
+            out.append((RULE_KEY_MISMATCH, f"key is not the 12-digit image_id ({image_id!r})"))
+    if "key" in meta and meta["key"] != key:
+        out.append((RULE_KEY_MISMATCH, f"JSON 'key' is {meta['key']!r}"))
+    if "size" in meta and meta["size"] != list(ctx.image_hw):
+        out.append((RULE_IMAGE_SIZE, f"JSON size {meta['size']!r} differs from the manifest's {list(ctx.image_hw)}"))
+    boxes, why = _box_array(meta.get("boxes"), "boxes")
+    if boxes is None:
+        out.append((RULE_BOX_INVALID, why))
+        return out, None
+    bad = _bad_boxes(boxes, ctx.image_hw)
+    if len(bad):
+        i = int(bad[0])
+        out.append((RULE_BOX_INVALID, f"{len(bad)} of {len(boxes)} boxes non-finite, empty or outside "
+                                      f"{ctx.image_hw[1]}x{ctx.image_hw[0]} (first: #{i} {boxes[i].tolist()})"))
+    crowd, why = _box_array(meta.get("crowd_boxes"), "crowd_boxes")
+    if crowd is None:
+        out.append((RULE_BOX_INVALID, why))
+    elif len(bad_c := _bad_boxes(crowd, ctx.image_hw)):
+        out.append((RULE_BOX_INVALID,
+                    f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        out.append((RULE_LABEL_INVALID, "labels is not a list of integers"))
+    else:
+        if len(labels) != len(boxes):
+            out.append((RULE_LABEL_INVALID, f"{len(labels)} labels for {len(boxes)} boxes"))
+        wrong = [v for v in labels if not 1 <= v < NUM_CLASSES]
+        if wrong:
+            out.append((RULE_LABEL_INVALID, f"labels outside 1..{NUM_CLASSES - 1}: {sorted(set(wrong))[:5]}"))
+    return out, len(boxes)
+
+
+def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, np.ndarray | None]:
+    """Anchor-target member rules. Returns ([(rule, detail)], unpacked labels or None)."""
+    try:
+        labels, matched = ctx.unpack(data, ctx.num_anchors)
+        labels = np.asarray(labels)
+        matched = np.asarray(matched)
+    except Exception as e:  # unpack raises ValueError by contract; a damaged npz can raise zip/zlib errors too
+        return [(RULE_TARGETS_INVALID, f"cannot unpack: {type(e).__name__}: {e}")], None
+    a = ctx.num_anchors
+    if labels.shape != (a,) or matched.shape != (a,):
+        return [(RULE_TARGETS_INVALID, f"shapes {labels.shape} / {matched.shape}, expected ({a},)")], None
+    # count_nonzero over small int arrays is a few microseconds; avoid masks and copies of all A anchors.
+    pos_idx = np.flatnonzero(labels == 1)
+    positive = len(pos_idx)
+    ignore = int(np.count_nonzero(labels == -1))
+    negative = int(np.count_nonzero(labels == 0))
+    if positive + ignore + negative != a:
+        return [(RULE_TARGETS_INVALID, "labels outside {-1, 0, 1}")], None
+    out: list[tuple[str, str]] = []
+    mpos = matched[pos_idx]
+    if num_boxes is not None and positive and (mpos.min() < 0 or mpos.max() >= num_boxes):
+        out.append((RULE_TARGETS_INVALID, f"positive anchors matched to boxes outside 0..{num_boxes - 1}"))
+    elif int(np.count_nonzero(matched != -1)) != int(np.count_nonzero(mpos != -1)):
+        out.append((RULE_TARGETS_INVALID, "non-positive anchors carry a matched box index"))
+    rpn = meta.get("rpn") if isinstance(meta, dict) else None
+    if isinstance(rpn, dict):
+        stored = {"positive": positive, "negative": negative, "ignore": ignore}
+        diff = {k: (rpn.get(k), v) for k, v in stored.items() if rpn.get(k) != v}
+        if diff:
+            out.append((RULE_TARGETS_COUNTS, "JSON rpn counts differ from the member (json, member): "
+                        + ", ".join(f"{k} {j}/{m}" for k, (j, m) in diff.items())))
+    return out, labels
+
+
+def _check_deep(meta, stored: np.ndarray | None, ctx: _Context) -> Found:
+    """Recompute the anchor labels from the stored boxes and compare them anchor by anchor."""
+    if stored is None or not isinstance(meta, dict) or ctx.deep_fn is None:
+        return []
+    try:
+        ref = ctx.deep_fn(meta)
+    except Exception as e:  # boxes already reported as broken make the matcher fail; say so, do not crash
+        return [(RULE_TARGETS_DEEP, f"reference matcher failed: {type(e).__name__}: {e}")]
+    differ = np.flatnonzero(ref != stored)
+    if not len(differ):
+        return []
+    i = int(differ[0])
+    return [(RULE_TARGETS_DEEP, f"{len(differ)} of {len(stored)} anchor labels differ from the reference matcher "
+                                f"(first: anchor {i} stored {int(stored[i])}, recomputed {int(ref[i])})")]
+
+
+def _check_sample(key: str, members: dict[str, bytes], ctx: _Context, full_decode: bool) -> tuple[Found, bool]:
+    """All per-sample rules for one sample: ([(rule, detail)], deep-checked?)."""
+    out: list[tuple[str, str]] = []
+    images = [e for e in IMAGE_EXTS if e in members]
+    need = {"json", ctx.targets_ext}
+    missing = sorted(need - set(members)) + ([] if images else [f"image ({'/'.join(IMAGE_EXTS)})"])
+    extra = sorted(set(members) - need - set(IMAGE_EXTS)) + (images[1:] if len(images) > 1 else [])
+    if missing or extra:
+        out.append((RULE_MEMBERS, "; ".join(filter(None, [
+            f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(extra)}" if extra else ""]))))
+    deep = ctx.deep and _selected(key, ctx.seed, ctx.fraction)
+    if images:
+        if images[0] != ctx.image_ext:
+            out.append((RULE_MEMBERS, f"image member is .{images[0]}, the manifest says {ctx.image_ext}"))
+        out += _check_image(members[images[0]], images[0], ctx, full_decode or deep)
+    meta, num_boxes = None, None
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError as e:  # UnicodeDecodeError is a ValueError too
+            out.append((RULE_JSON_INVALID, f"not valid JSON: {e}"))
+        else:
+            found, num_boxes = _check_meta(key, meta, ctx)
+            out += found
+    if ctx.targets_ext in members:
+        found, labels = _check_targets(members[ctx.targets_ext], meta, num_boxes, ctx)
+        out += found
+        if deep and meta is not None:
+            out += _check_deep(meta, labels, ctx)
+    return out, deep
+
+
+# ------------------------------------------------------------------------------- per shard
+
+
+def _walk_tar(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], list[tuple]]]:
+    """Yield (key, {ext: bytes}, [(rule, detail)]) per sample from in-memory tar bytes, then archive problems.
+
+    The last item has key '' and no members; its list holds (key, rule, detail) problems of the
+    archive as a whole (unreadable, data after the end, ...). Member bytes are slices of ``data``.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    found: list[tuple[str, str]] = []
+    tail: list[tuple[str, str, str]] = []
+    end = 0
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+        for info in tar:
+            try:
+                check_member_name(info.name, name)
+            except ShardFormatError as e:
+                tail.append(("", RULE_MEMBER_NAME, str(e).split(": ", 1)[-1]))
+                continue
+            k, ext = split_member_name(info.name)
+            if k != key:
+                if key is not None:
+                    yield key, members, found
+                key, members, found = k, {}, []
+            if not info.isreg():
+                found.append((RULE_MEMBER_NAME, f"member {info.name!r} is not a regular file"))
+                continue
+            stop = info.offset_data + info.size
+            if stop > len(data):
+                raise tarfile.ReadError(f"member {info.name!r} ends at byte {stop}, "
+                                        f"past the end of the file ({len(data)})")
+            if ext in members:
+                found.append((RULE_MEMBERS, f"member .{ext} appears twice"))
+                continue
+            members[ext] = data[info.offset_data:stop]
+            end = stop
+        # The archive must end with zero blocks only: anything else is junk the loader never sees.
+        end = max(end, tar.offset)
+        rest = len(data) - end
+        if data.count(0, end) != rest:
+            if data.count(0, end, end + 1024) == min(rest, 1024):
+                tail.append(("", RULE_TAR_TRAILING,
+                             f"data after the end-of-archive marker ({rest} bytes from byte {end})"))
+            else:  # tarfile stops quietly at a damaged header in mid-archive; that is a broken tar
+                tail.append(("", RULE_TAR_UNREADABLE, f"unreadable tar header at byte {end} after key {key}: "
+                                                      f"the remaining {rest} bytes are not read"))
+        elif rest < 1024:
+            tail.append(("", RULE_TAR_TRAILING, "the end-of-archive marker (two zero blocks) is missing"))
+    except tarfile.TarError as e:
+        # The sample being read is cut off: it is not counted as a sample; the problem names it.
+        tail.append((key or "", RULE_TAR_UNREADABLE, f"the archive breaks off here, this sample is not counted: {e}"
+                     if key else f"not a readable tar: {e}"))
+        key = None
+    if key is not None:
+        yield key, members, found
+    yield "", {}, tail
+
+
+@dataclass
+class _ShardResult:
+    """What checking one shard found; keys are returned so the caller can find duplicates across shards."""
+
+    name: str
+    problems: list[Problem] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    bytes: int = 0
+    deep_samples: int = 0
+
+
+def _check_shard(path: Path, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None) -> _ShardResult:
+    """Read one shard once and apply every file-, tar- and sample-level rule to it."""
+    name = entry["name"]
+    res = _ShardResult(name)
+    problems = res.problems
+    try:
+        with open(path, "rb") as f:  # read-only, one read of the whole file
+            data = f.read()
+    except OSError as e:
+        problems.append(Problem(name, "", RULE_SHARD_UNREADABLE, str(e)))
+        return res
+    res.bytes = len(data)
+    intact = True
+    if len(data) != entry.get("bytes"):
+        problems.append(Problem(name, "", RULE_SHARD_SIZE,
+                                f"{len(data)} bytes, the manifest says {entry.get('bytes')}"))
+        intact = False
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.get("sha256"):
+        problems.append(Problem(name, "", RULE_SHARD_SHA256,
+                                f"sha256 {digest[:16]}... differs from the manifest's "
+                                f"{str(entry.get('sha256'))[:16]}..."))
+        intact = False
+    # A shard whose bytes are not the published ones gets its pixels decoded, to name the damaged sample.
+    full_decode = not intact
+    keys = res.keys
+    local: set[str] = set()
+    pending = 0
+    for key, members, found in _walk_tar(data, name):
+        if not key:
+            problems.extend(Problem(name, k, r, d) for k, r, d in found)
+            continue
+        if key in local:
+            found = found + [(RULE_KEY_DUPLICATE, "key appears twice in this shard")]
+        local.add(key)
+        keys.append(key)
+        sample_found, deep = _check_sample(key, members, ctx, full_decode)
+        problems.extend(Problem(name, key, r, d) for r, d in found + sample_found)
+        res.deep_samples += deep
+        pending += 1
+        if progress is not None and pending >= PROGRESS_EVERY:
+            progress(pending)
+            pending = 0
+    if progress is not None and pending:
+        progress(pending)
+    if len(keys) != entry.get("samples"):
+        problems.append(Problem(name, "", RULE_SHARD_COUNT,
+                                f"{len(keys)} samples, the manifest says {entry.get('samples')}"))
+    first, last = (keys[0], keys[-1]) if keys else (None, None)
+    if (first, last) != (entry.get("first_key"), entry.get("last_key")):
+        problems.append(Problem(name, "", RULE_SHARD_KEYS, f"first/last key {first}/{last}, "
+                                f"the manifest says {entry.get('first_key')}/{entry.get('last_key')}"))
+    return res
+
+
+# Per worker process: the context, built once from the manifest (it holds functions, so it is not sent).
+_WORKER_CTX: dict = {}
+
+
+def _init_worker(manifest: dict, deep: bool, fraction: float, seed: int) -> None:
+    """Pool initializer: resolve the manifest once per worker."""
+    _WORKER_CTX["ctx"] = _make_context(manifest, deep, fraction, seed)
+
+
+def _check_shard_job(job: tuple[str, dict]) -> _ShardResult:
+    """Pool task: check one shard file in a worker."""
+    path, entry = job
+    return _check_shard(Path(path), entry, _WORKER_CTX["ctx"])
+
+
+def _default_workers(manifest: dict, n_shards: int) -> int:
+    """Workers for a check: in-process for small splits, where starting processes costs more than it saves."""
+    total = sum(int(s.get("bytes") or 0) for s in manifest["shards"])
+    workers = min(os.cpu_count() or 1, n_shards, MAX_WORKERS)
+    return workers if workers > 1 and total >= PARALLEL_MIN_BYTES else 0
+
+
+def _shard_results(shard_dir: Path, manifest: dict, ctx: _Context, entries: list[dict], workers: int,
+                   progress: Callable[[int], None] | None) -> Iterator[_ShardResult]:
+    """Check the given shards in order, in this process or in a pool of worker processes."""
+    if workers <= 0:
+        for entry in entries:
+            yield _check_shard(shard_dir / entry["name"], entry, ctx, progress)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: the caller may run threads (a progress bar's monitor, a loader) that fork would copy.
+    jobs = [(str(shard_dir / e["name"]), e) for e in entries]
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                      initargs=(manifest, ctx.deep, ctx.fraction, ctx.seed)) as pool:
+        for res in pool.imap(_check_shard_job, jobs):
+            if progress is not None:
+                progress(len(res.keys))
+            yield res
+
+
+def _check_directory(shard_dir: Path, manifest: dict) -> list[Problem]:
+    """Files vs manifest: listed shards present, nothing unlisted or partial next to them."""
+    listed = [s["name"] for s in manifest["shards"]]
+    on_disk = {p.name for p in shard_dir.iterdir()}
+    out = [Problem(n, "", RULE_SHARD_MISSING, "listed in the manifest but not on disk")
+           for n in listed if n not in on_disk]
+    for n in sorted(on_disk - set(listed)):
+        if n.endswith(PARTIAL_SUFFIX):
+            out.append(Problem(n, "", RULE_PARTIAL_FILE,
+                               "unfinished write (interrupted build?); not part of the split"))
+        elif SHARD_RE.match(n):
+            out.append(Problem(n, "", RULE_SHARD_EXTRA,
+                               "shard file not listed in the manifest (loaders would skip or include it)"))
+    return out
+
+
+def _check_totals(manifest: dict) -> list[Problem]:
+    """The manifest's totals must add up from its own shard entries."""
+    shards = manifest["shards"]
+    totals = manifest.get("totals") or {}
+    want = {
+        "samples": sum(int(s.get("samples") or 0) for s in shards),
+        "shards": len(shards),
+        "bytes": sum(int(s.get("bytes") or 0) for s in shards),
+    }
+    return [Problem(MANIFEST_NAME, "", RULE_MANIFEST_TOTALS,
+                    f"totals.{k} is {totals.get(k)!r}, the shard entries add up to {v}")
+            for k, v in want.items() if totals.get(k) != v]
+
+
+def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: int = 0,
+                 progress: Callable[[int], None] | None = None, workers: int | None = None) -> CheckReport:
+    """Verify a shard directory against its manifest; raises ManifestError / OSError when it cannot run.
+
+    ``workers``: processes checking shards in parallel (0: in this process; None: automatic, i.e.
+    in-process below PARALLEL_MIN_BYTES, else one per CPU). The report is the same either way.
+    """
+    t0 = time.perf_counter()
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    ctx = _make_context(manifest, deep, fraction, seed)
+    report = CheckReport(str(shard_dir), deep=deep, fraction=fraction)
+    problems = report.problems
+    if not manifest.get("complete"):
+        problems.append(Problem(MANIFEST_NAME, "", RULE_MANIFEST_INCOMPLETE,
+                                "the build did not finish (resume it with the same command); "
+                                "only the listed shards were checked"))
+    problems.extend(_check_totals(manifest))
+    problems.extend(_check_directory(shard_dir, manifest))
+    entries = [e for e in manifest["shards"] if (shard_dir / e["name"]).exists()]  # missing ones are reported above
+    if workers is None:
+        workers = _default_workers(manifest, len(entries))
+    seen: dict[str, str] = {}
+    for res in _shard_results(shard_dir, manifest, ctx, entries, workers, progress):
+        report.shards += 1
+        report.samples += len(res.keys)
+        report.bytes += res.bytes
+        report.deep_samples += res.deep_samples
+        problems.extend(res.problems)
+        for key in res.keys:
+            if seen.setdefault(key, res.name) != res.name:
+                problems.append(Problem(res.name, key, RULE_KEY_DUPLICATE, f"key also in {seen[key]}"))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ------------------------------------------------------------------------------- info
+
+
+def _counts_text(d: dict | None) -> str:
+    """{reason: n} -> 'a 3, b 1' or 'none'."""
+    return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def _evidence_text(ev) -> str:
+    """A compact one-line rendering of the bbox-format evidence."""
+    if isinstance(ev, dict):
+        return ", ".join(f"{k}={_evidence_text(v)}" for k, v in ev.items())
+    if isinstance(ev, float):
+        return f"{ev:.4g}"
+    if isinstance(ev, (list, tuple)):
+        return "[" + ", ".join(_evidence_text(v) for v in ev) + "]"
+    return str(ev)
+
+
+def _yes(v) -> str:
+    return "yes" if v else "no"
+
+
+def info_rows(manifest: dict) -> list[tuple[str, str]]:
+    """A short (label, value) table describing a build from its manifest alone."""
+    src = manifest.get("source") or {}
+    opts = manifest.get("options") or {}
+    tf = opts.get("transform") or {}
+    image = manifest.get("image") or {}
+    totals = manifest.get("totals") or {}
+    drops = manifest.get("drops") or {}
+    bf = manifest.get("bbox_format") or {}
+    anc = manifest.get("anchors") or {}
+    m = anc.get("matching") or {}
+    tool = manifest.get("tool") or {}
+
+    source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
+    revision = src.get("revision") or opts.get("revision")
+    size = image.get("size") or tf.get("image_size") or ["?", "?"]
+    fmt = image.get("format") or tf.get("image_format") or "?"
+    fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
+    evidence = bf.get("evidence")
+    bbox_text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
+    bbox_text += f"; {bf['rule']})" if bf.get("rule") else ")"
+    if bf.get("contradicted_by_evidence"):
+        bbox_text += "; CONTRADICTED by the evidence"
+    if evidence not in (None, "", {}):
+        rows = f" ({bf['rows_examined']} rows)" if bf.get("rows_examined") is not None else ""
+        bbox_text += f"; evidence{rows}: {_evidence_text(evidence)}"
+    sha = str(anc.get("sha256") or "")
+    if isinstance(m, dict):
+        matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
+    else:
+        matching = str(m)
+    nbytes = totals.get("bytes")
+    return [
+        ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
+        ("split", str(manifest.get("split", "?"))),
+        ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
+        ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
+        ("samples per shard", str(opts.get("samples_per_shard", "?"))
+         + (f" (max {human_bytes(opts['max_shard_bytes'])})" if opts.get("max_shard_bytes") else "")),
+        ("samples", str(totals.get("samples", "?"))),
+        ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
+        ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
+        ("rows read", str(totals.get("rows", "?"))),
+        ("images dropped", _counts_text(drops.get("images"))),
+        ("boxes dropped", _counts_text(drops.get("boxes"))),
+        ("bbox format", bbox_text),
+        ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),
+        ("matching", matching or "?"),
+        ("format version", str(manifest.get("format_version", "?"))),
+        ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
+        ("complete", _yes(manifest.get("complete"))),
+    ]
