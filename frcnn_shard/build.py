@@ -6,7 +6,11 @@ manifest rewritten after each one, which is what makes an interrupted build resu
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
+import multiprocessing
 import os
 import signal
 import time
@@ -21,15 +25,22 @@ from . import __version__, anchors as anc
 from .labels import CLASS_NAMES
 from .records import Dropped, Sample, SourceRow
 from .shards import (
-    FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, file_sha256,
+    FORMAT_VERSION, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, file_sha256,
     list_shard_keys, read_manifest, shard_name, write_json_atomic,
 )
 from .sources import open_source
 from .transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, process_row
 
+# A row whose processing raised something other than the transform's own image errors (a Pillow
+# oddity, a bug): dropped and counted under this reason, with the exception logged.
+DROP_PROCESSING_ERROR = "processing_error"
 # Image drop reasons that mean broken input (counted against --max-bad-fraction); "no_boxes" is not
 # one of them: COCO itself has images without annotations.
-BAD_INPUT_REASONS = ("missing_image", "corrupt_image", "too_many_pixels", "size_mismatch", "duplicate_image_id")
+BAD_INPUT_REASONS = ("missing_image", "corrupt_image", "too_many_pixels", "size_mismatch", "duplicate_image_id",
+                     DROP_PROCESSING_ERROR)
+MAX_RETRY_DELAY_S = 60.0  # the backoff doubles per consecutive failure, up to this
+_POLL_S = 0.5  # how often a wait on the worker pool checks that no worker died
+log = logging.getLogger("frcnn_shard.build")
 
 
 class BuildError(RuntimeError):
@@ -38,6 +49,27 @@ class BuildError(RuntimeError):
 
 class BuildInterrupted(BuildError):
     """Stopped by the user or a signal; everything published so far is intact and resumable."""
+
+
+class SourceError(BuildError):
+    """The source failed mid-stream (after the retries allowed for transient errors)."""
+
+
+# Exceptions from these packages come from the network layer (Hub streaming); they are retried.
+_NETWORK_MODULES = ("aiohttp", "httpx", "httpcore", "urllib3", "requests", "huggingface_hub", "fsspec")
+# OSErrors that are about local files or the disk, not the network: retrying cannot help.
+_LOCAL_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error worth retrying: ConnectionError, TimeoutError, other OSErrors except local-file
+    and full-disk ones, and any exception from a network package (aiohttp, httpx, requests, ...)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return not isinstance(exc, _LOCAL_OSERRORS) and exc.errno not in _LOCAL_ERRNOS
+    return type(exc).__module__.split(".")[0] in _NETWORK_MODULES
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,8 @@ class BuildOptions:
     chunk_size: int = 8
     overwrite: bool = False
     detect_rows: int = 200
+    retries: int = 5  # consecutive transient source failures retried before the build stops
+    retry_backoff: float = 1.0  # seconds before the first retry; doubles per consecutive failure
 
 
 @dataclass
@@ -111,11 +145,17 @@ def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Drop
     tcfg = replace(_W["tcfg"], bbox_format=bbox_format)
     out = []
     for row in rows:
-        item = process_row(row, tcfg)
-        targets = None
-        if isinstance(item, Sample) and _W["matcher"] is not None:
-            labels, matched = _W["matcher"].match(item.boxes, item.crowd_boxes)
-            targets = _pack(item, labels, matched)
+        fault_point("worker_row", row.index)
+        try:
+            item = process_row(row, tcfg)
+            targets = None
+            if isinstance(item, Sample) and _W["matcher"] is not None:
+                labels, matched = _W["matcher"].match(item.boxes, item.crowd_boxes)
+                targets = _pack(item, labels, matched)
+        except Exception as e:  # noqa: BLE001 - one odd row must not stop (or silently hang) the build
+            where = f" ({row.origin})" if row.origin else ""
+            item, targets = Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR,
+                                    f"{type(e).__name__}: {e}{where}"), None
         out.append((item, targets))
     return out
 
@@ -141,15 +181,41 @@ def sample_members(sample: Sample, targets: bytes) -> list[tuple[str, bytes]]:
 
 
 def _chunks(rows: Iterable[SourceRow], n: int) -> Iterator[list[SourceRow]]:
-    """Group rows into lists of n (the last may be shorter)."""
+    """Group rows into lists of n (the last may be shorter; so is the one before a SourceError)."""
     chunk: list[SourceRow] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == n:
+    try:
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) == n:
+                yield chunk
+                chunk = []
+    except SourceError:
+        if chunk:  # the rows read before the source failed are still processed and written
             yield chunk
-            chunk = []
+        raise
     if chunk:
         yield chunk
+
+
+def _worker_pids(pool) -> set[int]:
+    return {p.pid for p in pool._pool}
+
+
+def _get(result, pool, pids: set[int]):
+    """result.get(), but raise BuildError when a worker died meanwhile (its task would never finish).
+
+    multiprocessing.Pool silently replaces a worker that was killed (e.g. by the out-of-memory killer)
+    and the chunk it held is lost, so a plain get() would wait forever.
+    """
+    while True:
+        try:
+            return result.get(_POLL_S)
+        except multiprocessing.TimeoutError:
+            if _worker_pids(pool) != pids:
+                raise BuildError(
+                    "a worker process died unexpectedly (killed by a signal, e.g. by the system for lack of "
+                    "memory); the rows it held are lost"
+                ) from None
 
 
 def _ordered_results(pool, chunks: Iterator[list[SourceRow]], max_inflight: int):
@@ -158,13 +224,47 @@ def _ordered_results(pool, chunks: Iterator[list[SourceRow]], max_inflight: int)
     Pool.imap would read the whole input ahead (its feeder thread is unbounded); this keeps memory
     flat whatever the dataset size.
     """
+    pids = _worker_pids(pool)
     pending: deque = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(_process_chunk, (chunk,)))
-        if len(pending) >= max_inflight:
-            yield from pending.popleft().get()
+    try:
+        for chunk in chunks:
+            pending.append(pool.apply_async(_process_chunk, (chunk,)))
+            if len(pending) >= max_inflight:
+                yield from _get(pending.popleft(), pool, pids)
+    except SourceError:
+        while pending:  # rows read before the source failed are written before the build stops
+            yield from _get(pending.popleft(), pool, pids)
+        raise
     while pending:
-        yield from pending.popleft().get()
+        yield from _get(pending.popleft(), pool, pids)
+
+
+def _source_rows(source, skip: int, opts: BuildOptions, sleep: Callable[[float], None] = time.sleep
+                 ) -> Iterator[SourceRow]:
+    """source.rows(skip), resumed at the failed row after a transient error (see is_transient).
+
+    Up to ``opts.retries`` consecutive failures are retried, waiting retry_backoff * 2**k seconds
+    (at most MAX_RETRY_DELAY_S); a row read successfully resets the count. Anything else, or one
+    failure too many, raises SourceError naming the row.
+    """
+    next_index, failures = skip, 0
+    while True:
+        try:
+            for row in source.rows(skip=next_index):
+                yield row
+                next_index, failures = row.index + 1, 0
+            return
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not is_transient(e) or failures >= opts.retries:
+                tried = f" after {failures} retr{'y' if failures == 1 else 'ies'}" if failures else ""
+                kind = "transient error" if is_transient(e) else "error"
+                raise SourceError(f"the source failed at row {next_index}{tried} ({kind}): "
+                                  f"{type(e).__name__}: {e}") from e
+            delay = min(opts.retry_backoff * 2.0 ** failures, MAX_RETRY_DELAY_S)
+            failures += 1
+            log.warning("source failed at row %d (%s: %s); retry %d of %d in %.3g s",
+                        next_index, type(e).__name__, e, failures, opts.retries, delay)
+            sleep(delay)
 
 
 def resolve_device(device: str) -> str:
@@ -208,6 +308,15 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
     })
 
 
+def validate_options(opts: BuildOptions) -> None:
+    """Refuse nonsensical options before any work starts (raises BuildError; nothing is created)."""
+    _validate(opts)
+    try:
+        anchor_spec(opts)  # an unknown preset or impossible custom anchors
+    except (ValueError, TypeError, KeyError) as e:
+        raise BuildError(f"anchor options: {e}") from None
+
+
 def _validate(opts: BuildOptions) -> None:
     """Refuse nonsensical options before any work starts."""
     if opts.samples_per_shard < 1:
@@ -222,9 +331,18 @@ def _validate(opts: BuildOptions) -> None:
         raise BuildError(f"--workers must be >= 0 (got {opts.workers})")
     if opts.chunk_size < 1 or opts.gpu_batch < 1:
         raise BuildError("chunk size and GPU batch must be >= 1")
+    if opts.retries < 0:
+        raise BuildError(f"--retries must be >= 0 (got {opts.retries})")
+    if not (math.isfinite(opts.retry_backoff) and opts.retry_backoff >= 0):
+        raise BuildError(f"--retry-backoff must be a finite number >= 0 (got {opts.retry_backoff})")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BuildError(f"--out {out}: {parent} is a file, not a directory")
 
 
 def _clean_dir(out_dir: Path, split: str) -> None:
@@ -241,7 +359,10 @@ def _prepare_resume(out_dir: Path, split: str, options: dict, overwrite: bool) -
     crash, before the manifest caught up) are removed too: they are rebuilt byte for byte.
     """
     if not out_dir.exists():
-        out_dir.mkdir(parents=True)
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise BuildError(f"cannot create the output directory {out_dir}: {e}") from None
         return None
     if overwrite:
         _clean_dir(out_dir, split)
@@ -321,6 +442,8 @@ class _Writer:
             self.writer = ShardWriter(self.out_dir / name)
         self.writer.add(sample.key, sample_members(sample, targets))
         self.samples += 1
+        if self.writer.samples == 1:
+            fault_point("mid_shard", len(self.manifest["shards"]))
         full = self.writer.samples >= self.opts.samples_per_shard
         too_big = self.opts.max_shard_bytes is not None and self.writer.bytes_written >= self.opts.max_shard_bytes
         if full or too_big:
@@ -330,6 +453,7 @@ class _Writer:
         """Publish the open shard and record it, with the rows and drops it accounts for."""
         info: ShardInfo = self.writer.close()
         self.writer = None
+        fault_point("published", len(self.manifest["shards"]))
         self.manifest["shards"].append({
             **asdict(info), "rows": self.consumed - self.rows_done,
             "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
@@ -337,6 +461,7 @@ class _Writer:
         self.rows_done = self.consumed
         self.drops, self.box_drops = Counter(), Counter()
         self.write_manifest()
+        fault_point("shard_done", len(self.manifest["shards"]) - 1)
 
     def finish(self) -> None:
         """Publish the last shard, account for trailing dropped rows, and mark the build complete."""
@@ -364,8 +489,14 @@ class _Writer:
             "bytes": sum(s["bytes"] for s in m["shards"]), "rows": sum(p["rows"] for p in parts),
         }
         m["drops"] = {"images": _sum_counts(p["drops"] for p in parts),
-                      "boxes": _sum_counts(p["box_drops"] for p in parts)}
-        write_json_atomic(self.out_dir / MANIFEST_NAME, m)
+                      "boxes": _sum_counts(p["box_drops"] for p in parts),
+                      "annotations": _annotation_drops(m.get("source_stats") or {})}
+        write_json_atomic(self.out_dir / MANIFEST_NAME, m, fault_n=len(m["shards"]))
+
+
+def _annotation_drops(stats: dict) -> dict:
+    """Annotations the source could not attach to any row, by reason (dangling: unknown image_id)."""
+    return {"dangling": int(stats["dangling_annotations"])} if stats.get("dangling_annotations") else {}
 
 
 def _new_manifest(opts: BuildOptions, options: dict, source, spec: anc.AnchorSpec, device: str) -> dict:
@@ -376,6 +507,7 @@ def _new_manifest(opts: BuildOptions, options: dict, source, spec: anc.AnchorSpe
         "complete": False,
         "split": source.info["split"],
         "source": source.info,
+        "source_stats": dict(source.stats),
         "bbox_format": source.bbox_format,
         "options": options,
         "build": {"workers": opts.workers, "device": device},
@@ -404,22 +536,27 @@ def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) ->
     """Run (or resume) a build and return its summary; raises BuildError with a reason on failure."""
     import multiprocessing as mp
 
-    _validate(opts)
+    validate_options(opts)
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
     spec = anchor_spec(opts)
     match_in_workers = device != "cuda"
     pool = None
-    if opts.workers > 0:
-        # Fork before the source is opened, so no reader thread exists yet in the parent.
-        pool = mp.get_context("fork").Pool(
-            opts.workers, initializer=_init_worker,
-            initargs=(opts.transform, spec, opts.matching, match_in_workers),
-        )
-    else:
-        _init_worker(opts.transform, spec, opts.matching, match_in_workers, ignore_sigint=False)
     try:
+        if opts.workers > 0:
+            # Fork before the source is opened, so no reader thread exists yet in the parent.
+            pool = mp.get_context("fork").Pool(
+                opts.workers, initializer=_init_worker,
+                initargs=(opts.transform, spec, opts.matching, match_in_workers),
+            )
+        else:
+            _init_worker(opts.transform, spec, opts.matching, match_in_workers, ignore_sigint=False)
         return _build(opts, progress, device, spec, pool, t0)
+    except KeyboardInterrupt:  # before the first row (opening the source, ...): nothing was written yet
+        raise BuildInterrupted(
+            "interrupted before any row was processed; nothing new was written. "
+            "Run the same command again to resume."
+        ) from None
     finally:
         if pool is not None:
             pool.terminate()
@@ -472,7 +609,8 @@ def _run(opts: BuildOptions, source, spec, device: str, pool, w: _Writer, progre
     on_gpu = device == "cuda"
     anchors_t = anc.make_anchors(spec) if on_gpu else None
     fmt = source.bbox_format["decision"]
-    jobs = ((fmt, chunk) for chunk in _chunks(source.rows(skip=w.rows_done), opts.chunk_size))
+    rows = _source_rows(source, w.rows_done, opts)
+    jobs = ((fmt, chunk) for chunk in _chunks(rows, opts.chunk_size))
     if pool is not None:
         results = _ordered_results(pool, jobs, max_inflight=4 * opts.workers)
     else:
@@ -499,6 +637,12 @@ def _run(opts: BuildOptions, source, spec, device: str, pool, w: _Writer, progre
             f"interrupted; {len(w.manifest['shards'])} complete shards are kept in {w.out_dir}. "
             "Run the same command again to resume after the last complete shard."
         ) from None
+    except BuildError as e:  # the source failed, a worker died
+        w.abort()
+        raise type(e)(
+            f"{e}. The unfinished shard was removed; {len(w.manifest['shards'])} complete shards are kept in "
+            f"{w.out_dir}. Run the same command again to resume after the last complete shard."
+        ) from e.__cause__
     except OSError as e:
         w.abort()
         raise BuildError(
@@ -514,6 +658,8 @@ def _write_items(batch: list, w: _Writer, opts: BuildOptions, progress) -> bool:
     """Hand processed items to the writer in order; True once --max-samples is reached."""
     for item, targets in batch:
         if isinstance(item, Dropped):
+            if item.reason == DROP_PROCESSING_ERROR:
+                log.warning("row %d (image id %d) dropped: %s", item.index, item.image_id, item.detail)
             w.drop(item.index, item.reason, item.box_drops)
         else:
             w.add(item, targets, item.meta["source_index"])

@@ -229,13 +229,14 @@ def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
         img = Image.open(io.BytesIO(data))
         if img.format != _PIL_FORMATS.get(ext):
             return [(RULE_IMAGE_DECODE, f"member .{ext} holds a {img.format} image")]
+        h, w = img.height, img.width
+        # The header size is checked before any pixel is decoded: a decompression bomb never is.
+        if (h, w) != ctx.image_hw:
+            return [(RULE_IMAGE_SIZE, f"image is {h}x{w} (HxW), the manifest says {ctx.image_hw[0]}x{ctx.image_hw[1]}")]
         if full:
             img.load()
     except Exception as e:  # Pillow raises assorted exception types for broken data
         return [(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}")]
-    h, w = img.height, img.width
-    if (h, w) != ctx.image_hw:
-        return [(RULE_IMAGE_SIZE, f"image is {h}x{w} (HxW), the manifest says {ctx.image_hw[0]}x{ctx.image_hw[1]}")]
     return []
 
 

@@ -77,13 +77,17 @@ def main() -> None:
 @click.option("--ignore-cross-boundary", is_flag=True, help="Anchors leaving the image become ignore (paper's training rule).")
 @click.option("--max-bad-fraction", type=float, default=0.01, show_default=True,
               help="Exit non-zero when more than this fraction of rows is skipped as bad input.")
+@click.option("--retries", type=int, default=5, show_default=True,
+              help="Consecutive transient source errors (dropped connection, timeout) retried before stopping.")
+@click.option("--retry-backoff", type=float, default=1.0, show_default=True,
+              help="Seconds before the first retry; doubles per consecutive failure (at most 60 s).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing build with different options.")
 def build(**kw) -> None:
     """Stream a split, resize, convert boxes, match anchors and write shards + manifest (resumable)."""
     from tqdm import tqdm
 
     from .anchors import MatchConfig
-    from .build import BuildError, BuildInterrupted, BuildOptions, build as run_build
+    from .build import BuildError, BuildInterrupted, BuildOptions, build as run_build, validate_options
     from .transform import TransformConfig, parse_image_size
 
     try:
@@ -106,8 +110,10 @@ def build(**kw) -> None:
             samples_per_shard=kw["samples_per_shard"], max_shard_bytes=kw["max_shard_bytes"],
             max_samples=kw["max_samples"], max_bad_fraction=kw["max_bad_fraction"],
             workers=kw["workers"], device=kw["device"], gpu_batch=kw["gpu_batch"], overwrite=kw["overwrite"],
+            retries=kw["retries"], retry_backoff=kw["retry_backoff"],
         )
-    except (ValueError, TypeError) as e:
+        validate_options(opts)  # nonsense is refused here, before any directory or process is created
+    except (ValueError, TypeError, BuildError) as e:
         _fail(str(e), 2)
 
     bar = None  # created on the first row, so option and source errors print without a bar
@@ -126,7 +132,7 @@ def build(**kw) -> None:
         res = run_build(opts, progress=progress)
     except BuildInterrupted as e:
         _fail(str(e), 130)
-    except (BuildError, ValueError) as e:
+    except (BuildError, ValueError, OSError) as e:
         _fail(str(e), 1)
     finally:
         if bar is not None:
@@ -250,10 +256,17 @@ def show(shard_dir: str, keys: tuple, indices: tuple, with_anchors: bool, out: s
 
     if not keys and not indices:
         _fail("give at least one --key or --index", 2)
+    import tarfile
+
+    from PIL import Image
+
     try:
         shown = render_samples(shard_dir, keys=list(keys), indices=list(indices), anchors=with_anchors, out=out)
     except (ManifestError, KeyError, IndexError) as e:
         _fail(str(e).strip("'\""), 2)
+    except (ValueError, OSError, tarfile.TarError, Image.DecompressionBombError) as e:
+        # Shards from elsewhere: a refused member (ShardFormatError), a broken tar or image.
+        _fail(f"{type(e).__name__}: {e}", 2)
     click.echo(f"{out}: {', '.join(shown)}")
 
 

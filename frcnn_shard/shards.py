@@ -9,7 +9,9 @@ import io
 import json
 import os
 import re
+import signal
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -23,6 +25,7 @@ IMAGE_EXTS = ("jpg", "png")
 KNOWN_EXTS = IMAGE_EXTS + ("json", "rpn.npz")
 UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt")
 MAX_MEMBER_BYTES = 64 << 20  # a declared member size above this is refused before reading
+FAULT_ENV = "FRCNN_SHARD_FAULT"  # test-only fault injection (see fault_point); unset in normal use
 
 
 class ManifestError(ValueError):
@@ -31,6 +34,26 @@ class ManifestError(ValueError):
 
 class ShardFormatError(ValueError):
     """A shard breaks a rule of docs/FORMAT.md; the message names the shard, the key and the rule."""
+
+
+def fault_point(name: str, n: int) -> None:
+    """Test-only hook: a no-op unless $FRCNN_SHARD_FAULT names this point.
+
+    ``FRCNN_SHARD_FAULT="NAME:N"`` SIGKILLs this process at point NAME number N (a crash at a chosen
+    moment); ``"NAME:N:sleep=S"`` sleeps S seconds there (so a test can send a signal at a known
+    moment). The points are listed in docs/RELIABILITY.md. Off by default; never set it in real use.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    num, _, action = rest.partition(":")
+    if point != name or num != str(n):
+        return
+    if action.startswith("sleep="):
+        time.sleep(float(action[len("sleep="):]))
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -129,20 +152,35 @@ class ShardWriter:
         """Drop the unfinished shard: nothing partial is left behind."""
         try:
             self._raw.close()
+        except OSError:
+            pass  # flushing the buffer onto a full disk fails again; the file goes anyway
         finally:
             self.partial_path.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    """Write JSON to ``path`` through a fsync'ed temporary file and an atomic rename."""
+def write_json_atomic(path: str | os.PathLike, obj: dict, fault_n: int | None = None) -> None:
+    """Write JSON to ``path`` through a fsync'ed temporary file and an atomic rename.
+
+    On any failure (a full disk, say) the temporary file is removed and ``path`` is left as it was.
+    ``fault_n`` numbers the write for the test-only fault point "manifest_write" (half the bytes written).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if fault_n is not None:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                fault_point("manifest_write", fault_n)
+                data = data[len(data) // 2:]
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
