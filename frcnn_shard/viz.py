@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image
 
 from .labels import CLASS_NAMES
-from .shards import check_member_name, iter_shard, read_manifest, split_member_name
+from .shards import (
+    MAX_MEMBER_BYTES, ShardFormatError, check_member_name, iter_shard, read_manifest, split_member_name,
+)
 
 DPI = 100
 STATS_FIGSIZE = (12.0, 9.0)  # inches: stats PNGs are 1200 x 900 px
@@ -248,6 +250,9 @@ def _scan_shard(path: Path, *, key: str | None = None,
                 if k == key or index == position:
                     found = k
             if found is not None and info.isreg():
+                if info.size > MAX_MEMBER_BYTES:  # refuse before reading, whatever the tar claims
+                    raise ShardFormatError(
+                        f"{path}: member {info.name!r} declares {info.size} bytes (> {MAX_MEMBER_BYTES} limit)")
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f is not None else b""
     return (found, members) if found is not None else None
@@ -292,7 +297,8 @@ def _class_color(label: int):
     return colormaps["tab20"](label % 20)
 
 
-def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int) -> None:
+def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int,
+                 image_hw: tuple[int, int]) -> None:
     """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin."""
     from matplotlib.patches import Rectangle
 
@@ -301,7 +307,11 @@ def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | 
     image_ext = next((e for e in ("jpg", "png") if e in members), None)
     if image_ext is None or "json" not in members:
         raise ValueError(f"sample {key} lacks its image or JSON member (run frcnn-shard check)")
-    img = Image.open(io.BytesIO(members[image_ext])).convert("RGB")
+    img = Image.open(io.BytesIO(members[image_ext]))
+    if (img.height, img.width) != tuple(image_hw):  # checked from the header: a bomb is never decoded
+        raise ShardFormatError(f"sample {key}: image is {img.height}x{img.width}, the manifest's canvas is "
+                               f"{image_hw[0]}x{image_hw[1]} (run frcnn-shard check)")
+    img = img.convert("RGB")
     meta = json.loads(members["json"])
     ax.imshow(np.asarray(img))
     ax.set_xlim(0, img.width)
@@ -358,7 +368,7 @@ def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), 
     fig = _new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, (key, members) in zip(axes, samples):
-        _draw_sample(ax, key, members, anchor_boxes, num_anchors)
+        _draw_sample(ax, key, members, anchor_boxes, num_anchors, tuple(manifest["image"]["size"]))
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)
