@@ -1,0 +1,567 @@
+#!/usr/bin/env python
+"""Build-side benchmarks (issue 7): build throughput vs the codec floor, anchor-matching cost, size and RSS.
+
+1. Throughput: ``frcnn_shard.build.build`` with all cores (``--workers``, default os.cpu_count()) on a
+   Hub-layout folder of tiny_coco repeated to ``--images`` (default 2,000), against the *codec floor*:
+   the same fork pool (same process count, chunks of ``chunk_size`` rows, at most 4 x workers chunks in
+   flight), the same source rows, doing only decode + resize + encode (frcnn_shard.transform) and
+   discarding the bytes. Both run in a fresh subprocess and are timed from before the pool is forked to
+   the end (source opening included in both). Then each component is timed on its own, in this process,
+   to say where the rest goes: source reading, the transform's non-codec part, anchor matching, target
+   packing, pickling across the pool, the shard writer (tar + sha256 + fsync) and the JSON records.
+2. Anchor targets per image on the 50 real images (boxes resized to 400x400, default preset): the fast
+   CPU matcher (anchors.AnchorMatcher.match) vs the brute-force float64 reference (match_reference) vs
+   match_batch_torch at a few batch sizes on ``--device`` (cpu; cuda runs batch sizes 1..256).
+3. Size and memory: shard bytes per image split into image / JSON / anchor targets / tar overhead, and
+   the build's peak memory (Rss and Pss summed over the main process and its workers, sampled every
+   0.2 s from /proc, plus getrusage ru_maxrss) at each of ``--rss-images`` (default 2,000 and 10,000).
+
+Run:  python scripts/bench_build.py                  # all three, ~3-4 minutes on 2 cores
+      python scripts/bench_build.py --only anchors --device cuda --batch-sizes 1,4,16,64,256
+      python scripts/bench_build.py --profile          # adds cProfile tops of the worker and main side
+The markdown report goes to stdout and replaces the "build" section of --out-md (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import hashlib
+import io
+import json
+import os
+import pickle
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from frcnn_shard import anchors as anc  # noqa: E402
+from frcnn_shard import build as fb  # noqa: E402
+from frcnn_shard.records import Sample  # noqa: E402
+from frcnn_shard.shards import ShardWriter, iter_shard  # noqa: E402
+from frcnn_shard.sources import open_source  # noqa: E402
+from frcnn_shard.transform import TransformConfig, decode_image, encode_image, process_row, resize_image  # noqa: E402
+
+GOAL_BUILD_VS_FLOOR = 0.9
+GOAL_MATCH_MS = 1.0
+GOAL_MATCH_SPEEDUP = 10.0
+GOAL_TARGET_SHARE = 0.02
+GOAL_RSS_BYTES = 2 << 30
+
+
+# =============================================================================== child runs
+
+
+def _floor_chunk(job: tuple) -> list[bytes]:
+    """Codec floor worker: decode + resize + encode each row with an annotation, nothing else."""
+    _, rows = job
+    cfg = _FLOOR["tcfg"]
+    out = []
+    for row in rows:
+        if len(row.bboxes) == 0:  # the build drops these (no_boxes) before decoding pixels
+            continue
+        img = resize_image(decode_image(row.image, cfg.max_pixels), cfg.image_size, cfg.resize)
+        out.append(encode_image(img, cfg.image_format, cfg.quality))
+    return out
+
+
+_FLOOR: dict = {}
+
+
+def _init_floor(tcfg: TransformConfig) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _FLOOR["tcfg"] = tcfg
+
+
+def run_floor(source: str, workers: int) -> dict:
+    """The codec floor, shaped exactly like build(): fork pool first, then the source, bounded in-flight chunks."""
+    import multiprocessing as mp
+
+    opts = fb.BuildOptions(source=source, workers=workers)
+    t0 = time.perf_counter()
+    pool = mp.get_context("fork").Pool(workers, initializer=_init_floor, initargs=(opts.transform,))
+    try:
+        src = open_source(source, "train", bbox_format=opts.bbox_format, detect_rows=opts.detect_rows)
+        fmt = src.bbox_format["decision"]
+        pending: deque = deque()
+        images = rows = 0
+        for chunk in fb._chunks(src.rows(), opts.chunk_size):
+            rows += len(chunk)
+            pending.append(pool.apply_async(_floor_chunk, ((fmt, chunk),)))
+            if len(pending) >= 4 * workers:
+                images += len(pending.popleft().get())
+        while pending:
+            images += len(pending.popleft().get())
+    finally:
+        pool.terminate()
+        pool.join()
+    return {"seconds": time.perf_counter() - t0, "rows": rows, "samples": images}
+
+
+def run_build(source: str, out: str, workers: int) -> dict:
+    """One real build (default options, all rows) into ``out``."""
+    opts = fb.BuildOptions(source=source, split="train", out=out, workers=workers, device="cpu",
+                           samples_per_shard=bc.SAMPLES_PER_SHARD, overwrite=True)
+    res = fb.build(opts)
+    return {"seconds": res.seconds, "rows": res.rows, "samples": res.samples, "bytes": res.bytes,
+            "shards": res.shards, "out_dir": str(res.out_dir)}
+
+
+def child_main(kind: str, source: str, out: str, workers: int) -> None:
+    """Entry point of the measuring subprocess: run, then print one JSON line with results and rusage."""
+    r = run_build(source, out, workers) if kind == "build" else run_floor(source, workers)
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    r["maxrss_self_kib"], r["maxrss_children_kib"] = me.ru_maxrss, kids.ru_maxrss
+    r["cpu_main_s"] = me.ru_utime + me.ru_stime
+    r["cpu_workers_s"] = kids.ru_utime + kids.ru_stime  # the pool's workers, reaped by pool.join()
+    print("RESULT " + json.dumps(r), flush=True)
+
+
+def in_subprocess(kind: str, source: Path, out: Path, workers: int) -> dict:
+    """Run child_main in a fresh interpreter, sampling its process tree's memory meanwhile."""
+    cmd = [sys.executable, __file__, "--child", kind, "--child-source", str(source), "--child-out", str(out),
+           "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with bc.TreeSampler(proc.pid) as sampler:
+        stdout, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} subprocess failed (rc {proc.returncode})")
+    line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
+    r = json.loads(line[len("RESULT "):])
+    r["tree"] = sampler.mem
+    return r
+
+
+# ============================================================================ 1. throughput
+
+
+@dataclass
+class Components:
+    """Per-image costs (ms, one core) of each stage, measured in this process on the first rows."""
+
+    n: int
+    source_open_s: float
+    source: float
+    transform_total: float
+    codec: float
+    match: float
+    pack: float
+    job_pickle: float  # main: pickle the rows; worker: unpickle them (both sides summed)
+    result_pickle: float  # worker: pickle the samples; main: unpickle them (both sides summed)
+    floor_result_pickle: float  # the codec floor's results (encoded bytes only), both sides
+    json_meta: float
+    tar_write: float  # ShardWriter.add + close: tar headers, writes, sha256, fsync, rename
+    sha256: float  # sha256 alone over the same bytes (part of tar_write)
+
+
+def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, list[Sample]]:
+    """Time every stage of the build separately on the first n rows of the source (the source on all rows)."""
+    t0 = time.perf_counter()
+    src = open_source(str(source), "train")
+    open_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows, total = [], 0
+    for row in src.rows():  # all rows: the first detect_rows come from the detection buffer
+        total += 1
+        if len(rows) < n:
+            rows.append(row)
+    source_ms = 1000 * (time.perf_counter() - t0) / total
+    opts = fb.BuildOptions()
+    tcfg = replace(opts.transform, bbox_format=src.bbox_format["decision"])
+    items = [process_row(r, tcfg) for r in rows]
+    kept = [r for r, it in zip(rows, items) if isinstance(it, Sample)]
+    samples = [it for it in items if isinstance(it, Sample)]
+    matcher = anc.AnchorMatcher(fb.anchor_spec(opts), opts.matching)
+    results = [matcher.match(s.boxes, s.crowd_boxes) for s in samples]
+    packed = [anc.pack_targets(l, m) for l, m in results]
+
+    def codec(row):
+        img = resize_image(decode_image(row.image), tcfg.image_size, tcfg.resize)
+        return encode_image(img, tcfg.image_format, tcfg.quality)
+
+    ms = bc.per_item_ms
+    transform_ms = ms(lambda r: process_row(r, tcfg), rows, repeats)  # includes dropped rows, as the build
+    codec_ms = ms(codec, kept, repeats) * len(kept) / len(rows)
+    match_ms = ms(lambda s: matcher.match(s.boxes, s.crowd_boxes), samples, repeats) * len(samples) / len(rows)
+    pack_ms = ms(lambda lm: anc.pack_targets(*lm), results, repeats) * len(samples) / len(rows)
+    chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
+    job_ms = ms(lambda c: pickle.loads(pickle.dumps(("xywh", c), protocol=pickle.HIGHEST_PROTOCOL)), chunks,
+                repeats) * len(chunks) / len(rows)
+    outs = [list(zip(samples[i:i + opts.chunk_size], packed[i:i + opts.chunk_size]))
+            for i in range(0, len(samples), opts.chunk_size)]
+    res_ms = ms(lambda o: pickle.loads(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)), outs,
+                repeats) * len(outs) / len(rows)
+    floor_outs = [[s.image_bytes for s in samples[i:i + opts.chunk_size]] for i in range(0, len(samples), opts.chunk_size)]
+    floor_res_ms = ms(lambda o: pickle.loads(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)), floor_outs,
+                      repeats) * len(floor_outs) / len(rows)
+    kept_frac = len(samples) / len(rows)  # per-sample costs are paid for kept rows only
+    json_per_sample = ms(lambda s: json.dumps(s.meta, separators=(",", ":")).encode(), samples, repeats)
+    writer_per_sample = _writer_ms(samples, packed, repeats)  # includes the JSON dumps
+    blobs = [b for s, p in zip(samples, packed) for b in (s.image_bytes, p)]
+    sha_ms = 1000 * bc.best_of(lambda: hashlib.sha256(b"".join(blobs)).digest(), repeats) / len(rows)
+    return Components(len(rows), open_s, source_ms, transform_ms, codec_ms, match_ms, pack_ms, job_ms, res_ms,
+                      floor_res_ms, json_per_sample * kept_frac, (writer_per_sample - json_per_sample) * kept_frac,
+                      sha_ms), samples
+
+
+def _writer_ms(samples: list[Sample], packed: list[bytes], repeats: int) -> float:
+    """ms per sample of the main-process writer: members (JSON) + tar add + close (sha256, fsync, rename)."""
+    with tempfile.TemporaryDirectory(dir=bc.BENCH_DATA) as d:
+        def write() -> None:
+            w = ShardWriter(Path(d) / "bench-000000.tar")
+            for s, p in zip(samples, packed):
+                w.add(s.key, fb.sample_members(s, p))
+            w.close()
+        return 1000 * bc.best_of(write, repeats) / len(samples)
+
+
+def throughput_section(build: dict, floor: dict, c: Components, workers: int, images: int) -> str:
+    """Markdown for benchmark 1: the ratio, then the components and what they cost the build's wall time."""
+    b_ips, f_ips = build["rows"] / build["seconds"], floor["rows"] / floor["seconds"]
+    ratio = b_ips / f_ips
+    b_cpu, f_cpu = (1000 * (r["cpu_main_s"] + r["cpu_workers_s"]) / r["rows"] for r in (build, floor))
+    main_table = bc.md_table(
+        ["run", "rows", "samples", "best wall s", "rows/s", "wall vs floor", f"goal >= {GOAL_BUILD_VS_FLOOR}x",
+         "CPU ms/row (main + workers)", "CPU-time ratio floor/build"],
+        [["build (frcnn_shard.build.build)", build["rows"], build["samples"], bc.fmt(build["seconds"]),
+          bc.fmt(b_ips, 1), bc.fmt(ratio, 3) + "x", bc.goal(ratio >= GOAL_BUILD_VS_FLOOR),
+          f"{bc.fmt(b_cpu)} ({bc.fmt(1000 * build['cpu_main_s'] / build['rows'])} + "
+          f"{bc.fmt(1000 * build['cpu_workers_s'] / build['rows'])})", bc.fmt(f_cpu / b_cpu, 3) + "x"],
+         ["codec floor (same pool: decode+resize+encode only)", floor["rows"], floor["samples"],
+          bc.fmt(floor["seconds"]), bc.fmt(f_ips, 1), "1x", "",
+          f"{bc.fmt(f_cpu)} ({bc.fmt(1000 * floor['cpu_main_s'] / floor['rows'])} + "
+          f"{bc.fmt(1000 * floor['cpu_workers_s'] / floor['rows'])})", "1x"]],
+    )
+    gap_s = build["seconds"] - floor["seconds"]
+    cores = os.cpu_count() or 1
+    # Wall-time estimates: worker-side work runs on `workers` processes; main-side work is serial and, on a
+    # machine with no spare core, it also takes CPU away from the workers.
+    worker_side = [("transform minus codec (box rules, JSON meta, header parse)", c.transform_total - c.codec),
+                   ("anchor matching (AnchorMatcher.match)", c.match),
+                   ("target packing (pack_targets, npz + deflate)", c.pack)]
+    main_side = [("source reading (datasets streaming -> SourceRow)", c.source),
+                 ("IPC: pickle rows out + samples back (both ends)", c.job_pickle + c.result_pickle),
+                 ("JSON record dumps (sample_members)", c.json_meta),
+                 ("tar writing + sha256 + fsync (ShardWriter)", c.tar_write)]
+    rows = []
+    for name, v in worker_side:
+        est = v * images / 1000 / workers
+        rows.append([name, "worker", bc.fmt(v, 3), bc.fmt(est, 2), bc.fmt(100 * est / gap_s, 0) + "%" if gap_s > 0 else "n/a"])
+    for name, v in main_side:
+        est = v * images / 1000
+        rows.append([name, "main", bc.fmt(v, 3), bc.fmt(est, 2), bc.fmt(100 * est / gap_s, 0) + "%" if gap_s > 0 else "n/a"])
+    rows.append(["(codec: decode + resize + encode, in both runs)", "worker", bc.fmt(c.codec, 3),
+                 bc.fmt(c.codec * images / 1000 / workers, 2), "in floor"])
+    rows.append(["(sha256 alone, part of tar writing)", "main", bc.fmt(c.sha256, 3),
+                 bc.fmt(c.sha256 * images / 1000, 2), ""])
+    comp_table = bc.md_table(["component (per source row)", "process", "ms/row (1 core)",
+                              f"est. wall s for {images} rows", "share of build - floor gap"], rows)
+    worker_cpu = c.transform_total + c.match + c.pack
+    main_cpu = c.source + c.job_pickle + c.result_pickle + c.json_meta + c.tar_write
+    floor_cpu = c.codec + c.source + c.job_pickle + c.floor_result_pickle
+    return "\n".join([
+        f"### 1. Build throughput vs codec floor ({images} rows, {workers} workers, {cores} cores)", "",
+        main_table, "",
+        f"Best of {build['repeats']} interleaved runs each (build, floor, build, floor, ...), each in a fresh "
+        "subprocess. The CPU-time ratio (user + sys of the main process and the reaped workers) is the less "
+        "noise-sensitive number on a shared machine; the wall ratio is the goal's.", "",
+        f"Gap: build - floor = {bc.fmt(gap_s)} s. Components timed one at a time in the parent process on the "
+        f"first {c.n} rows (best of repeats); worker-side estimates = ms x rows / workers, main-side = ms x rows.",
+        "", comp_table, "",
+        f"CPU per row: workers {bc.fmt(worker_cpu)} ms + main {bc.fmt(main_cpu)} ms = {bc.fmt(worker_cpu + main_cpu)} ms "
+        f"(floor: about {bc.fmt(floor_cpu)} ms). On {cores} cores the CPU-bound limit is "
+        f"{bc.fmt(1000 * cores / (worker_cpu + main_cpu), 0)} rows/s for the build and "
+        f"{bc.fmt(1000 * cores / floor_cpu, 0)} rows/s for the floor (a ratio of "
+        f"{bc.fmt(floor_cpu / (worker_cpu + main_cpu), 2)}x); with as many workers as cores the main process "
+        f"competes with the workers for CPU. Opening the source (datasets streaming setup + bbox detection "
+        f"over the first rows) took {bc.fmt(c.source_open_s)} s in both runs.",
+    ])
+
+
+# ========================================================================== 2. anchor cost
+
+
+def real_samples() -> list[Sample]:
+    """The 50 real images through the default transform (400x400): the samples that keep boxes."""
+    src = open_source(f"coco:{bc.require_tiny_coco()}", "train2017")
+    tcfg = replace(TransformConfig(), bbox_format=src.bbox_format["decision"])
+    return [s for s in (process_row(r, tcfg) for r in src.rows()) if isinstance(s, Sample)]
+
+
+def _tile(items: list, n: int) -> list:
+    return [items[i % len(items)] for i in range(n)]
+
+
+def torch_ms(samples: list[Sample], spec: anc.AnchorSpec, cfg: anc.MatchConfig, bsz: int, device: str,
+             repeats: int) -> tuple[float, bool]:
+    """ms/image of match_batch_torch at one batch size, and whether it agrees with the fast matcher."""
+    import torch
+
+    anchors = torch.as_tensor(anc.make_anchors(spec)).to(device)
+    n = max(len(samples), bsz)
+    n = -(-n // bsz) * bsz
+    work = _tile(samples, n)
+    batches = [work[i:i + bsz] for i in range(0, n, bsz)]
+
+    def run() -> list:
+        out = []
+        for b in batches:
+            out.extend(anc.match_batch_torch(anchors, [s.boxes for s in b], [s.crowd_boxes for s in b], cfg,
+                                             spec.image_hw, device=device))
+        return out
+
+    got = run()  # warm-up (and CUDA context / kernels)
+    matcher = anc.AnchorMatcher(spec, cfg)
+    agree = all(np.array_equal(g[0], matcher.match(s.boxes, s.crowd_boxes)[0]) for g, s in zip(got, work))
+    return 1000 * bc.best_of(run, 1 if device == "cpu" else repeats) / n, agree  # CPU: slow, one timed run
+
+
+def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
+    """Markdown for benchmark 2."""
+    import torch
+
+    samples = real_samples()
+    opts = fb.BuildOptions()
+    spec, cfg = fb.anchor_spec(opts), opts.matching
+    anchors = anc.make_anchors(spec)
+    matcher = anc.AnchorMatcher(spec, cfg)
+    fast = bc.per_item_ms(lambda s: matcher.match(s.boxes, s.crowd_boxes), samples, max(repeats, 5))
+    ref = bc.per_item_ms(lambda s: anc.match_reference(anchors, s.boxes, s.crowd_boxes, cfg, spec.image_hw),
+                         samples, repeats)
+    agree_ref = all(np.array_equal(matcher.match(s.boxes, s.crowd_boxes)[0],
+                                   anc.match_reference(anchors, s.boxes, s.crowd_boxes, cfg, spec.image_hw)[0])
+                    for s in samples)
+    pack = bc.per_item_ms(lambda lm: anc.pack_targets(*lm), [matcher.match(s.boxes, s.crowd_boxes) for s in samples],
+                          max(repeats, 5))
+    k = [len(s.boxes) for s in samples]
+    rows = [["AnchorMatcher.match (fast CPU, numpy, 1 thread)", "1", bc.fmt(fast, 3), bc.fmt(ref / fast, 1) + "x",
+             "yes" if agree_ref else "**NO**"],
+            ["match_reference (brute force float64)", "1", bc.fmt(ref, 3), "1x", "-"]]
+    cpu_threads = torch.get_num_threads()
+    for b in batch_sizes:
+        if device == "cpu" and b > 64:
+            continue
+        t, agree = torch_ms(samples, spec, cfg, b, device, repeats)
+        rows.append([f"match_batch_torch ({device}" + (f", {cpu_threads} threads)" if device == "cpu" else ")"),
+                     str(b), bc.fmt(t, 3), bc.fmt(ref / t, 1) + "x", "yes" if agree else "**NO**"])
+    table = bc.md_table(["matcher", "batch", "ms/image", "speed-up vs reference", "labels equal fast matcher"], rows)
+    ok_ms, ok_x = fast <= GOAL_MATCH_MS, ref / fast >= GOAL_MATCH_SPEEDUP
+    gpu_note = (
+        "GPU: this run had no GPU (`torch.cuda.is_available()` is False). Placeholder: run "
+        "`python scripts/bench_build.py --only anchors --device cuda --batch-sizes 1,2,4,8,16,32,64,128,256` "
+        "on a CUDA machine to fill in match_batch_torch on the GPU."
+        if device == "cpu" else f"GPU: {torch.cuda.get_device_name(0)}."
+    )
+    return "\n".join([
+        f"### 2. Anchor targets per image (preset {opts.anchor_preset}, {spec.image_hw[0]}x{spec.image_hw[1]}, "
+        f"{len(anchors)} anchors, {len(samples)} real images, {min(k)}-{max(k)} boxes, mean {np.mean(k):.1f})", "",
+        table, "",
+        f"Goals: fast CPU matching <= {GOAL_MATCH_MS} ms/image: {bc.goal(ok_ms)} ({bc.fmt(fast, 3)} ms); "
+        f">= {GOAL_MATCH_SPEEDUP:.0f}x the reference: {bc.goal(ok_x)} ({bc.fmt(ref / fast, 1)}x). "
+        f"Packing the targets (pack_targets) adds {bc.fmt(pack, 3)} ms/image. "
+        "Batched torch pads every image to the batch's largest box count and computes the full float32 IoU "
+        "matrix (anchors x boxes), then re-decides near-ties in float64; on a CPU it cannot beat the fast "
+        "matcher, which only scores the anchors that can reach IoU 0.3.",
+        "", gpu_note,
+    ])
+
+
+# ========================================================================= 4. size and RSS
+
+
+def shard_bytes(shard_dir: Path) -> dict:
+    """Bytes of the shards split by member kind, with each member's tar header + padding."""
+    sizes = {"jpg": 0, "png": 0, "json": 0, anc.TARGETS_EXT: 0}
+    onDisk = dict.fromkeys(sizes, 0)
+    n = 0
+    tars = sorted(shard_dir.glob("*.tar"))
+    for p in tars:
+        for _, members in iter_shard(p):
+            n += 1
+            for ext, data in members.items():
+                sizes[ext] = sizes.get(ext, 0) + len(data)
+                onDisk[ext] = onDisk.get(ext, 0) + 512 + -(-len(data) // 512) * 512
+    return {"samples": n, "total": sum(p.stat().st_size for p in tars), "payload": sizes, "on_disk": onDisk}
+
+
+def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
+    """Markdown for benchmark 4."""
+    n, total = sizes["samples"], sizes["total"]
+    img = sizes["payload"]["jpg"] + sizes["payload"]["png"]
+    rows = []
+    for ext, label in (("jpg", "image (.jpg)"), ("json", "record (.json)"), (anc.TARGETS_EXT, "anchor targets (.rpn.npz)")):
+        pay, disk = sizes["payload"].get(ext, 0), sizes["on_disk"].get(ext, 0)
+        rows.append([label, bc.fmt(pay / n, 0), bc.fmt(100 * pay / total, 2) + "%", bc.fmt(disk / n, 0),
+                     bc.fmt(100 * disk / total, 2) + "%"])
+    other = total - sum(sizes["on_disk"].values())
+    rows.append(["tar end-of-archive blocks", "-", "-", bc.fmt(other / n, 0), bc.fmt(100 * other / total, 2) + "%"])
+    rows.append(["**shard total**", "-", "-", bc.fmt(total / n, 0), "100%"])
+    share = sizes["payload"][anc.TARGETS_EXT] / total
+    share_disk = sizes["on_disk"][anc.TARGETS_EXT] / total
+    size_table = bc.md_table(["member", "payload B/image", "payload share", "on disk B/image (+header, padding)",
+                              "on-disk share"], rows)
+    mem_rows = []
+    for images, r in runs:
+        t = r["tree"]
+        mem_rows.append([images, r["samples"], bc.fmt(r["rows"] / r["seconds"], 1),
+                         bc.fmt(r["maxrss_self_kib"] / 1024, 0), bc.fmt(r["maxrss_children_kib"] / 1024, 0),
+                         bc.fmt(t.peak_rss_kib / 1024, 0), bc.fmt(t.peak_pss_kib / 1024, 0), t.max_procs,
+                         bc.goal(t.peak_pss_kib * 1024 < GOAL_RSS_BYTES)])
+    mem_table = bc.md_table(["rows", "samples", "rows/s", "main VmHWM MiB", "largest worker VmHWM MiB",
+                             "peak tree Rss MiB (sampled)", "peak tree Pss MiB (sampled)", "processes",
+                             "goal < 2 GiB"], mem_rows)
+    flat = ""
+    if len(runs) >= 2:
+        (i0, r0), (i1, r1) = runs[0], runs[-1]
+        growth = r1["tree"].peak_pss_kib / max(1, r0["tree"].peak_pss_kib)
+        flat = (f"Peak Pss at {i1} rows / at {i0} rows = {bc.fmt(growth, 2)}x for {i1 / i0:.0f}x the rows: "
+                f"{'flat' if growth < 1.15 else '**not flat**'}.")
+    return "\n".join([
+        f"### 4. Size and build memory", "",
+        f"Shards of the throughput run ({n} samples, 400x400 JPEG q90):", "", size_table, "",
+        f"Anchor targets' share of shard bytes: {bc.fmt(100 * share, 2)}% of payload bytes, "
+        f"{bc.fmt(100 * share_disk, 2)}% counting their tar header and padding; goal <= 2%: "
+        f"{bc.goal(share_disk <= GOAL_TARGET_SHARE)}. Shard bytes / image bytes = {bc.fmt(total / img, 3)}x.",
+        "", "Build peak memory, each build in a fresh subprocess (main + workers):", "", mem_table, "",
+        "Tree Rss double-counts pages the fork()ed workers share with the parent; Pss splits them and is the "
+        "real footprint. " + flat,
+    ])
+
+
+# ================================================================================= profiles
+
+
+def profile_section(source: Path, n: int) -> str:
+    """cProfile tops: the worker side (_process_chunk in this process) and the main side of a real build."""
+    src = open_source(str(source), "train")
+    rows = [r for _, r in zip(range(n), src.rows())]
+    opts = fb.BuildOptions()
+    fb._init_worker(opts.transform, fb.anchor_spec(opts), opts.matching, True, ignore_sigint=False)
+    chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
+    prof = cProfile.Profile()
+    prof.enable()
+    for c in chunks:
+        fb._process_chunk(("xywh", c))
+    prof.disable()
+    worker = _top(prof, 14)
+    with tempfile.TemporaryDirectory(dir=bc.BENCH_DATA) as d:
+        prof = cProfile.Profile()
+        prof.enable()
+        fb.build(fb.BuildOptions(source=str(source), out=d, workers=os.cpu_count() or 1, device="cpu",
+                                 samples_per_shard=bc.SAMPLES_PER_SHARD, max_samples=n))
+        prof.disable()
+    main = _top(prof, 14)
+    return "\n".join([
+        "### Profiles (cProfile, tottime)", "",
+        f"Worker side: `_process_chunk` over {n} rows in one process:", "", "```", worker, "```", "",
+        f"Main side of a real build of {n} samples (workers excluded):", "", "```", main, "```",
+    ])
+
+
+def _top(prof: cProfile.Profile, n: int) -> str:
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(n)
+    lines = [l for l in buf.getvalue().splitlines() if l.strip()]
+    start = next(i for i, l in enumerate(lines) if l.lstrip().startswith("ncalls"))
+    head = [l for l in lines[:start] if "function calls" in l]
+    return "\n".join(head + lines[start:])
+
+
+# ===================================================================================== main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2000, help="rows in the throughput run (default 2000)")
+    p.add_argument("--rss-images", default="2000,10000",
+                   help="comma-separated row counts for the peak-memory builds (default 2000,10000)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="build workers (default: all cores)")
+    p.add_argument("--build-repeats", type=int, default=2, help="interleaved build/floor runs (best kept)")
+    p.add_argument("--component-rows", type=int, default=200, help="rows for the per-component timings")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for match_batch_torch")
+    p.add_argument("--batch-sizes", default=None,
+                   help="match_batch_torch batch sizes (default 1,8,32 on cpu; 1,2,4,...,256 on cuda)")
+    p.add_argument("--batch-size", type=int, default=None, help="a single match_batch_torch batch size")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each micro-timing (best is kept)")
+    p.add_argument("--only", default="throughput,anchors,size",
+                   help="comma-separated subset of throughput,anchors,size")
+    p.add_argument("--profile", action="store_true", help="append cProfile tops of worker and main side")
+    p.add_argument("--out-md", default=str(bc.BENCH_MD), help="markdown file whose 'build' section is replaced")
+    p.add_argument("--no-md", action="store_true", help="print only; leave --out-md alone")
+    p.add_argument("--child", choices=("build", "floor"), help=argparse.SUPPRESS)
+    p.add_argument("--child-source", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    if args.batch_size:
+        return [args.batch_size]
+    if args.batch_sizes:
+        return [int(v) for v in args.batch_sizes.split(",")]
+    return [1, 2, 4, 8, 16, 32, 64, 128, 256] if args.device == "cuda" else [1, 8, 32]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args.child, args.child_source, args.child_out, args.workers)
+        return
+    only = set(args.only.split(","))
+    bc.BENCH_DATA.mkdir(exist_ok=True)
+    parts = [bc.report_header("Build (scripts/bench_build.py)")]
+    first_build = None
+    if "throughput" in only or "size" in only:
+        src = bc.hub_folder(args.images)
+        out = bc.BENCH_DATA / "build_run"
+        builds, floors = [], []
+        for i in range(args.build_repeats if "throughput" in only else 1):
+            bc.log(f"build of {args.images} rows with {args.workers} workers (subprocess, run {i + 1})")
+            builds.append(in_subprocess("build", src, out, args.workers))
+            if "throughput" in only:
+                bc.log(f"codec floor (subprocess, run {i + 1})")
+                floors.append(in_subprocess("floor", src, out, args.workers))
+        first_build = min(builds, key=lambda r: r["seconds"])
+        first_build["repeats"] = len(builds)
+        if "throughput" in only:
+            floor = min(floors, key=lambda r: r["seconds"])
+            bc.log("component timings")
+            comps, _ = measure_components(src, args.component_rows, args.repeats)
+            parts.append(throughput_section(first_build, floor, comps, args.workers, args.images))
+    if "anchors" in only:
+        bc.log(f"anchor matching ({args.device})")
+        parts.append(anchors_section(args.device, batch_sizes(args), args.repeats))
+    if "size" in only:
+        sizes = shard_bytes(Path(first_build["out_dir"]))
+        runs = [(args.images, first_build)]
+        for n in (int(v) for v in args.rss_images.split(",")):
+            if n == args.images:
+                continue
+            bc.log(f"peak-memory build of {n} rows (subprocess)")
+            runs.append((n, in_subprocess("build", bc.hub_folder(n), bc.BENCH_DATA / "build_rss", args.workers)))
+        runs.sort(key=lambda r: r[0])
+        parts.append(size_section(sizes, runs))
+    if args.profile:
+        bc.log("profiles")
+        parts.append(profile_section(bc.hub_folder(args.images), args.component_rows))
+    report = "\n\n".join(parts) + "\n"
+    print(report)
+    if not args.no_md:
+        bc.update_section("build", report, Path(args.out_md))
+        bc.log(f"updated {args.out_md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+#!/usr/bin/env python
+"""Loader benchmark (issue 7, benchmark 3): frcnn_shard.loader.make_loader against two reference points.
+
+All three run as torch DataLoaders with the same ``--workers`` (default os.cpu_count()) and
+``--batch-size`` (default 8), over tiny_coco repeated to ``--images`` (default 2,000; shards of 250
+samples built once and cached in the git-ignored bench_data/):
+
+- loader:          make_loader(shards, batch_size, num_workers=W, normalize=True | False, rpn_batch_size=256):
+                   images/s into collated batches (images + anchor labels + matched boxes), in the main process.
+- decode floor:    the same tars read the same way (tarfile stream, whole shards per worker) and only the
+                   stored JPEG bytes decoded with PIL to uint8 arrays; each worker sends back a count per batch.
+- streaming loop:  what users run today: ``datasets.load_dataset(hub_folder, split="train", streaming=True)``
+                   split over the workers, the original JPEG decoded, resized to 400x400, normalised with the
+                   ImageNet mean/std, and RPN targets assigned per image by brute force on the CPU in torch
+                   (the tutorial's AnchorTargetGenerator: full IoU matrix anchors x boxes, IoU >= 0.7
+                   positive, < 0.3 negative, each box's best anchor forced positive, 256 sampled with at most
+                   half positive), collated by the DataLoader. Limited to ``--stream-images`` images.
+
+Throughput is reported for the whole epoch (worker start-up included) and in steady state (from the first
+batch on); the goals use steady state. Per-image stage costs of the loader are then timed in this process
+(one core) to show where the time goes, with an optional cProfile (``--profile``).
+
+Run:  python scripts/bench_loader.py                       # ~2-3 minutes on 2 cores
+      python scripts/bench_loader.py --workers 2 --batch-size 8 --images 2000 --stream-images 600 --profile
+The markdown report goes to stdout and replaces the "loader" section of --out-md (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from frcnn_shard import anchors as anc  # noqa: E402
+from frcnn_shard.shards import iter_shard, read_manifest  # noqa: E402
+
+GOAL_VS_FLOOR = 0.85
+GOAL_VS_STREAM = 10.0
+IMAGE_HW = (400, 400)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Run:
+    """One timed pass: images delivered, total seconds, and seconds to the first batch."""
+
+    name: str
+    images: int
+    seconds: float
+    first_batch_s: float
+    first_batch_images: int
+
+    @property
+    def epoch_ips(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def steady_ips(self) -> float:
+        n, t = self.images - self.first_batch_images, self.seconds - self.first_batch_s
+        return n / t if t > 0 and n > 0 else float("nan")
+
+
+def time_batches(name: str, batches: Iterable, count: Callable[[object], int]) -> Run:
+    """Consume an iterable of batches, timing the total and the first batch."""
+    t0 = time.perf_counter()
+    first_t, first_n, n = None, 0, 0
+    for b in batches:
+        k = count(b)
+        n += k
+        if first_t is None:
+            first_t, first_n = time.perf_counter() - t0, k
+    return Run(name, n, time.perf_counter() - t0, first_t or 0.0, first_n)
+
+
+# ================================================================================ the loader
+
+
+def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool) -> Run:
+    """frcnn_shard.loader.make_loader over the shards, as a user would iterate it."""
+    from frcnn_shard.loader import make_loader
+
+    loader = make_loader(str(shards), batch_size, num_workers=workers, normalize=normalize, rpn_batch_size=256)
+    label = f"loader, normalize={normalize} ({'float32' if normalize else 'uint8'} images)"
+    return time_batches(label, loader, lambda b: int(b[0].shape[0]))
+
+
+# ==================================================================== what-if: compact batches
+
+
+def compact_collate(samples: list, normalize: bool, mean: tuple, std: tuple):
+    """What-if collate (not the library's): uint8 images, int8 anchor labels and int32 matched-box indices
+    instead of int64 labels and a float32 [A, 4] matched_gt, written straight into shared memory so the
+    DataLoader queue sends handles instead of copying. normalize is ignored (done in the main process)."""
+    from frcnn_shard import loader as L
+
+    b, (h, w, _), a = len(samples), samples[0].image.shape, len(samples[0].anchor_labels)
+    images = torch.empty((b, 3, h, w), dtype=torch.uint8).share_memory_()
+    labels = torch.empty((b, a), dtype=torch.int8).share_memory_()
+    matched = torch.empty((b, a), dtype=torch.int32).share_memory_()
+    img_np, lab_np, m_np = images.numpy(), labels.numpy(), matched.numpy()
+    for i, s in enumerate(samples):
+        img_np[i] = s.image.transpose(2, 0, 1)
+        lab_np[i] = s.anchor_labels
+        m_np[i] = np.where(s.anchor_labels == 1, s.matched, -1)
+    boxes = torch.from_numpy(np.concatenate([s.boxes for s in samples]))
+    lbl = torch.from_numpy(np.concatenate([s.labels for s in samples]))
+    metas = [{"key": s.key} for s in samples]
+    return L._Batch(images, labels, matched, boxes, lbl, [len(s.boxes) for s in samples], metas, 0, [])
+
+
+def run_what_if(shards: Path, batch_size: int, workers: int, normalize_in_main: bool) -> Run:
+    """The loader with compact_collate patched in (fork start: workers inherit the patch)."""
+    from frcnn_shard import loader as L
+
+    original = L.collate
+    L.collate = compact_collate
+    try:
+        loader = L.make_loader(str(shards), batch_size, num_workers=workers, normalize=False, rpn_batch_size=256)
+
+        def count(batch) -> int:
+            if normalize_in_main:
+                L.normalize_batch(batch[0])
+            return int(batch[0].shape[0])
+
+        name = ("what-if: compact batches (uint8, int8 labels, int32 matched idx) in shared memory"
+                + (", normalised in the main process" if normalize_in_main else ""))
+        return time_batches(name, loader, count)
+    finally:
+        L.collate = original
+
+
+# ============================================================================= decode floor
+
+
+class DecodeFloor(torch.utils.data.IterableDataset):
+    """Whole shards per worker (as the loader), tar read, stored JPEG decoded with PIL; yields counts."""
+
+    def __init__(self, tars: list[Path], batch_size: int):
+        super().__init__()
+        self.tars, self.batch_size = tars, batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        n = 0
+        for p in self.tars[wid::nw]:
+            for _, members in iter_shard(p):
+                img = Image.open(io.BytesIO(members["jpg"]))
+                np.asarray(img.convert("RGB") if img.mode != "RGB" else img)  # decodes the pixels
+                n += 1
+                if n == self.batch_size:
+                    yield n
+                    n = 0
+        if n:
+            yield n
+
+
+def run_floor(shards: Path, batch_size: int, workers: int) -> Run:
+    """The decode floor through a DataLoader with the same worker count."""
+    man = read_manifest(shards)
+    tars = [shards / s["name"] for s in man["shards"]]
+    dl = torch.utils.data.DataLoader(DecodeFloor(tars, batch_size), batch_size=None, num_workers=workers)
+    return time_batches("decode floor (tar read + PIL decode of stored JPEG)", dl, int)
+
+
+# ============================================================================ streaming loop
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix [A, K] of xyxy boxes (as torchvision.ops.box_iou)."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+class AnchorTargetGenerator:
+    """The tutorial's per-image RPN target assignment, by brute force on the CPU."""
+
+    def __init__(self, anchors: torch.Tensor, pos_iou: float = 0.7, neg_iou: float = 0.3,
+                 batch: int = 256, pos_fraction: float = 0.5):
+        self.anchors, self.pos_iou, self.neg_iou = anchors, pos_iou, neg_iou
+        self.batch, self.pos_fraction = batch, pos_fraction
+
+    def __call__(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels [A] (1 / 0 / -1) and matched box [A, 4] for one image."""
+        iou = box_iou(self.anchors, boxes)  # [A, K], the full matrix
+        max_iou, argmax = iou.max(dim=1)
+        labels = torch.full((len(self.anchors),), -1, dtype=torch.int64)
+        labels[max_iou < self.neg_iou] = 0
+        labels[iou.argmax(dim=0)] = 1  # each box's best anchor
+        labels[max_iou >= self.pos_iou] = 1
+        pos = torch.nonzero(labels == 1).flatten()
+        n_pos = int(self.batch * self.pos_fraction)
+        if len(pos) > n_pos:
+            labels[pos[torch.randperm(len(pos))[: len(pos) - n_pos]]] = -1
+        neg = torch.nonzero(labels == 0).flatten()
+        n_neg = self.batch - int((labels == 1).sum())
+        if len(neg) > n_neg:
+            labels[neg[torch.randperm(len(neg))[: len(neg) - n_neg]]] = -1
+        return labels, boxes[argmax]
+
+
+class StreamingLoop(torch.utils.data.IterableDataset):
+    """datasets streaming -> decode -> resize -> normalise -> brute-force anchor targets, per image."""
+
+    def __init__(self, hub: Path, limit: int):
+        super().__init__()
+        self.hub, self.limit = hub, limit
+
+    def __iter__(self) -> Iterator[dict]:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        ds = datasets.load_dataset(str(self.hub), split="train", streaming=True)
+        ds = split_dataset_by_node(ds, rank=wid, world_size=nw)
+        spec = anc.preset_spec(anc.DEFAULT_PRESET, IMAGE_HW)
+        gen = AnchorTargetGenerator(torch.from_numpy(anc.make_anchors(spec)))
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        quota = self.limit // nw + (1 if wid < self.limit % nw else 0)
+        n = 0
+        for row in ds:
+            if n >= quota:
+                return
+            img = row["image"].convert("RGB")  # datasets decodes the original JPEG
+            w, h = img.size
+            img = img.resize((IMAGE_HW[1], IMAGE_HW[0]), Image.Resampling.BILINEAR)
+            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+            x = (x - mean) / std
+            b = torch.tensor(row["objects"]["bbox"], dtype=torch.float32).reshape(-1, 4)
+            b = torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+            b = b * torch.tensor([IMAGE_HW[1] / w, IMAGE_HW[0] / h] * 2)
+            b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+            if len(b) == 0:
+                continue  # no boxes: skipped, as the build drops it
+            labels, matched = gen(b)
+            n += 1
+            yield {"image": x, "boxes": b, "labels": labels, "matched": matched}
+
+
+def collate_stream(items: list[dict]) -> dict:
+    """Stack images and per-anchor targets; boxes stay a list."""
+    return {"images": torch.stack([i["image"] for i in items]),
+            "anchor_labels": torch.stack([i["labels"] for i in items]),
+            "matched": torch.stack([i["matched"] for i in items]),
+            "boxes": [i["boxes"] for i in items]}
+
+
+def run_stream(hub: Path, batch_size: int, workers: int, limit: int) -> Run:
+    """The streaming loop through a DataLoader with the same batch size and worker count."""
+    dl = torch.utils.data.DataLoader(StreamingLoop(hub, limit), batch_size=batch_size, num_workers=workers,
+                                     collate_fn=collate_stream)
+    return time_batches("streaming loop (datasets + decode + resize + normalise + brute-force targets)", dl,
+                        lambda b: int(b["images"].shape[0]))
+
+
+# ======================================================================== per-stage timings
+
+
+def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[list[tuple[str, float]], dict]:
+    """ms/image of each loader stage on the first n samples, one core, plus the bytes a batch carries."""
+    from frcnn_shard import loader as L
+
+    man = read_manifest(shards)
+    tar = shards / man["shards"][0]["name"]
+    num_anchors = int(man["anchors"]["count"])
+    dcfg = L.DecodeConfig(num_anchors, IMAGE_HW, 0, 0, 256, 0.5)
+    raws = [r for _, r in zip(range(n), L.iter_raw_samples(str(tar)))]
+    n = len(raws)
+    decoded = [L.decode_sample(r, dcfg) for r in raws]
+    stored = [anc.unpack_targets(r.members[anc.TARGETS_EXT], num_anchors)[0] for r in raws]
+    batches = [decoded[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    ms = bc.per_item_ms
+
+    def read_all() -> None:
+        for _ in zip(range(n), L.iter_raw_samples(str(tar))):
+            pass
+
+    def sampled(i: int):
+        return anc.sample_labels(stored[i], 256, 0.5, rng=L.sample_rng(0, 0, raws[i].key))
+
+    def share(b) -> None:
+        batch = L.collate(b, True, IMAGENET_MEAN, IMAGENET_STD)
+        for t in (batch.images, batch.anchor_labels, batch.matched_gt, batch.boxes, batch.labels):
+            t.share_memory_()
+
+    collate_norm = ms(lambda b: L.collate(b, True, IMAGENET_MEAN, IMAGENET_STD), batches, repeats) / batch_size
+    collate_u8 = ms(lambda b: L.collate(b, False, IMAGENET_MEAN, IMAGENET_STD), batches, repeats) / batch_size
+    stages = [
+        ("tar read (iter_raw_samples)", 1000 * bc.best_of(read_all, repeats) / n),
+        ("JPEG decode (decode_image_array)", ms(lambda r: L.decode_image_array(r.members["jpg"], IMAGE_HW), raws, repeats)),
+        ("JSON record (json.loads + boxes)", ms(lambda r: L._boxes(json.loads(r.members["json"]), "boxes"), raws, repeats)),
+        ("targets unpack (unpack_targets: npz/zip + checks)", ms(lambda r: anc.unpack_targets(r.members[anc.TARGETS_EXT], num_anchors), raws, repeats)),
+        ("anchor sampling (sample_rng + sample_labels)", ms(sampled, list(range(n)), repeats)),
+        ("collate, uint8 (preallocate + copy + matched_gt)", collate_u8),
+        ("collate, normalised (+ float32 multiply-add)", collate_norm),
+        ("to shared memory for the DataLoader queue (normalised batch)", ms(share, batches, repeats) / batch_size - collate_norm),
+    ]
+    b = L.collate(decoded[:batch_size], True, IMAGENET_MEAN, IMAGENET_STD)
+    b8 = L.collate(decoded[:batch_size], False, IMAGENET_MEAN, IMAGENET_STD)
+    nbytes = {
+        "images float32": b.images.nbytes / batch_size, "images uint8": b8.images.nbytes / batch_size,
+        "anchor_labels int64": b.anchor_labels.nbytes / batch_size,
+        "anchor_matched_gt float32 [A,4]": b.matched_gt.nbytes / batch_size,
+        "stored JPEG": float(np.mean([len(r.members["jpg"]) for r in raws])),
+    }
+    return stages, nbytes
+
+
+def profile_loader(shards: Path, batch_size: int, n: int) -> str:
+    """cProfile (tottime) of the loader's per-worker pipeline run in this process (num_workers=0)."""
+    from frcnn_shard.loader import make_loader
+
+    loader = make_loader(str(shards), batch_size, num_workers=0, normalize=True, rpn_batch_size=256)
+    prof = cProfile.Profile()
+    prof.enable()
+    seen = 0
+    for images, _ in loader:
+        seen += images.shape[0]
+        if seen >= n:
+            break
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(16)
+    lines = [l for l in buf.getvalue().splitlines() if l.strip()]
+    start = next(i for i, l in enumerate(lines) if l.lstrip().startswith("ncalls"))
+    return "\n".join([f"{seen} images, num_workers=0, normalize=True:"] + lines[start:])
+
+
+# ===================================================================================== report
+
+
+def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, args: argparse.Namespace,
+           prof: str | None) -> str:
+    floor, stream = runs["floor"], runs["stream"]
+    rows = []
+    for key in ("norm", "u8", "floor", "stream", "whatif", "whatif_norm"):
+        if key not in runs:
+            continue
+        r = runs[key]
+        vs_floor = r.steady_ips / floor.steady_ips
+        vs_stream = r.steady_ips / stream.steady_ips
+        rows.append([r.name, r.images, bc.fmt(r.seconds), bc.fmt(r.first_batch_s), bc.fmt(r.epoch_ips, 1),
+                     bc.fmt(r.steady_ips, 1), bc.fmt(vs_floor, 3) + "x", bc.fmt(vs_stream, 2) + "x"])
+    table = bc.md_table(["pipeline", "images", "seconds", "first batch s", "images/s (epoch)",
+                         "images/s (steady)", "vs decode floor", "vs streaming loop"], rows)
+    goals = []
+    for key in ("norm", "u8"):
+        r = runs[key]
+        a, b = r.steady_ips / floor.steady_ips, r.steady_ips / stream.steady_ips
+        goals.append(f"- {r.name}: {bc.fmt(a, 3)}x the decode floor (goal >= {GOAL_VS_FLOOR}: "
+                     f"{bc.goal(a >= GOAL_VS_FLOOR)}), {bc.fmt(b, 2)}x the streaming loop "
+                     f"(goal >= {GOAL_VS_STREAM:.0f}: {bc.goal(b >= GOAL_VS_STREAM)}).")
+    total_u8 = sum(v for k, v in stages if "normalised" not in k and "shared memory" not in k)
+    stage_rows = [[k, bc.fmt(v, 3), bc.fmt(100 * v / total_u8, 0) + "%"] for k, v in stages]
+    stage_table = bc.md_table(["stage (per image, one core)", "ms/image", "share of the uint8 path"], stage_rows)
+    floor_ms = stages[0][1] + stages[1][1]
+    byte_table = bc.md_table(["per image", "bytes"], [[k, f"{v:,.0f}"] for k, v in nbytes.items()])
+    parts = [
+        bc.report_header("Loader (scripts/bench_loader.py)"),
+        f"### 3. Loader throughput ({args.workers} workers, batch size {args.batch_size}, "
+        f"{runs['norm'].images} images from shards of {bc.SAMPLES_PER_SHARD}; streaming loop on "
+        f"{stream.images} images)", "",
+        table, "",
+        "Steady state = images after the first batch / time after the first batch; ratios use it. "
+        "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker).",
+        "", *goals, "",
+        "The what-if rows (if present) are not the library: the bench patches loader.collate with "
+        "`compact_collate` (uint8 images, int8 labels, int32 matched-box index instead of a float32 [A, 4] "
+        "matched_gt, allocated in shared memory) to measure what that change would buy.", "",
+        "Where the loader's time goes (each stage timed alone in this process on the first shard's samples):", "",
+        stage_table, "",
+        f"The decode floor's own work is tar read + JPEG decode = {bc.fmt(floor_ms, 3)} ms/image; the uint8 loader "
+        f"does {bc.fmt(total_u8, 3)} ms/image of work, so the CPU-bound ratio is about "
+        f"{bc.fmt(floor_ms / total_u8, 2)}x before any IPC. What one image costs to ship from a worker:", "",
+        byte_table,
+    ]
+    if prof:
+        parts += ["", "### Loader profile (cProfile, tottime)", "", "```", prof, "```"]
+    return "\n".join(parts) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2000, help="rows of the benchmark dataset (default 2000)")
+    p.add_argument("--stream-images", type=int, default=600, help="images for the streaming loop (default 600)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (default: all cores)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--stage-images", type=int, default=160, help="samples for the per-stage timings")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each micro-timing (best is kept)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="accepted for symmetry with bench_build.py; batches are measured as the loader yields "
+                        "them (on the CPU)")
+    p.add_argument("--profile", action="store_true", help="append a cProfile of the loader pipeline")
+    p.add_argument("--no-what-if", dest="what_if", action="store_false",
+                   help="skip the what-if rows (the loader with a compact shared-memory collate patched in)")
+    p.add_argument("--out-md", default=str(bc.BENCH_MD), help="markdown file whose 'loader' section is replaced")
+    p.add_argument("--no-md", action="store_true", help="print only; leave --out-md alone")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bc.BENCH_DATA.mkdir(exist_ok=True)
+    shards = bc.shard_dir(args.images)
+    hub = bc.hub_folder(args.images)
+    runs: dict[str, Run] = {}
+    bc.log("decode floor")
+    runs["floor"] = run_floor(shards, args.batch_size, args.workers)
+    bc.log("loader, normalize=True")
+    runs["norm"] = run_loader(shards, args.batch_size, args.workers, True)
+    bc.log("loader, normalize=False")
+    runs["u8"] = run_loader(shards, args.batch_size, args.workers, False)
+    if args.what_if:
+        bc.log("what-if: compact batches")
+        runs["whatif"] = run_what_if(shards, args.batch_size, args.workers, False)
+        runs["whatif_norm"] = run_what_if(shards, args.batch_size, args.workers, True)
+    bc.log("decode floor (again; the best of the two is kept)")
+    again = run_floor(shards, args.batch_size, args.workers)
+    runs["floor"] = max(runs["floor"], again, key=lambda r: r.steady_ips)
+    bc.log(f"streaming loop ({args.stream_images} images)")
+    runs["stream"] = run_stream(hub, args.batch_size, args.workers, args.stream_images)
+    bc.log("per-stage timings")
+    stages, nbytes = stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
+    prof = profile_loader(shards, args.batch_size, 400) if args.profile else None
+    text = report(runs, stages, nbytes, args, prof)
+    print(text)
+    if not args.no_md:
+        bc.update_section("loader", text, Path(args.out_md))
+        bc.log(f"updated {args.out_md}")
+
+
+if __name__ == "__main__":
+    main()
