@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
@@ -971,6 +972,53 @@ def _from_byte_planes(planes: np.ndarray, dtype: np.dtype, count: int) -> np.nda
 
 
 _PACK_HEADER = 4  # uint32 values: num_anchors, num_pos, num_ignore, max_box_index + 1
+_NPZ_MEMBER = "t.npy"  # the one array of the npz, named "t"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so equal targets give byte-identical members
+_NPY_HEADER_RE = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+
+
+def _npy_uint8(body: np.ndarray) -> bytes:
+    """A .npy (format 1.0) of a 1-D uint8 array, header padded to 64 bytes as NumPy writes it."""
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d,), }" % body.size
+    pad = 64 - (10 + len(header) + 1) % 64
+    header_bytes = (header + " " * (pad % 64) + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(header_bytes).to_bytes(2, "little") + header_bytes + body.tobytes()
+
+
+def _write_npz(body: np.ndarray) -> bytes:
+    """An npz holding the one array 't' (deflated), readable by np.load; written directly for speed."""
+    buf = io.BytesIO()
+    info = zipfile.ZipInfo(_NPZ_MEMBER, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(info, _npy_uint8(body))
+    return buf.getvalue()
+
+
+def _read_npz(data: bytes) -> np.ndarray:
+    """The array 't' of a pack_targets npz; anything else (other members, dtypes, pickles) is refused.
+
+    Parses the one .npy header against the exact uint8 form instead of np.load's generic (and
+    slower) path; a pickle can never be loaded because only raw uint8 bytes are accepted.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        if names != [_NPZ_MEMBER]:
+            raise ValueError(f"expected exactly one array 't', found {[n.removesuffix('.npy') for n in names]}")
+        raw = zf.read(_NPZ_MEMBER)
+    if raw[:6] != b"\x93NUMPY" or raw[6:8] not in (b"\x01\x00", b"\x02\x00", b"\x03\x00"):
+        raise ValueError("member 't' is not a .npy array")
+    hlen_size = 2 if raw[6] == 1 else 4
+    hlen = int.from_bytes(raw[8:8 + hlen_size], "little")
+    start = 8 + hlen_size + hlen
+    m = _NPY_HEADER_RE.fullmatch(raw[8 + hlen_size:start])
+    if m is None:
+        raise ValueError(f"'t' must be a 1-D uint8 array (object arrays and pickles are never loaded), "
+                         f"header {raw[8 + hlen_size:start][:80]!r}")
+    count = int(m.group(1))
+    if len(raw) - start != count:
+        raise ValueError(f"'t' declares {count} bytes but holds {len(raw) - start}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start)
 
 
 def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
@@ -979,7 +1027,7 @@ def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
     matched = np.asarray(matched)
     if labels.ndim != 1 or matched.shape != labels.shape:
         raise ValueError(f"labels and matched must be 1-D and the same length, got {labels.shape} and {matched.shape}")
-    if not np.isin(labels, (-1, 0, 1)).all():
+    if labels.size and (labels.min() < -1 or labels.max() > 1):
         raise ValueError("labels must be in {1, 0, -1}")
     n = labels.shape[0]
     pos = np.flatnonzero(labels == 1)
@@ -998,23 +1046,19 @@ def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
         _byte_planes(_delta_encode(ign, idt)),
         _byte_planes(box.astype(bdt)),
     ])
-    buf = io.BytesIO()
-    np.savez_compressed(buf, t=body)
-    return buf.getvalue()
+    return _write_npz(body)
 
 
 def unpack_targets(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``pack_targets`` output: labels int8 [A] and matched int32 [A] (-1 where not positive)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            names = sorted(z.files)
-            body = z["t"] if names == ["t"] else None
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        body = _read_npz(data)
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"packed targets: not a readable npz without pickles ({e})") from e
-    if body is None:
-        raise ValueError(f"packed targets: expected exactly one array 't', found {names}")
-    if body.dtype != np.uint8 or body.ndim != 1 or body.size < 4 * _PACK_HEADER:
-        raise ValueError(f"packed targets: 't' must be 1-D uint8 with a header, got {body.dtype} {body.shape}")
+    except ValueError as e:
+        raise ValueError(f"packed targets: {e}") from e
+    if body.size < 4 * _PACK_HEADER:
+        raise ValueError(f"packed targets: 't' must be 1-D uint8 with a header, got {body.size} bytes")
     n, npos, nign, nbox = (int(v) for v in body[: 4 * _PACK_HEADER].view("<u4"))
     if n != num_anchors:
         raise ValueError(f"packed targets were made for {n} anchors, expected {num_anchors}")
