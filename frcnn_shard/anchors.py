@@ -1096,6 +1096,41 @@ def unpack_targets(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarra
 # ----------------------------------------------------------------------------------------------
 
 
+def _draw(labels: np.ndarray, value: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to k distinct indices i with labels[i] == value, a uniform random subset (all when fewer)."""
+    count = int(np.count_nonzero(labels == value))
+    if count <= k:
+        return np.flatnonzero(labels == value)
+    if 2 * count >= labels.size and 4 * k <= count:
+        # The bulk value (negatives): draw positions and reject the others instead of listing all
+        # ~40k indices. The first k distinct hits of an i.i.d. uniform stream are a uniform k-subset.
+        got = np.empty(0, dtype=np.int64)
+        for _ in range(8):
+            cand = rng.integers(0, labels.size, size=2 * (k - len(got)) + 16)
+            cand = np.concatenate([got, cand[labels[cand] == value]])
+            _, first = np.unique(cand, return_index=True)
+            got = cand[np.sort(first)]
+            if len(got) >= k:
+                return got[:k]
+    return rng.choice(np.flatnonzero(labels == value), size=k, replace=False)
+
+
+def sample_indices(
+    labels: np.ndarray,
+    rpn_batch_size: int = 256,
+    positive_fraction: float = 0.5,
+    *,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The anchors kept for the RPN loss: (positive indices, negative indices), drawn uniformly without replacement."""
+    labels = np.asarray(labels)
+    if rpn_batch_size < 0 or not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError("sample_labels needs rpn_batch_size >= 0 and 0 <= positive_fraction <= 1")
+    pos = _draw(labels, 1, int(rpn_batch_size * positive_fraction), rng)
+    neg = _draw(labels, 0, rpn_batch_size - len(pos), rng)
+    return pos, neg
+
+
 def sample_labels(
     labels: np.ndarray,
     rpn_batch_size: int = 256,
@@ -1104,16 +1139,10 @@ def sample_labels(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Subsample labels for the RPN loss: <= rpn_batch_size labelled, <= the positive fraction positive; rest -1."""
-    labels = np.asarray(labels)
-    if rpn_batch_size < 0 or not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError("sample_labels needs rpn_batch_size >= 0 and 0 <= positive_fraction <= 1")
-    pos = np.flatnonzero(labels == 1)
-    neg = np.flatnonzero(labels == 0)
-    num_pos = min(len(pos), int(rpn_batch_size * positive_fraction))
-    num_neg = min(len(neg), rpn_batch_size - num_pos)
-    out = np.full(labels.shape, -1, dtype=np.int64)
-    out[rng.choice(pos, size=num_pos, replace=False)] = 1
-    out[rng.choice(neg, size=num_neg, replace=False)] = 0
+    pos, neg = sample_indices(labels, rpn_batch_size, positive_fraction, rng=rng)
+    out = np.full(np.shape(labels), -1, dtype=np.int64)
+    out[pos] = 1
+    out[neg] = 0
     return out
 
 

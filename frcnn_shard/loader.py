@@ -99,14 +99,6 @@ def _norm_coeffs(mean: Sequence[float] | None, std: Sequence[float] | None) -> t
     return scale, bias
 
 
-def _normalize_array(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """NumPy twin of normalize_batch for the CPU workers (same float32 multiply then add)."""
-    scale, bias = _norm_coeffs(mean, std)
-    out = np.multiply(images, scale, dtype=np.float32)
-    out += bias
-    return out
-
-
 # -------------------------------------------------------------------------------------- sources
 
 
@@ -373,7 +365,7 @@ class Decoded:
     meta: dict
     boxes: np.ndarray  # float32 [K, 4]
     labels: np.ndarray  # int64 [K]
-    anchor_labels: np.ndarray  # int64 [A]
+    anchor_labels: np.ndarray  # int8 [A] in {1, 0, -1}, after sampling
     matched: np.ndarray  # int32 [A]
 
 
@@ -445,14 +437,14 @@ def decode_sample(raw: _Raw, cfg: DecodeConfig) -> Decoded:
     except Exception as e:  # noqa: BLE001 - PIL, json, zipfile and numpy raise assorted types on bad bytes
         raise ShardFormatError(f"{where}: corrupt {stage}: {type(e).__name__}: {e}") from e
     if cfg.rpn_batch_size is None:
-        anchor_labels = stored.astype(np.int64)
+        anchor_labels = stored
     else:
-        rng = sample_rng(cfg.seed, cfg.epoch, raw.key)
-        anchor_labels = np.asarray(
-            anc.sample_labels(stored, rpn_batch_size=cfg.rpn_batch_size,
-                              positive_fraction=cfg.positive_fraction, rng=rng),
-            dtype=np.int64,
-        )
+        # Same draws as anchors.sample_labels, written straight into a compact int8 row.
+        pos, neg = anc.sample_indices(stored, cfg.rpn_batch_size, cfg.positive_fraction,
+                                      rng=sample_rng(cfg.seed, cfg.epoch, raw.key))
+        anchor_labels = np.full(len(stored), -1, dtype=np.int8)
+        anchor_labels[pos] = 1
+        anchor_labels[neg] = 0
     return Decoded(raw.key, image, meta, boxes, labels, anchor_labels, matched)
 
 
@@ -460,71 +452,97 @@ def decode_sample(raw: _Raw, cfg: DecodeConfig) -> Decoded:
 
 
 class _Batch:
-    """A collated batch as it travels from a worker: a few big tensors plus plain metadata."""
+    """A collated batch as it travels from a worker: compact tensors (in shared memory) plus metadata.
 
-    def __init__(self, images, anchor_labels, matched_gt, boxes, labels, counts, metas, skipped, skip_log):
-        self.images = images
-        self.anchor_labels = anchor_labels
-        self.matched_gt = matched_gt
-        self.boxes = boxes
-        self.labels = labels
+    Dense targets are ~1 MB per image (int64 labels and a float32 [A, 4] matched box per anchor), so
+    they are not what travels: the worker sends int8 labels and the (few) positives with their boxes,
+    and ``unpack`` in the consumer expands them. The big tensors are allocated straight in shared
+    memory inside workers, so the DataLoader queue passes handles instead of copying.
+    """
+
+    def __init__(self, images, anchor_labels, pos_index, pos_boxes, boxes, labels, counts, metas, skipped, skip_log):
+        self.images = images  # uint8 [B, H, W, 3] (channels last) or normalised float32 [B, 3, H, W]
+        self.anchor_labels = anchor_labels  # int8 [B, A], after sampling
+        # Small arrays stay NumPy: pickled by value through the queue, where each tensor would
+        # cost a shared-memory segment of its own.
+        self.pos_index = pos_index  # int64 [P]: flat b * A + a of the positive anchors
+        self.pos_boxes = pos_boxes  # float32 [P, 4]: the box each of them is matched to
+        self.boxes = boxes  # float32 [sum K, 4]
+        self.labels = labels  # int64 [sum K]
         self.counts = counts
         self.metas = metas
         self.skipped = skipped
         self.skip_log = skip_log
 
-    def pin_memory(self) -> "_Batch":
-        """Pin the tensors (DataLoader's pin_memory thread calls this)."""
-        for name in ("images", "anchor_labels", "matched_gt", "boxes", "labels"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.pin_memory())
-        return self
-
-    def unpack(self) -> tuple[torch.Tensor, list[dict]]:
-        """(images, targets); per-image target tensors are views of the batch tensors."""
+    def unpack(self, pin_memory: bool = False) -> tuple[torch.Tensor, list[dict]]:
+        """(images, targets) with dense per-image targets; target tensors are views of batch tensors."""
+        images = self.images.permute(0, 3, 1, 2) if self.images.dtype == torch.uint8 else self.images
+        b, a = self.anchor_labels.shape
+        # NumPy's cast: torch's (multi-threaded) one contends with the workers for the same cores.
+        anchor_labels = torch.from_numpy(self.anchor_labels.numpy().astype(np.int64))
+        # np.zeros maps zero pages lazily: only the pages holding a positive are ever written here.
+        matched_gt = torch.from_numpy(np.zeros((b, a, 4), dtype=np.float32))
+        matched_gt.numpy().reshape(-1, 4)[self.pos_index] = self.pos_boxes
+        boxes, labels = torch.from_numpy(self.boxes), torch.from_numpy(self.labels)
+        if pin_memory:
+            images, anchor_labels, matched_gt, boxes, labels = (
+                t.pin_memory() for t in (images, anchor_labels, matched_gt, boxes, labels))
         targets = []
         start = 0
         for i, (k, meta) in enumerate(zip(self.counts, self.metas)):
             targets.append({
-                "boxes": self.boxes[start:start + k],
-                "labels": self.labels[start:start + k],
-                "anchor_labels": self.anchor_labels[i],
-                "anchor_matched_gt": self.matched_gt[i],
+                "boxes": boxes[start:start + k],
+                "labels": labels[start:start + k],
+                "anchor_labels": anchor_labels[i],
+                "anchor_matched_gt": matched_gt[i],
                 **meta,
             })
             start += k
-        return self.images, targets
+        return images, targets
 
 
 def _stats_only(skipped: int, skip_log: list) -> _Batch:
-    return _Batch(None, None, None, None, None, [], [], skipped, skip_log)
+    return _Batch(None, None, None, None, None, None, [], [], skipped, skip_log)
 
 
-def collate(samples: list[Decoded], normalize: bool, mean: tuple, std: tuple) -> _Batch:
-    """Stack decoded samples into preallocated batch arrays; anchor_matched_gt built vectorised.
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, allocated directly in shared memory when ``shared`` (as default_collate does)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).view(shape)
 
-    Filling and copying go through NumPy: torch's intra-op thread pool makes small zero/permute-copy
-    kernels many times slower on a busy CPU, and the arrays become tensors without a copy.
+
+def collate(samples: list[Decoded], normalize: bool, mean: tuple, std: tuple, shared: bool = False) -> _Batch:
+    """Write decoded samples into batch tensors (shared memory when ``shared``, i.e. inside a worker).
+
+    Filling goes through NumPy views: torch's intra-op thread pool makes small copy kernels many
+    times slower on a busy CPU, and the views write straight into the tensors' memory.
     """
     b = len(samples)
     h, w, _ = samples[0].image.shape
     a = len(samples[0].anchor_labels)
-    images = np.empty((b, 3, h, w), dtype=np.uint8)
-    anchor_labels = np.empty((b, a), dtype=np.int64)
-    matched_gt = np.zeros((b, a, 4), dtype=np.float32)
-    counts = [len(s.boxes) for s in samples]
-    boxes = np.concatenate([s.boxes for s in samples])
-    labels = np.concatenate([s.labels for s in samples])
-    metas = []
+    if normalize:
+        images = _empty((b, 3, h, w), torch.float32, shared)
+        scale, bias = (c[0] for c in _norm_coeffs(mean, std))
+    else:
+        images = _empty((b, h, w, 3), torch.uint8, shared)
+    anchor_labels = _empty((b, a), torch.int8, shared)
+    img_np, lab_np = images.numpy(), anchor_labels.numpy()
+    pos_index, pos_boxes, metas = [], [], []
     for i, s in enumerate(samples):
         if s.image.shape != (h, w, 3) or len(s.anchor_labels) != a:
             raise ShardFormatError(f"key {s.key!r}: image {s.image.shape[:2]} differs from the batch's {(h, w)}")
-        images[i] = s.image.transpose(2, 0, 1)
-        anchor_labels[i] = s.anchor_labels
+        if normalize:
+            np.multiply(s.image.transpose(2, 0, 1), scale, out=img_np[i], dtype=np.float32)
+            img_np[i] += bias
+        else:
+            img_np[i] = s.image
+        lab_np[i] = s.anchor_labels
         pos = np.flatnonzero(s.anchor_labels == 1)
-        if len(pos):
-            matched_gt[i, pos] = s.boxes[s.matched[pos]]
+        pos_index.append(pos + i * a)
+        pos_boxes.append(s.boxes[s.matched[pos]])
         m = s.meta
         metas.append({
             "key": s.key,
@@ -534,10 +552,14 @@ def collate(samples: list[Decoded], normalize: bool, mean: tuple, std: tuple) ->
             "scale": tuple(float(v) for v in m.get("scale", (1.0, 1.0))),
             "pad": tuple(int(v) for v in m.get("pad", (0, 0))),
         })
-    if normalize:
-        images = _normalize_array(images, mean, std)
-    return _Batch(torch.from_numpy(images), torch.from_numpy(anchor_labels), torch.from_numpy(matched_gt),
-                  torch.from_numpy(boxes), torch.from_numpy(labels), counts, metas, 0, [])
+    return _Batch(
+        images, anchor_labels,
+        np.concatenate(pos_index).astype(np.int64),
+        np.concatenate(pos_boxes).astype(np.float32).reshape(-1, 4),
+        np.concatenate([s.boxes for s in samples]).astype(np.float32).reshape(-1, 4),
+        np.concatenate([s.labels for s in samples]).astype(np.int64),
+        [len(s.boxes) for s in samples], metas, 0, [],
+    )
 
 
 # -------------------------------------------------------------------------------------- streams
@@ -611,6 +633,7 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
 def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
     """Read, shuffle, decode, sample and batch the samples of one (rank, worker) slot."""
     slot = worker * cfg.world_size + cfg.rank
+    shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
     skips: list[str] = []
     raws: Iterator[_Raw] = _raw_stream(cfg, slot, worker, skips)
     if cfg.shuffle and cfg.shuffle_buffer > 1:
@@ -625,12 +648,12 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
                 raise
             skips.append(str(e))
         if len(pending) == cfg.batch_size:
-            batch = collate(pending, cfg.normalize, cfg.mean, cfg.std)
+            batch = collate(pending, cfg.normalize, cfg.mean, cfg.std, shared)
             batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
             pending = []
             yield batch
     if pending and not cfg.drop_last:
-        batch = collate(pending, cfg.normalize, cfg.mean, cfg.std)
+        batch = collate(pending, cfg.normalize, cfg.mean, cfg.std, shared)
         batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
         yield batch
     if len(skips) > reported:
@@ -759,9 +782,10 @@ class ShardLoader:
             items = iter(stream)
         else:
             kw = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor else {}
+            # Pinning happens in unpack, on the dense tensors the training loop receives.
             items = iter(torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
-                pin_memory=self.pin_memory, timeout=self.timeout, **kw,
+                timeout=self.timeout, **kw,
             ))
         for item in items:
             if item.skipped:
@@ -770,9 +794,7 @@ class ShardLoader:
                 self.skip_log.extend(item.skip_log[: max(0, MAX_SKIP_LOG - len(self.skip_log))])
             if item.images is None:
                 continue
-            if self.num_workers == 0 and self.pin_memory:
-                item = item.pin_memory()
-            yield item.unpack()
+            yield item.unpack(self.pin_memory)
 
     def __repr__(self) -> str:
         return (f"ShardLoader({len(self.urls)} shards, batch_size={self.batch_size}, rank={self.rank}/"
