@@ -574,16 +574,15 @@ def _groups(spec: AnchorSpec) -> _Groups:
 
 def _expand_rects(g: _Groups, gi, r0, r1, c0, c1) -> tuple[np.ndarray, np.ndarray]:
     """Anchor indices of the cell rectangles [r0, r1] x [c0, c1] of groups gi, and each one's rectangle."""
-    nr, nc = r1 - r0 + 1, c1 - c0 + 1
-    counts = nr * nc
-    total = int(counts.sum())
+    nc = c1 - c0 + 1
+    counts = (r1 - r0 + 1) * nc
     owner = np.repeat(np.arange(len(gi)), counts)
-    local = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    ncol = nc[owner]
-    row = r0[owner] + local // ncol
-    col = c0[owner] + local % ncol
-    gio = gi[owner]
-    idx = g.base[gio] + (row * g.fw[gio] + col) * g.ncell[gio] + g.cell[gio]
+    local = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    row, col = np.divmod(local, nc[owner])
+    # Per rectangle: index of its first anchor, the step between rows and between columns.
+    ncell = g.ncell[gi]
+    start = g.base[gi] + (r0 * g.fw[gi] + c0) * ncell + g.cell[gi]
+    idx = start[owner] + row * (g.fw[gi] * ncell)[owner] + col * ncell[owner]
     return idx, owner
 
 
@@ -596,8 +595,13 @@ class AnchorMatcher:
         self.anchors = make_anchors(spec)
         self.num_anchors = int(self.anchors.shape[0])
         self._g = _groups(spec)
+        self._g_area = self._g.w * self._g.h
+        self._g_last_col = (self._g.fw - 1).astype(np.float64)
+        self._g_last_row = (self._g.fh - 1).astype(np.float64)
         self._valid = (inside_image(self.anchors, spec.image_hw) if self.cfg.ignore_cross_boundary
                        else np.ones(self.num_anchors, dtype=bool))
+        self._invalid = np.flatnonzero(~self._valid)
+        self._some_invalid = bool(len(self._invalid))
 
     def _rects(self, bw, bh, bcx, bcy, need_frac, need_area_of_anchor: bool):
         """Cell rectangles per (box, group) holding every anchor whose overlap can reach the target.
@@ -605,26 +609,29 @@ class AnchorMatcher:
         The target is ``iw * ih >= need`` with need = need_frac * (anchor area + box area) for IoU
         (need_frac = t / (1 + t)) or need_frac * anchor area for crowd cover. Since iw <= min(wa, wb)
         and ih <= min(ha, hb), iw must be >= need / min(ha, hb), which bounds the centre distance:
-        iw <= (wa + wb) / 2 - |dx|.
+        iw <= (wa + wb) / 2 - |dx|. Boxes must have positive width and height (callers pass only those).
+        Returns (anchor indices, box of each), box-major.
         """
         g = self._g
-        wa, ha = g.w[None, :], g.h[None, :]
+        wa, ha = g.w, g.h
         bw, bh = bw[:, None], bh[:, None]
         mw, mh = np.minimum(wa, bw), np.minimum(ha, bh)
-        area = wa * ha if need_area_of_anchor else wa * ha + bw * bh
+        area = self._g_area if need_area_of_anchor else self._g_area + bw * bh
         need = np.asarray(need_frac, dtype=np.float64).reshape(-1, 1) * area
         feasible = mw * mh >= need  # the upper bound on the group's overlap reaches the target
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rx = (wa + bw) / 2 - np.where(need > 0, need / mh, 0.0) + _SEARCH_PX_SLACK
-            ry = (ha + bh) / 2 - np.where(need > 0, need / mw, 0.0) + _SEARCH_PX_SLACK
-        # Clip in float before casting: boxes far outside the image must not overflow int64.
-        c0 = np.clip(np.ceil((bcx[:, None] - rx - g.ox) / g.sx), 0, g.fw).astype(np.int64)
-        c1 = np.clip(np.floor((bcx[:, None] + rx - g.ox) / g.sx), -1, g.fw - 1).astype(np.int64)
-        r0 = np.clip(np.ceil((bcy[:, None] - ry - g.oy) / g.sy), 0, g.fh).astype(np.int64)
-        r1 = np.clip(np.floor((bcy[:, None] + ry - g.oy) / g.sy), -1, g.fh - 1).astype(np.int64)
+        rx = (wa + bw) / 2 - need / mh + _SEARCH_PX_SLACK  # mh, mw > 0: positive-size boxes and anchors
+        ry = (ha + bh) / 2 - need / mw + _SEARCH_PX_SLACK
+        # Clamp only the side that can reach into the grid: a rectangle whose other side lies beyond
+        # the grid comes out empty (c0 > c1), and only non-empty ones are cast to int (no overflow).
+        bcx, bcy = bcx[:, None], bcy[:, None]
+        c0 = np.maximum(np.ceil((bcx - rx - g.ox) / g.sx), 0.0)
+        c1 = np.minimum(np.floor((bcx + rx - g.ox) / g.sx), self._g_last_col)
+        r0 = np.maximum(np.ceil((bcy - ry - g.oy) / g.sy), 0.0)
+        r1 = np.minimum(np.floor((bcy + ry - g.oy) / g.sy), self._g_last_row)
         ok = feasible & (c0 <= c1) & (r0 <= r1)
         bi, gi = np.nonzero(ok)  # box-major order
-        idx, owner = _expand_rects(g, gi, r0[bi, gi], r1[bi, gi], c0[bi, gi], c1[bi, gi])
+        r0, r1, c0, c1 = (v[bi, gi].astype(np.int64) for v in (r0, r1, c0, c1))
+        idx, owner = _expand_rects(g, gi, r0, r1, c0, c1)
         return idx, bi[owner]
 
     def _nearest(self, bcx, bcy) -> np.ndarray:
@@ -660,44 +667,51 @@ class AnchorMatcher:
         return idx, owner
 
     def match(self, boxes: np.ndarray, crowd_boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Labels int8 [A] and matched int32 [A] for one image (same result as match_reference)."""
+        """Labels int8 [A] and matched int32 [A] for one image (same result as match_reference).
+
+        Only (anchor, box) pairs whose IoU can reach neg_iou are scored (``_rects`` gives a superset
+        of them, box-major), in float64 with the reference's own operations, so every IoU that can
+        decide a label is bit-identical to the reference's. An anchor's best IoU is >= a threshold
+        exactly when one of its pairs is, and a box whose best pair reaches neg_iou has every anchor
+        at that maximum among its pairs; boxes whose best IoU stays below neg_iou go to _force_search.
+        """
         cfg = self.cfg
         boxes = _as_boxes(boxes, "boxes")
         crowd = _as_boxes(crowd_boxes, "crowd_boxes")
         n = self.num_anchors
         labels = np.zeros(n, dtype=np.int8)
         matched = np.full(n, -1, dtype=np.int32)
+        b64 = None
         if len(boxes):
             b64 = boxes.astype(np.float64)
             bw, bh = b64[:, 2] - b64[:, 0], b64[:, 3] - b64[:, 1]
+            bcx, bcy = (b64[:, 0] + b64[:, 2]) / 2, (b64[:, 1] + b64[:, 3]) / 2
             real = (bw > 0) & (bh > 0)  # zero-area boxes have IoU 0 with everything
+            ri = np.flatnonzero(real)
             t = cfg.neg_iou - _SEARCH_IOU_SLACK
-            idx, _ = self._rects(bw[real], bh[real], (b64[real, 0] + b64[real, 2]) / 2,
-                                 (b64[real, 1] + b64[real, 3]) / 2, t / (1 + t), False)
-            mask = np.zeros(n, dtype=bool)
-            mask[idx] = True
-            mask &= self._valid
-            cand = np.flatnonzero(mask)  # every valid anchor with IoU >= neg_iou with some box
-            iou = _iou_matrix64(self.anchors[cand], b64)
-            best = iou.max(axis=1) if len(cand) else np.zeros(0)
-            labels[cand[best >= cfg.neg_iou]] = -1
-            labels[cand[best >= cfg.pos_iou]] = 1
-            forced_parts = []
+            idx, owner = self._rects(bw[ri], bh[ri], bcx[ri], bcy[ri], t / (1 + t), False)
+            box = ri[owner]  # box-major, like owner
+            if self._some_invalid:
+                ok = self._valid[idx]
+                idx, box = idx[ok], box[ok]
+            iou = _iou_pairs64(self.anchors[idx], b64[box])
+            labels[idx[iou >= cfg.neg_iou]] = -1
+            labels[idx[iou >= cfg.pos_iou]] = 1
             if cfg.low_quality != "none":
-                per_box = iou.max(axis=0) if len(cand) else np.zeros(len(boxes))
-                # Boxes whose best anchor has IoU >= neg_iou: that anchor is a candidate.
+                per_box = np.zeros(len(boxes))  # IoU >= 0, so 0 stands for "no pair"
+                np.maximum.at(per_box, box, iou)
+                # Boxes whose best anchor has IoU >= neg_iou: every anchor at that maximum is a pair.
                 done = per_box >= cfg.neg_iou
-                if done.any() and cfg.low_quality == "all":
-                    forced_parts.append(cand[((iou == per_box[None, :]) & done[None, :]).any(axis=1)])
-                elif done.any():
-                    forced_parts.append(cand[iou.argmax(axis=0)[done]])
+                hit = (iou == per_box[box]) & done[box]
+                if cfg.low_quality == "all":
+                    labels[idx[hit]] = 1
+                elif hit.any():
+                    first = np.full(len(boxes), n, dtype=np.int64)
+                    np.minimum.at(first, box[hit], idx[hit])  # first anchor on ties
+                    labels[first[done]] = 1
                 needy = np.flatnonzero(~done & real)
                 if len(needy):
-                    forced_parts.append(self._force_search(b64, needy)[0])
-            forced = np.unique(np.concatenate(forced_parts)) if forced_parts else np.zeros(0, np.int64)
-            labels[forced] = 1
-            pos = np.flatnonzero(labels == 1)
-            matched[pos] = _iou_matrix64(self.anchors[pos], b64).argmax(axis=1)
+                    labels[self._force_search(b64, needy)[0]] = 1
         if cfg.crowd_ignore and len(crowd):
             c64 = crowd.astype(np.float64)
             cw, ch = c64[:, 2] - c64[:, 0], c64[:, 3] - c64[:, 1]
@@ -709,8 +723,13 @@ class AnchorMatcher:
             covered = idx[_crowd_cover_pairs64(self.anchors[idx], c64[owner])]
             covered = covered[labels[covered] != 1]
             labels[covered] = -1
-        labels[~self._valid] = -1
-        matched[labels != 1] = -1
+        if self._some_invalid:
+            labels[self._invalid] = -1
+        if b64 is not None:
+            pos = np.flatnonzero(labels == 1)
+            if len(pos):
+                # Each positive's own argmax over all boxes (first on ties), as the reference.
+                matched[pos] = _iou_matrix64(self.anchors[pos], b64).argmax(axis=1)
         return labels, matched
 
 

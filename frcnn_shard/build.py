@@ -138,34 +138,44 @@ def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchCon
 def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
     """Process a chunk of rows in a worker: transform each, then match its anchors on the CPU path.
 
-    The bbox-format decision travels with the chunk because the pool is forked before the source
-    is opened (and so before the decision is known).
+    Two passes over the chunk: first every row's transform (decode, resize, encode), then the anchor
+    matching and packing of the samples. Running each kind of work back to back keeps its code and
+    data (the codec's tables, the anchor array) in the CPU caches; the results are the same as one
+    row at a time. The bbox-format decision travels with the chunk because the pool is forked before
+    the source is opened (and so before the decision is known).
     """
     bbox_format, rows = job
     tcfg = replace(_W["tcfg"], bbox_format=bbox_format)
-    out = []
+    matcher = _W["matcher"]
+    out: list = []
     for row in rows:
         fault_point("worker_row", row.index)
         try:
-            item = process_row(row, tcfg)
-            targets = None
-            if isinstance(item, Sample) and _W["matcher"] is not None:
-                labels, matched = _W["matcher"].match(item.boxes, item.crowd_boxes)
-                targets = _pack(item, labels, matched)
+            out.append((process_row(row, tcfg), None))
         except Exception as e:  # noqa: BLE001 - one odd row must not stop (or silently hang) the build
-            where = f" ({row.origin})" if row.origin else ""
-            item, targets = Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR,
-                                    f"{type(e).__name__}: {e}{where}"), None
-        out.append((item, targets))
+            out.append((_processing_error(row, e), None))
+    if matcher is not None:
+        for i, (item, _) in enumerate(out):
+            if isinstance(item, Sample):
+                try:
+                    labels, matched = matcher.match(item.boxes, item.crowd_boxes)
+                    out[i] = (item, _pack(item, labels, matched))
+                except Exception as e:  # noqa: BLE001 - as above
+                    out[i] = (_processing_error(rows[i], e), None)
     return out
+
+
+def _processing_error(row: SourceRow, e: Exception) -> Dropped:
+    where = f" ({row.origin})" if row.origin else ""
+    return Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR, f"{type(e).__name__}: {e}{where}")
 
 
 def _pack(sample: Sample, labels: np.ndarray, matched: np.ndarray) -> bytes:
     """Pack one sample's anchor targets and note their counts in its JSON record."""
-    sample.meta["rpn"] = {
-        "positive": int((labels == 1).sum()),
-        "ignore": int((labels == -1).sum()),
-        "negative": int((labels == 0).sum()),
+    sample.meta["rpn"] = {  # count_nonzero on the bool masks: ~8x cheaper than .sum() over 40k anchors
+        "positive": int(np.count_nonzero(labels == 1)),
+        "ignore": int(np.count_nonzero(labels == -1)),
+        "negative": int(np.count_nonzero(labels == 0)),
     }
     return anc.pack_targets(labels, matched)
 

@@ -195,7 +195,8 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     transform_ms = ms(lambda r: process_row(r, tcfg), rows, repeats)  # includes dropped rows, as the build
     codec_ms = ms(codec, kept, repeats) * len(kept) / len(rows)
     match_ms = ms(lambda s: matcher.match(s.boxes, s.crowd_boxes), samples, repeats) * len(samples) / len(rows)
-    pack_ms = ms(lambda lm: anc.pack_targets(*lm), results, repeats) * len(samples) / len(rows)
+    pack_ms = ms(lambda slm: fb._pack(*slm), [(s, l, m) for s, (l, m) in zip(samples, results)],
+                 repeats) * len(samples) / len(rows)  # the worker's _pack: rpn counts + pack_targets
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
     job_ms = ms(lambda c: pickle.loads(pickle.dumps(("xywh", c), protocol=pickle.HIGHEST_PROTOCOL)), chunks,
                 repeats) * len(chunks) / len(rows)
@@ -250,7 +251,7 @@ def throughput_section(build: dict, floor: dict, c: Components, workers: int, im
     # machine with no spare core, it also takes CPU away from the workers.
     worker_side = [("transform minus codec (box rules, JSON meta, header parse)", c.transform_total - c.codec),
                    ("anchor matching (AnchorMatcher.match)", c.match),
-                   ("target packing (pack_targets, npz + deflate)", c.pack)]
+                   ("target packing (build._pack: rpn counts + pack_targets, npz + deflate)", c.pack)]
     main_side = [("source reading (datasets streaming -> SourceRow)", c.source),
                  ("IPC: pickle rows out + samples back (both ends)", c.job_pickle + c.result_pickle),
                  ("JSON record dumps (sample_members)", c.json_meta),
@@ -269,6 +270,8 @@ def throughput_section(build: dict, floor: dict, c: Components, workers: int, im
     comp_table = bc.md_table(["component (per source row)", "process", "ms/row (1 core)",
                               f"est. wall s for {images} rows", "share of build - floor gap"], rows)
     worker_cpu = c.transform_total + c.match + c.pack
+    w_gap = 1000 * (build["cpu_workers_s"] / build["rows"] - floor["cpu_workers_s"] / floor["rows"])
+    m_gap = 1000 * (build["cpu_main_s"] / build["rows"] - floor["cpu_main_s"] / floor["rows"])
     main_cpu = c.source + c.job_pickle + c.result_pickle + c.json_meta + c.tar_write
     floor_cpu = c.codec + c.source + c.job_pickle + c.floor_result_pickle
     return "\n".join([
@@ -286,7 +289,13 @@ def throughput_section(build: dict, floor: dict, c: Components, workers: int, im
         f"{bc.fmt(1000 * cores / floor_cpu, 0)} rows/s for the floor (a ratio of "
         f"{bc.fmt(floor_cpu / (worker_cpu + main_cpu), 2)}x); with as many workers as cores the main process "
         f"competes with the workers for CPU. Opening the source (datasets streaming setup + bbox detection "
-        f"over the first rows) took {bc.fmt(c.source_open_s)} s in both runs.",
+        f"over the first rows) took {bc.fmt(c.source_open_s)} s in both runs.", "",
+        f"Measured in the runs above (rusage), the build's workers spent {bc.fmt(w_gap, 3)} ms/row more CPU than the "
+        f"floor's and its main process {bc.fmt(m_gap, 3)} ms/row more, against {bc.fmt(worker_cpu - c.codec, 3)} and "
+        f"{bc.fmt(main_cpu - c.source - c.job_pickle - c.floor_result_pickle, 3)} ms/row from the warm, one-at-a-time "
+        "component timings: in the build each stage starts with caches the codec has just evicted (the "
+        "worker runs each chunk's transforms first, then its matching, to limit this). On a shared machine "
+        "both rusage numbers move by +-0.2 ms/row between runs.",
     ])
 
 
@@ -373,7 +382,8 @@ def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
         f"Packing the targets (pack_targets) adds {bc.fmt(pack, 3)} ms/image. "
         "Batched torch pads every image to the batch's largest box count and computes the full float32 IoU "
         "matrix (anchors x boxes), then re-decides near-ties in float64; on a CPU it cannot beat the fast "
-        "matcher, which only scores the anchors that can reach IoU 0.3.",
+        "matcher, which only scores the (anchor, box) pairs whose IoU can reach 0.3, in float64 with the "
+        "reference's own operations.",
         "", gpu_note,
     ])
 

@@ -123,3 +123,32 @@ def test_manifest_atomic_write_and_version_rules(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(ManifestError, match="no manifest"):
         read_manifest(tmp_path / "nowhere")
+
+
+def _tarfile_shard(samples) -> bytes:
+    """The bytes tarfile itself writes for ShardWriter's members (the reference for the template)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_writer_bytes_are_exactly_tarfiles(tmp_path):
+    from frcnn_shard.shards import _member_header, _tarfile_header
+
+    sizes = (0, 1, 511, 512, 513, 10239, 10240, 42_000)
+    samples = [(f"{i:012d}", [("jpg", b"\xab" * n), ("json", b"{}" * (n % 7)), ("rpn.npz", b"z" * (n // 3))])
+               for i, n in enumerate(sizes)]
+    info = write(tmp_path / "t-000000.tar", samples)
+    data = (tmp_path / "t-000000.tar").read_bytes()
+    assert data == _tarfile_shard(samples)
+    assert info.bytes == len(data) and info.sha256 == file_sha256(tmp_path / "t-000000.tar")
+    # The template against tarfile's own header, including names and sizes it hands back to tarfile.
+    for name in ("a.jpg", "x" * 100, "k" * 60 + "/" + "z" * 60 + ".jpg", "\u00e9t\u00e9.json", "000000000001.rpn.npz"):
+        for size in (0, 1, 512, 123_456_789, 8 ** 11 - 1):
+            assert _member_header(name, size) == _tarfile_header(name, size), (name, size)
