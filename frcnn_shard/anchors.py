@@ -1068,8 +1068,8 @@ def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
     return _write_npz(body)
 
 
-def unpack_targets(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``pack_targets`` output: labels int8 [A] and matched int32 [A] (-1 where not positive)."""
+def unpack_sparse(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``pack_targets`` output sparsely: (positive indices, ignored indices, matched box per positive), validated."""
     try:
         body = _read_npz(data)
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
@@ -1098,16 +1098,30 @@ def unpack_targets(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarra
     for name, idx in (("positive", pos), ("ignored", ign)):
         if len(idx) and (idx[-1] >= n or (len(idx) > 1 and (np.diff(idx) <= 0).any()) or (idx[0] < 0)):
             raise ValueError(f"packed targets: {name} indices must be strictly increasing and < {n}")
-    if len(pos) and len(ign) and np.intersect1d(pos, ign, assume_unique=True).size:
-        raise ValueError("packed targets: an anchor is both positive and ignored")
+    if len(pos) and len(ign):
+        # Both are sorted: each positive's insertion point in the ignored list tells whether it is there.
+        at = np.minimum(np.searchsorted(ign, pos), len(ign) - 1)
+        if (ign[at] == pos).any():
+            raise ValueError("packed targets: an anchor is both positive and ignored")
     if len(box) and int(box.max()) + 1 != nbox:
         raise ValueError(f"packed targets: matched box indices disagree with the header (max + 1 != {nbox})")
-    labels = np.zeros(n, dtype=np.int8)
-    matched = np.full(n, -1, dtype=np.int32)
+    return pos, ign, box
+
+
+def dense_labels(num_anchors: int, pos: np.ndarray, ign: np.ndarray) -> np.ndarray:
+    """int8 [A] labels from the sparse form: 1 at pos, -1 at ign, 0 elsewhere."""
+    labels = np.zeros(num_anchors, dtype=np.int8)
     labels[ign] = -1
     labels[pos] = 1
+    return labels
+
+
+def unpack_targets(data: bytes, num_anchors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``pack_targets`` output: labels int8 [A] and matched int32 [A] (-1 where not positive)."""
+    pos, ign, box = unpack_sparse(data, num_anchors)
+    matched = np.full(num_anchors, -1, dtype=np.int32)
     matched[pos] = box
-    return labels, matched
+    return dense_labels(num_anchors, pos, ign), matched
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`frcnn-shard check` and `info`: verify shards against their manifest, summarise a manifest.
 
 The default check reads every shard file exactly once into memory, hashes those bytes and walks
-the tar over the same bytes; per sample it does only cheap work (tar headers, the image *header*,
+the tar over the same bytes (a reader thread reads and hashes the next shard while this one is
+walked); per sample it does only cheap work (tar headers, the image *header*,
 the JSON, the anchor-target member). Full pixel decoding happens only where it can tell the user
 something the sha256 cannot: in a shard whose sha256 or size does not match the manifest (to name
 the damaged sample), and for the samples `--deep` selects. See docs/INSPECT.md.
@@ -17,6 +18,7 @@ import os
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -70,6 +72,8 @@ PROGRESS_EVERY = 64  # samples between progress callbacks (the callback may be a
 PARALLEL_MIN_BYTES = 256 << 20
 MAX_WORKERS = 16
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+_BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
 Found = list[tuple[str, str]]  # (rule, detail) pairs found for one sample
 
 
@@ -159,6 +163,7 @@ class _Context:
     fraction: float
     seed: int
     deep_fn: Callable | None = None  # (meta) -> recomputed labels, built lazily
+    expected_members: frozenset = frozenset()  # {image ext, json, targets ext}: the members of a sound sample
 
 
 def _require(manifest: dict, *path: str):
@@ -185,7 +190,9 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
     except (TypeError, ValueError, IndexError) as e:
         raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
     ext = str(manifest.get("image", {}).get("format", "jpg"))
-    ctx = _Context(image_hw, ext, num_anchors, anc.TARGETS_EXT, anc.unpack_targets, deep, fraction, seed)
+    ctx = _Context(image_hw, ext, num_anchors, anc.TARGETS_EXT, anc.unpack_sparse, deep, fraction, seed)
+    if ext in IMAGE_EXTS:
+        ctx.expected_members = frozenset((ext, "json", anc.TARGETS_EXT))
     if deep:
         ctx.deep_fn = _deep_matcher(manifest, image_hw)
     return ctx
@@ -244,13 +251,39 @@ def _box_array(value, what: str) -> tuple[np.ndarray | None, str]:
     """JSON list -> float64 [N,4] array, or (None, why)."""
     try:
         a = np.asarray(value if value is not None else [], dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float64
         return None, f"{what} is not a list of numbers"
     if a.size == 0:
         return a.reshape(0, 4), ""
     if a.ndim != 2 or a.shape[1] != 4:
         return None, f"{what} has shape {list(a.shape)}, expected [N, 4]"
     return a, ""
+
+
+def _boxes_clean(value, w: float, h: float) -> bool:
+    """True when ``value`` is None or a list of [x1, y1, x2, y2] number lists with every box inside the
+    image (w, h: the image size plus BOX_EPS) and not empty: the common case, decided in plain Python,
+    which for a handful of boxes is several times faster than building arrays. False means "look
+    closer": _box_array / _bad_boxes then find (and word) the problem, or find none.
+
+    The comparisons are _bad_boxes' own, so a box passes here only if it passes there: a NaN fails
+    every comparison, an infinity fails one of the bounds, a non-number raises TypeError.
+    """
+    if value is None:
+        return True
+    if type(value) is not list:
+        return False
+    lo = -BOX_EPS
+    try:
+        for b in value:
+            if type(b) is not list or len(b) != 4:
+                return False
+            x1, y1, x2, y2 = b
+            if not (lo <= x1 < x2 <= w and lo <= y1 < y2 <= h):
+                return False
+    except TypeError:
+        return False
+    return True
 
 
 def _bad_boxes(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -279,57 +312,57 @@ def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
         out.append((RULE_KEY_MISMATCH, f"JSON 'key' is {meta['key']!r}"))
     if "size" in meta and meta["size"] != list(ctx.image_hw):
         out.append((RULE_IMAGE_SIZE, f"JSON size {meta['size']!r} differs from the manifest's {list(ctx.image_hw)}"))
-    boxes, why = _box_array(meta.get("boxes"), "boxes")
-    if boxes is None:
-        out.append((RULE_BOX_INVALID, why))
-        return out, None
-    bad = _bad_boxes(boxes, ctx.image_hw)
-    if len(bad):
-        i = int(bad[0])
-        out.append((RULE_BOX_INVALID, f"{len(bad)} of {len(boxes)} boxes non-finite, empty or outside "
-                                      f"{ctx.image_hw[1]}x{ctx.image_hw[0]} (first: #{i} {boxes[i].tolist()})"))
-    crowd, why = _box_array(meta.get("crowd_boxes"), "crowd_boxes")
-    if crowd is None:
-        out.append((RULE_BOX_INVALID, why))
-    elif len(bad_c := _bad_boxes(crowd, ctx.image_hw)):
-        out.append((RULE_BOX_INVALID,
-                    f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
+    boxes_v, crowd_v = meta.get("boxes"), meta.get("crowd_boxes")
+    w, h = ctx.image_hw[1] + BOX_EPS, ctx.image_hw[0] + BOX_EPS
+    if _boxes_clean(boxes_v, w, h) and _boxes_clean(crowd_v, w, h):
+        num_boxes = len(boxes_v) if boxes_v is not None else 0
+    else:
+        boxes, why = _box_array(boxes_v, "boxes")
+        if boxes is None:
+            out.append((RULE_BOX_INVALID, why))
+            return out, None
+        bad = _bad_boxes(boxes, ctx.image_hw)
+        if len(bad):
+            i = int(bad[0])
+            out.append((RULE_BOX_INVALID, f"{len(bad)} of {len(boxes)} boxes non-finite, empty or outside "
+                                          f"{ctx.image_hw[1]}x{ctx.image_hw[0]} (first: #{i} {boxes[i].tolist()})"))
+        crowd, why = _box_array(crowd_v, "crowd_boxes")
+        if crowd is None:
+            out.append((RULE_BOX_INVALID, why))
+        elif len(bad_c := _bad_boxes(crowd, ctx.image_hw)):
+            out.append((RULE_BOX_INVALID,
+                        f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
+        num_boxes = len(boxes)
     labels = meta.get("labels")
+    if (type(labels) is list and len(labels) == num_boxes
+            and all(type(v) is int and 0 < v < NUM_CLASSES for v in labels)):
+        return out, num_boxes  # the common case, in one pass; the general rules below word any problem
     if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         out.append((RULE_LABEL_INVALID, "labels is not a list of integers"))
     else:
-        if len(labels) != len(boxes):
-            out.append((RULE_LABEL_INVALID, f"{len(labels)} labels for {len(boxes)} boxes"))
+        if len(labels) != num_boxes:
+            out.append((RULE_LABEL_INVALID, f"{len(labels)} labels for {num_boxes} boxes"))
         wrong = [v for v in labels if not 1 <= v < NUM_CLASSES]
         if wrong:
             out.append((RULE_LABEL_INVALID, f"labels outside 1..{NUM_CLASSES - 1}: {sorted(set(wrong))[:5]}"))
-    return out, len(boxes)
+    return out, num_boxes
 
 
-def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, np.ndarray | None]:
-    """Anchor-target member rules. Returns ([(rule, detail)], unpacked labels or None)."""
+def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, tuple | None]:
+    """Anchor-target member rules. Returns ([(rule, detail)], (positive, ignored) indices or None).
+
+    The sparse form is validated by anchors.unpack_sparse (index ranges, order, overlap, box indices
+    against the header), so no dense array of all A anchors is built unless --deep needs one.
+    """
     try:
-        labels, matched = ctx.unpack(data, ctx.num_anchors)
-        labels = np.asarray(labels)
-        matched = np.asarray(matched)
+        pos, ign, box = ctx.unpack(data, ctx.num_anchors)
     except Exception as e:  # unpack raises ValueError by contract; a damaged npz can raise zip/zlib errors too
         return [(RULE_TARGETS_INVALID, f"cannot unpack: {type(e).__name__}: {e}")], None
-    a = ctx.num_anchors
-    if labels.shape != (a,) or matched.shape != (a,):
-        return [(RULE_TARGETS_INVALID, f"shapes {labels.shape} / {matched.shape}, expected ({a},)")], None
-    # count_nonzero over small int arrays is a few microseconds; avoid masks and copies of all A anchors.
-    pos_idx = np.flatnonzero(labels == 1)
-    positive = len(pos_idx)
-    ignore = int(np.count_nonzero(labels == -1))
-    negative = int(np.count_nonzero(labels == 0))
-    if positive + ignore + negative != a:
-        return [(RULE_TARGETS_INVALID, "labels outside {-1, 0, 1}")], None
+    positive, ignore = len(pos), len(ign)
+    negative = ctx.num_anchors - positive - ignore
     out: list[tuple[str, str]] = []
-    mpos = matched[pos_idx]
-    if num_boxes is not None and positive and (mpos.min() < 0 or mpos.max() >= num_boxes):
+    if num_boxes is not None and positive and int(box.max()) >= num_boxes:
         out.append((RULE_TARGETS_INVALID, f"positive anchors matched to boxes outside 0..{num_boxes - 1}"))
-    elif int(np.count_nonzero(matched != -1)) != int(np.count_nonzero(mpos != -1)):
-        out.append((RULE_TARGETS_INVALID, "non-positive anchors carry a matched box index"))
     rpn = meta.get("rpn") if isinstance(meta, dict) else None
     if isinstance(rpn, dict):
         stored = {"positive": positive, "negative": negative, "ignore": ignore}
@@ -337,13 +370,16 @@ def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> t
         if diff:
             out.append((RULE_TARGETS_COUNTS, "JSON rpn counts differ from the member (json, member): "
                         + ", ".join(f"{k} {j}/{m}" for k, (j, m) in diff.items())))
-    return out, labels
+    return out, (pos, ign)
 
 
-def _check_deep(meta, stored: np.ndarray | None, ctx: _Context) -> Found:
+def _check_deep(meta, sparse: tuple | None, ctx: _Context) -> Found:
     """Recompute the anchor labels from the stored boxes and compare them anchor by anchor."""
-    if stored is None or not isinstance(meta, dict) or ctx.deep_fn is None:
+    from . import anchors as anc
+
+    if sparse is None or not isinstance(meta, dict) or ctx.deep_fn is None:
         return []
+    stored = anc.dense_labels(ctx.num_anchors, *sparse)
     try:
         ref = ctx.deep_fn(meta)
     except Exception as e:  # boxes already reported as broken make the matcher fail; say so, do not crash
@@ -359,18 +395,23 @@ def _check_deep(meta, stored: np.ndarray | None, ctx: _Context) -> Found:
 def _check_sample(key: str, members: dict[str, bytes], ctx: _Context, full_decode: bool) -> tuple[Found, bool]:
     """All per-sample rules for one sample: ([(rule, detail)], deep-checked?)."""
     out: list[tuple[str, str]] = []
-    images = [e for e in IMAGE_EXTS if e in members]
-    need = {"json", ctx.targets_ext}
-    missing = sorted(need - set(members)) + ([] if images else [f"image ({'/'.join(IMAGE_EXTS)})"])
-    extra = sorted(set(members) - need - set(IMAGE_EXTS)) + (images[1:] if len(images) > 1 else [])
-    if missing or extra:
-        out.append((RULE_MEMBERS, "; ".join(filter(None, [
-            f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(extra)}" if extra else ""]))))
+    if members.keys() == ctx.expected_members:  # the sound case: image in the manifest's format, JSON, targets
+        image = ctx.image_ext
+    else:
+        images = [e for e in IMAGE_EXTS if e in members]
+        need = {"json", ctx.targets_ext}
+        missing = sorted(need - set(members)) + ([] if images else [f"image ({'/'.join(IMAGE_EXTS)})"])
+        extra = sorted(set(members) - need - set(IMAGE_EXTS)) + (images[1:] if len(images) > 1 else [])
+        if missing or extra:
+            out.append((RULE_MEMBERS, "; ".join(filter(None, [
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unexpected {', '.join(extra)}" if extra else ""]))))
+        image = images[0] if images else None
+        if image is not None and image != ctx.image_ext:
+            out.append((RULE_MEMBERS, f"image member is .{image}, the manifest says {ctx.image_ext}"))
     deep = ctx.deep and _selected(key, ctx.seed, ctx.fraction)
-    if images:
-        if images[0] != ctx.image_ext:
-            out.append((RULE_MEMBERS, f"image member is .{images[0]}, the manifest says {ctx.image_ext}"))
-        out += _check_image(members[images[0]], images[0], ctx, full_decode or deep)
+    if image is not None:
+        out += _check_image(members[image], image, ctx, full_decode or deep)
     meta, num_boxes = None, None
     if "json" in members:
         try:
@@ -381,14 +422,99 @@ def _check_sample(key: str, members: dict[str, bytes], ctx: _Context, full_decod
             found, num_boxes = _check_meta(key, meta, ctx)
             out += found
     if ctx.targets_ext in members:
-        found, labels = _check_targets(members[ctx.targets_ext], meta, num_boxes, ctx)
+        found, sparse = _check_targets(members[ctx.targets_ext], meta, num_boxes, ctx)
         out += found
         if deep and meta is not None:
-            out += _check_deep(meta, labels, ctx)
+            out += _check_deep(meta, sparse, ctx)
     return out, deep
 
 
 # ------------------------------------------------------------------------------- per shard
+
+
+# Header fields tarfile parses as numbers besides size and checksum (mode, uid, gid, mtime, devmajor,
+# devminor): a header whose bytes there were once parsed without error is accepted by the fast scan.
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+_numeric_ok: set[bytes] = set()
+
+
+def _numbers_parse(head: bytes) -> bool:
+    """Would tarfile parse every numeric field of this header (other than size and checksum)?"""
+    sig = head[100:124] + head[136:148] + head[329:345]
+    if sig in _numeric_ok:
+        return True
+    try:
+        for a, b in _NUMERIC_FIELDS:
+            tarfile.nti(head[a:b])
+    except (tarfile.TarError, ValueError):
+        return False
+    if len(_numeric_ok) < 64:  # ShardWriter writes one signature; bound the set for odd archives
+        _numeric_ok.add(sig)
+    return True
+
+
+def _scan_tar(data: bytes) -> tuple[list[tuple[str, int, int]], int] | None:
+    """The regular-file members of a plain tar, read straight off the buffer: ([(name, data offset, size)],
+    offset of the end-of-archive block); None as soon as anything is not plain.
+
+    "Plain" is what ShardWriter writes and what tarfile reads without a word: every header has a valid
+    (unsigned) checksum, parseable number fields, type regular file, no ustar prefix, a name that is
+    not a directory, data inside the buffer, and the archive ends at an all-zero block. On exactly
+    these archives tarfile yields the same names, offsets and sizes and stops at the same offset, at
+    a fraction of the cost (no TarInfo objects, no file-object seeks); on anything else the caller
+    walks the archive with tarfile, which names the problem.
+    """
+    n = len(data)
+    off = 0
+    found: list[tuple[str, int, int]] = []
+    heads: list[int] = []
+    sums: list[int] = []
+    enc = tarfile.ENCODING
+    nti = tarfile.nti
+    try:
+        while True:
+            if n - off < _BLOCK:
+                return None
+            head = data[off:off + _BLOCK]
+            if head == _ZERO_BLOCK:
+                break
+            kind = head[156]
+            if head[345] or kind not in (48, 0) or not _numbers_parse(head):  # b"0" / b"\0": regular file
+                return None
+            name = head[:100]
+            if (z := name.find(0)) >= 0:
+                name = name[:z]
+            name = name.decode(enc, "surrogateescape")
+            size = nti(head[124:136])
+            stop = off + _BLOCK + size
+            if size < 0 or stop > n or (kind == 0 and name.endswith("/")):
+                return None
+            heads.append(off)
+            sums.append(nti(head[148:156]))
+            found.append((name, off + _BLOCK, size))
+            off += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    except (tarfile.TarError, ValueError):
+        return None
+    if heads:  # every header's checksum at once: the header bytes summed, the checksum field as spaces
+        blocks = np.frombuffer(data, np.uint8, count=off).reshape(-1, _BLOCK)[np.asarray(heads) // _BLOCK]
+        computed = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+        if not np.array_equal(computed, np.asarray(sums, dtype=np.int64)):
+            return None
+    return found, off
+
+
+def _tail_problems(data: bytes, end: int, key: str | None) -> list[tuple[str, str, str]]:
+    """What follows the archive's last member (``end``): zero blocks only, at least two of them."""
+    rest = len(data) - end
+    if data.count(0, end) != rest:
+        if data.count(0, end, end + 1024) == min(rest, 1024):
+            return [("", RULE_TAR_TRAILING, f"data after the end-of-archive marker ({rest} bytes from byte {end})")]
+        # tarfile stops quietly at a damaged header in mid-archive; that is a broken tar
+        return [("", RULE_TAR_UNREADABLE, f"unreadable tar header at byte {end} after key {key}: "
+                                          f"the remaining {rest} bytes are not read")]
+    if rest < 1024:
+        return [("", RULE_TAR_TRAILING, "the end-of-archive marker (two zero blocks) is missing")]
+    return []
 
 
 def _walk_tar(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], list[tuple]]]:
@@ -396,7 +522,40 @@ def _walk_tar(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], l
 
     The last item has key '' and no members; its list holds (key, rule, detail) problems of the
     archive as a whole (unreadable, data after the end, ...). Member bytes are slices of ``data``.
+    A plain archive (_scan_tar) is read straight off the buffer; anything else goes through tarfile
+    (_walk_tarfile), with the same results wherever both can read it.
     """
+    scanned = _scan_tar(data)
+    if scanned is None:
+        yield from _walk_tarfile(data, name)
+        return
+    entries, end = scanned
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    found: list[tuple[str, str]] = []
+    tail: list[tuple[str, str, str]] = []
+    for member, start, size in entries:
+        try:
+            check_member_name(member, name)
+        except ShardFormatError as e:
+            tail.append(("", RULE_MEMBER_NAME, str(e).split(": ", 1)[-1]))
+            continue
+        k, ext = split_member_name(member)
+        if k != key:
+            if key is not None:
+                yield key, members, found
+            key, members, found = k, {}, []
+        if ext in members:
+            found.append((RULE_MEMBERS, f"member .{ext} appears twice"))
+            continue
+        members[ext] = data[start:start + size]
+    if key is not None:
+        yield key, members, found
+    yield "", {}, tail + _tail_problems(data, end, key)
+
+
+def _walk_tarfile(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], list[tuple]]]:
+    """_walk_tar through tarfile: for archives that are not plain (damaged, truncated, special members)."""
     key: str | None = None
     members: dict[str, bytes] = {}
     found: list[tuple[str, str]] = []
@@ -428,17 +587,7 @@ def _walk_tar(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], l
             members[ext] = data[info.offset_data:stop]
             end = stop
         # The archive must end with zero blocks only: anything else is junk the loader never sees.
-        end = max(end, tar.offset)
-        rest = len(data) - end
-        if data.count(0, end) != rest:
-            if data.count(0, end, end + 1024) == min(rest, 1024):
-                tail.append(("", RULE_TAR_TRAILING,
-                             f"data after the end-of-archive marker ({rest} bytes from byte {end})"))
-            else:  # tarfile stops quietly at a damaged header in mid-archive; that is a broken tar
-                tail.append(("", RULE_TAR_UNREADABLE, f"unreadable tar header at byte {end} after key {key}: "
-                                                      f"the remaining {rest} bytes are not read"))
-        elif rest < 1024:
-            tail.append(("", RULE_TAR_TRAILING, "the end-of-archive marker (two zero blocks) is missing"))
+        tail += _tail_problems(data, max(end, tar.offset), key)
     except tarfile.TarError as e:
         # The sample being read is cut off: it is not counted as a sample; the problem names it.
         tail.append((key or "", RULE_TAR_UNREADABLE, f"the archive breaks off here, this sample is not counted: {e}"
@@ -460,24 +609,38 @@ class _ShardResult:
     deep_samples: int = 0
 
 
-def _check_shard(path: Path, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None) -> _ShardResult:
-    """Read one shard once and apply every file-, tar- and sample-level rule to it."""
+def _read_shard(path: Path) -> tuple[bytes, str] | OSError:
+    """One shard file read once, read-only, and the sha256 of those bytes; or the error reading it.
+
+    Both steps release the GIL, so _shard_results runs this in a thread for the next shard while the
+    current one is walked: the read and the hash overlap the per-sample work.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return e
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _check_shard(path: Path, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None,
+                 loaded: tuple[bytes, str] | OSError | None = None) -> _ShardResult:
+    """Apply every file-, tar- and sample-level rule to one shard (``loaded``: _read_shard(path), done ahead)."""
     name = entry["name"]
     res = _ShardResult(name)
     problems = res.problems
-    try:
-        with open(path, "rb") as f:  # read-only, one read of the whole file
-            data = f.read()
-    except OSError as e:
-        problems.append(Problem(name, "", RULE_SHARD_UNREADABLE, str(e)))
+    if loaded is None:
+        loaded = _read_shard(path)
+    if isinstance(loaded, OSError):
+        problems.append(Problem(name, "", RULE_SHARD_UNREADABLE, str(loaded)))
         return res
+    data, digest = loaded
     res.bytes = len(data)
     intact = True
     if len(data) != entry.get("bytes"):
         problems.append(Problem(name, "", RULE_SHARD_SIZE,
                                 f"{len(data)} bytes, the manifest says {entry.get('bytes')}"))
         intact = False
-    digest = hashlib.sha256(data).hexdigest()
     if digest != entry.get("sha256"):
         problems.append(Problem(name, "", RULE_SHARD_SHA256,
                                 f"sha256 {digest[:16]}... differs from the manifest's "
@@ -541,8 +704,16 @@ def _shard_results(shard_dir: Path, manifest: dict, ctx: _Context, entries: list
                    progress: Callable[[int], None] | None) -> Iterator[_ShardResult]:
     """Check the given shards in order, in this process or in a pool of worker processes."""
     if workers <= 0:
-        for entry in entries:
-            yield _check_shard(shard_dir / entry["name"], entry, ctx, progress)
+        # One reader thread stays a shard ahead (read + sha256); this thread walks the shard before it.
+        # At most two shards are in memory at once.
+        with ThreadPoolExecutor(1, thread_name_prefix="check-read") as reader:
+            paths = [shard_dir / e["name"] for e in entries]
+            ahead = reader.submit(_read_shard, paths[0]) if paths else None
+            for i, entry in enumerate(entries):
+                loaded = ahead.result()
+                ahead = reader.submit(_read_shard, paths[i + 1]) if i + 1 < len(paths) else None
+                yield _check_shard(paths[i], entry, ctx, progress, loaded)
+                del loaded
         return
     import multiprocessing as mp
 
