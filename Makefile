@@ -36,6 +36,7 @@ test: install
 bench: install
 	$(PY) scripts/bench_build.py
 	$(PY) scripts/bench_loader.py
+	$(PY) scripts/bench_check.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
