@@ -17,7 +17,6 @@ import json
 import math
 import os
 import tarfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence

@@ -5,7 +5,6 @@ The format version lives here and only here; build, loader and check all read it
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re

@@ -439,7 +439,7 @@ def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
         flat = (f"Peak Pss at {i1} rows / at {i0} rows = {bc.fmt(growth, 2)}x for {i1 / i0:.0f}x the rows: "
                 f"{'flat' if growth < 1.15 else '**not flat**'}.")
     return "\n".join([
-        f"### 4. Size and build memory", "",
+        "### 4. Size and build memory", "",
         f"Shards of the throughput run ({n} samples, 400x400 JPEG q90):", "", size_table, "",
         f"Anchor targets' share of shard bytes: {bc.fmt(100 * share, 2)}% of payload bytes, "
         f"{bc.fmt(100 * share_disk, 2)}% counting their tar header and padding; goal <= 2%: "
@@ -567,10 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         bc.log("profiles")
         parts.append(profile_section(bc.hub_folder(args.images), args.component_rows))
     report = "\n\n".join(parts) + "\n"
-    print(report)
-    if not args.no_md:
-        bc.update_section("build", report, Path(args.out_md))
-        bc.log(f"updated {args.out_md}")
+    bc.publish("build", report, args.out_md, args.no_md)
 
 
 if __name__ == "__main__":

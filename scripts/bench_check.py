@@ -348,10 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         parts.append(f"### Profile: check_shards(workers=0) on the {args.images}-row split\n\n" + profile_top(d0))
     report = "\n\n".join(parts) + "\n"
-    print(report)
-    if not args.no_md:
-        bc.update_section("check", report, Path(args.out_md))
-        bc.log(f"updated {args.out_md}")
+    bc.publish("check", report, args.out_md, args.no_md)
 
 
 if __name__ == "__main__":

@@ -290,3 +290,11 @@ class TreeSampler:
             m.max_procs = max(m.max_procs, len(pids))
             m.samples += 1
             self._stop.wait(self.interval)
+
+
+def publish(section: str, text: str, out_md: str, no_md: bool) -> None:
+    """Print a report and, unless ``no_md``, replace its section of the benchmarks page."""
+    print(text)
+    if not no_md:
+        update_section(section, text, Path(out_md))
+        log(f"updated {out_md}")

@@ -433,10 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     stages, nbytes = stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
     prof = profile_loader(shards, args.batch_size, 400) if args.profile else None
     text = report(runs, stages, nbytes, args, prof)
-    print(text)
-    if not args.no_md:
-        bc.update_section("loader", text, Path(args.out_md))
-        bc.log(f"updated {args.out_md}")
+    bc.publish("loader", text, args.out_md, args.no_md)
 
 
 if __name__ == "__main__":

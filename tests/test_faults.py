@@ -34,7 +34,7 @@ from frcnn_shard.build import BuildError, BuildInterrupted, BuildOptions, Source
 from frcnn_shard.check import check_shards
 from frcnn_shard.cli import main
 from frcnn_shard.labels import COCO_CLASSES
-from frcnn_shard.sample import make_sample_hub_folder, sample_rows
+from frcnn_shard.sample import make_sample_hub_folder
 from frcnn_shard.shards import (
     FAULT_ENV, MANIFEST_NAME, SHARD_RE, ShardFormatError, file_sha256, iter_shard, list_shard_keys, read_manifest,
 )
