@@ -178,3 +178,28 @@ def test_synthetic_sample_builds_through_hub_path(sample_shards):
             assert set(members) == {"jpg", "json", "rpn.npz"}
     assert len(per_key) == 24 and set(per_key.values()) == {1}
     assert (sample_shards / MANIFEST_NAME).exists()
+
+
+def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monkeypatch):
+    """The --device cuda code path (buffering, batched torch matching, packing) run on the CPU."""
+    import frcnn_shard.build as fb
+    from frcnn_shard import anchors as anc
+
+    src = str(hub_folders["xywh"])
+    cpu = build_shards(tmp_path / "cpu", src, "train")
+    calls = []
+    real = anc.match_batch_torch
+
+    def on_cpu(*args, **kw):
+        calls.append(len(args[1]))
+        kw["device"] = "cpu"
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fb, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(anc, "match_batch_torch", on_cpu)
+    for workers in (0, 2):
+        dev = build_shards(tmp_path / f"dev{workers}", src, "train", workers=workers, gpu_batch=7)
+        assert dev.device == "cuda"
+        assert [s["sha256"] for s in read_manifest(dev.out_dir)["shards"]] == \
+            [s["sha256"] for s in read_manifest(cpu.out_dir)["shards"]]
+    assert calls and max(calls) == 7 and sum(calls) == 2 * cpu.samples  # batched, every sample once per build
