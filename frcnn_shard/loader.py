@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .shards import (
-    IMAGE_EXTS, KNOWN_EXTS, MANIFEST_NAME, MAX_MEMBER_BYTES, ShardFormatError, check_member_name,
+    IMAGE_EXTS, KNOWN_EXTS, MANIFEST_NAME, ShardFormatError, member_problem,
     read_manifest, split_member_name,
 )
 
@@ -289,7 +289,7 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
                 cur = _Raw(url, key)
             if cur.error is not None:
                 continue
-            problem = _member_problem(info, ext, cur, url)
+            problem = member_problem(info, f"{url}: key {cur.key!r}", cur.members)
             if problem is not None:
                 if on_error == "raise":
                     raise ShardFormatError(problem)
@@ -311,22 +311,6 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
             # Only a stream read to its end can be blamed; one closed early may see SIGPIPE.
             if finished:
                 _fail(on_error, skips, f"{url}: shard stream failed on close: {e}")
-
-
-def _member_problem(info: tarfile.TarInfo, ext: str, cur: _Raw, url: str) -> str | None:
-    """Why a tar member is refused (None when it is fine)."""
-    where = f"{url}: key {cur.key!r}"
-    try:
-        check_member_name(info.name, where)
-    except ShardFormatError as e:
-        return str(e)
-    if not info.isreg():
-        return f"{where}: member {info.name!r} is not a regular file"
-    if info.size > MAX_MEMBER_BYTES:
-        return f"{where}: member {info.name!r} declares {info.size} bytes (> {MAX_MEMBER_BYTES} limit)"
-    if ext in cur.members:
-        return f"{where}: member .{ext} appears twice"
-    return None
 
 
 def _fail(on_error: str, skips: list | None, message: str) -> None:

@@ -13,7 +13,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Container, Iterable, Iterator
 
 FORMAT_VERSION = "1.0"  # major.minor: readers refuse an unknown major, accept any minor
 MANIFEST_NAME = "manifest.json"
@@ -269,6 +269,23 @@ def check_member_name(name: str, where: str) -> None:
         raise ShardFormatError(f"{where}: member {name!r} is a pickle-type member; frcnn-shard never unpickles")
 
 
+def member_problem(info: tarfile.TarInfo, where: str, seen_exts: Container[str] = (),
+                   max_member_bytes: int = MAX_MEMBER_BYTES) -> str | None:
+    """Why a tar member must not be read (None when it may): unsafe name, not a regular file, a declared
+    size over the limit, or an extension its sample already has. Every reader of shards applies this."""
+    try:
+        check_member_name(info.name, where)
+    except ShardFormatError as e:
+        return str(e)
+    if not info.isreg():
+        return f"{where}: member {info.name!r} is not a regular file"
+    if info.size > max_member_bytes:
+        return f"{where}: member {info.name!r} declares {info.size} bytes (> {max_member_bytes} limit)"
+    if split_member_name(info.name)[1] in seen_exts:
+        return f"{where}: member {info.name!r} appears twice in its sample"
+    return None
+
+
 def iter_tar_samples(
     fileobj: IO[bytes], where: str, max_member_bytes: int = MAX_MEMBER_BYTES
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -282,20 +299,14 @@ def iter_tar_samples(
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")
         for info in tar:
-            check_member_name(info.name, where)
-            if not info.isreg():
-                raise ShardFormatError(f"{where}: member {info.name!r} is not a regular file")
-            if info.size > max_member_bytes:
-                raise ShardFormatError(
-                    f"{where}: member {info.name!r} declares {info.size} bytes (> {max_member_bytes} limit)"
-                )
             k, ext = split_member_name(info.name)
             if k != key:
                 if key is not None:
                     yield key, members
                 key, members = k, {}
-            if ext in members:
-                raise ShardFormatError(f"{where}: key {k}: member .{ext} appears twice")
+            problem = member_problem(info, where, members, max_member_bytes)
+            if problem is not None:
+                raise ShardFormatError(problem)
             if ext in KNOWN_EXTS:
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f is not None else b""

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .labels import CLASS_NAMES
 from .shards import (
-    MAX_MEMBER_BYTES, ShardFormatError, check_member_name, iter_shard, read_manifest, split_member_name,
+    ShardFormatError, check_member_name, iter_shard, member_problem, read_manifest, split_member_name,
 )
 
 DPI = 100
@@ -241,7 +241,7 @@ def _scan_shard(path: Path, *, key: str | None = None,
     index, current = -1, None
     with tarfile.open(path, mode="r:") as tar:  # seeks over the data of every other sample
         for info in tar:
-            check_member_name(info.name, str(path))
+            check_member_name(info.name, str(path))  # every header passed over, not only the sample shown
             k, ext = split_member_name(info.name)
             if k != current:
                 if found is not None:
@@ -249,10 +249,10 @@ def _scan_shard(path: Path, *, key: str | None = None,
                 current, index = k, index + 1
                 if k == key or index == position:
                     found = k
-            if found is not None and info.isreg():
-                if info.size > MAX_MEMBER_BYTES:  # refuse before reading, whatever the tar claims
-                    raise ShardFormatError(
-                        f"{path}: member {info.name!r} declares {info.size} bytes (> {MAX_MEMBER_BYTES} limit)")
+            if found is not None:
+                problem = member_problem(info, f"{path}: key {k!r}", members)  # refused before reading
+                if problem is not None:
+                    raise ShardFormatError(problem)
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f is not None else b""
     return (found, members) if found is not None else None
