@@ -29,15 +29,20 @@ from .shards import (
     list_shard_keys, read_manifest, shard_name, write_json_atomic,
 )
 from .sources import open_source
-from .transform import IMAGENET_MEAN, IMAGENET_STD, TransformConfig, process_row
+from .transform import (
+    DROP_CORRUPT_IMAGE, DROP_MISSING_IMAGE, DROP_SIZE_MISMATCH, DROP_TOO_MANY_PIXELS, IMAGENET_MEAN, IMAGENET_STD,
+    TransformConfig, process_row,
+)
 
 # A row whose processing raised something other than the transform's own image errors (a Pillow
 # oddity, a bug): dropped and counted under this reason, with the exception logged.
 DROP_PROCESSING_ERROR = "processing_error"
+# A row whose image id was already written (the writer keeps the first).
+DROP_DUPLICATE_IMAGE_ID = "duplicate_image_id"
 # Image drop reasons that mean broken input (counted against --max-bad-fraction); "no_boxes" is not
 # one of them: COCO itself has images without annotations.
-BAD_INPUT_REASONS = ("missing_image", "corrupt_image", "too_many_pixels", "size_mismatch", "duplicate_image_id",
-                     DROP_PROCESSING_ERROR)
+BAD_INPUT_REASONS = (DROP_MISSING_IMAGE, DROP_CORRUPT_IMAGE, DROP_TOO_MANY_PIXELS, DROP_SIZE_MISMATCH,
+                     DROP_DUPLICATE_IMAGE_ID, DROP_PROCESSING_ERROR)
 MAX_RETRY_DELAY_S = 60.0  # the backoff doubles per consecutive failure, up to this
 _POLL_S = 0.5  # how often a wait on the worker pool checks that no worker died
 log = logging.getLogger("frcnn_shard.build")
@@ -265,9 +270,10 @@ def _source_rows(source, skip: int, opts: BuildOptions, sleep: Callable[[float],
                 next_index, failures = row.index + 1, 0
             return
         except Exception as e:  # noqa: BLE001 - classified below
-            if not is_transient(e) or failures >= opts.retries:
+            transient = is_transient(e)
+            if not transient or failures >= opts.retries:
                 tried = f" after {failures} retr{'y' if failures == 1 else 'ies'}" if failures else ""
-                kind = "transient error" if is_transient(e) else "error"
+                kind = "transient error" if transient else "error"
                 raise SourceError(f"the source failed at row {next_index}{tried} ({kind}): "
                                   f"{type(e).__name__}: {e}") from e
             delay = min(opts.retry_backoff * 2.0 ** failures, MAX_RETRY_DELAY_S)
@@ -320,15 +326,6 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
 
 def validate_options(opts: BuildOptions) -> None:
     """Refuse nonsensical options before any work starts (raises BuildError; nothing is created)."""
-    _validate(opts)
-    try:
-        anchor_spec(opts)  # an unknown preset or impossible custom anchors
-    except (ValueError, TypeError, KeyError) as e:
-        raise BuildError(f"anchor options: {e}") from None
-
-
-def _validate(opts: BuildOptions) -> None:
-    """Refuse nonsensical options before any work starts."""
     if opts.samples_per_shard < 1:
         raise BuildError(f"--samples-per-shard must be >= 1 (got {opts.samples_per_shard})")
     if opts.max_shard_bytes is not None and opts.max_shard_bytes < 1:
@@ -353,16 +350,20 @@ def _validate(opts: BuildOptions) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise BuildError(f"--out {out}: {parent} is a file, not a directory")
+    try:
+        anchor_spec(opts)  # an unknown preset or impossible custom anchors
+    except (ValueError, TypeError, KeyError) as e:
+        raise BuildError(f"anchor options: {e}") from None
 
 
-def _clean_dir(out_dir: Path, split: str) -> None:
-    """Remove what a previous build of this split left: its shards, partial files and manifest."""
+def _clean_dir(out_dir: Path) -> None:
+    """Remove what a previous build of this split left in its folder: shards, partial files, manifest."""
     for p in out_dir.iterdir():
         if p.name.endswith(PARTIAL_SUFFIX) or p.name == MANIFEST_NAME or SHARD_RE.match(p.name):
             p.unlink()
 
 
-def _prepare_resume(out_dir: Path, split: str, options: dict, overwrite: bool) -> dict | None:
+def _prepare_resume(out_dir: Path, options: dict, overwrite: bool) -> dict | None:
     """Decide between a fresh build and a resume; return the manifest to resume from, or None.
 
     Stray partial files are removed, shards the manifest does not list (published just before a
@@ -375,7 +376,7 @@ def _prepare_resume(out_dir: Path, split: str, options: dict, overwrite: bool) -
             raise BuildError(f"cannot create the output directory {out_dir}: {e}") from None
         return None
     if overwrite:
-        _clean_dir(out_dir, split)
+        _clean_dir(out_dir)
         return None
     for p in out_dir.glob("*" + PARTIAL_SUFFIX):
         p.unlink()
@@ -389,7 +390,7 @@ def _prepare_resume(out_dir: Path, split: str, options: dict, overwrite: bool) -
             )
         return None
     manifest = read_manifest(out_dir)
-    if _jsonable(manifest.get("options")) != options:
+    if manifest.get("options") != options:  # both already in JSON form
         old, new = manifest.get("options", {}), options
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise BuildError(
@@ -442,7 +443,7 @@ class _Writer:
     def add(self, sample: Sample, targets: bytes, index: int) -> None:
         """Write one sample (or count it as a duplicate) and roll the shard when it is full."""
         if sample.key in self.seen:
-            self.drop(index, "duplicate_image_id", {})
+            self.drop(index, DROP_DUPLICATE_IMAGE_ID, {})
             return
         self.seen.add(sample.key)
         self.consumed = index + 1
@@ -459,15 +460,19 @@ class _Writer:
         if full or too_big:
             self.close_shard()
 
+    def pending(self) -> dict:
+        """The rows and drops seen since the last published shard, as the manifest records them."""
+        return {
+            "rows": self.consumed - self.rows_done,
+            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
+        }
+
     def close_shard(self) -> None:
         """Publish the open shard and record it, with the rows and drops it accounts for."""
         info: ShardInfo = self.writer.close()
         self.writer = None
         fault_point("published", len(self.manifest["shards"]))
-        self.manifest["shards"].append({
-            **asdict(info), "rows": self.consumed - self.rows_done,
-            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
-        })
+        self.manifest["shards"].append({**asdict(info), **self.pending()})
         self.rows_done = self.consumed
         self.drops, self.box_drops = Counter(), Counter()
         self.write_manifest()
@@ -477,10 +482,7 @@ class _Writer:
         """Publish the last shard, account for trailing dropped rows, and mark the build complete."""
         if self.writer is not None:
             self.close_shard()
-        self.manifest["tail"] = {
-            "rows": self.consumed - self.rows_done,
-            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
-        }
+        self.manifest["tail"] = self.pending()
         self.manifest["complete"] = True
         self.write_manifest()
 
@@ -544,8 +546,6 @@ def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str
 
 def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) -> BuildResult:
     """Run (or resume) a build and return its summary; raises BuildError with a reason on failure."""
-    import multiprocessing as mp
-
     validate_options(opts)
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
@@ -555,7 +555,7 @@ def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) ->
     try:
         if opts.workers > 0:
             # Fork before the source is opened, so no reader thread exists yet in the parent.
-            pool = mp.get_context("fork").Pool(
+            pool = multiprocessing.get_context("fork").Pool(
                 opts.workers, initializer=_init_worker,
                 initargs=(opts.transform, spec, opts.matching, match_in_workers),
             )
@@ -580,7 +580,7 @@ def _build(opts: BuildOptions, progress, device: str, spec: anc.AnchorSpec, pool
     split = source.info["split"]
     out_dir = Path(opts.out) / split
     options = output_options(opts, split, spec)
-    manifest = _prepare_resume(out_dir, split, options, opts.overwrite)
+    manifest = _prepare_resume(out_dir, options, opts.overwrite)
     resumed = manifest is not None
     if manifest is None:
         manifest = _new_manifest(opts, options, source, spec, device)
@@ -589,7 +589,7 @@ def _build(opts: BuildOptions, progress, device: str, spec: anc.AnchorSpec, pool
         recorded, now = manifest["bbox_format"]["decision"], source.bbox_format["decision"]
         if recorded != now:
             raise BuildError(f"bbox format decided now ({now}) differs from the recorded one ({recorded})")
-    resumed_shards = len(manifest["shards"]) if resumed else 0
+    resumed_shards = len(manifest["shards"])  # a fresh manifest lists none
     w = _Writer(out_dir, split, opts, manifest)
     if manifest.get("complete"):
         status = "already complete"

@@ -27,10 +27,10 @@ NUM_CLASSES = len(CLASS_NAMES)  # 81, background included
 INVALID_LABEL = -1  # a box whose category is out of range; the transform drops it by rule
 
 
-def hub_category_to_label(category: np.ndarray, num_names: int = len(COCO_CLASSES)) -> np.ndarray:
+def hub_category_to_label(category: np.ndarray) -> np.ndarray:
     """Map the Hub's 0-based ClassLabel ids to labels 1..80; out-of-range ids become INVALID_LABEL."""
     cat = np.asarray(category, dtype=np.int64)
-    ok = (cat >= 0) & (cat < num_names)
+    ok = (cat >= 0) & (cat < len(COCO_CLASSES))
     return np.where(ok, cat + 1, INVALID_LABEL).astype(np.int64)
 
 

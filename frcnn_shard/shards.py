@@ -85,9 +85,6 @@ class _HashingFile:
         self.size += len(data)
         return self._f.write(data)
 
-    def tell(self) -> int:
-        return self.size
-
 
 # USTAR member headers exactly as tarfile writes them for the fields ShardWriter sets (regular
 # file, mode 0644, uid/gid 0, mtime 0, empty owner names, no link, no device numbers): built from a
@@ -260,7 +257,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def check_member_name(name: str, where: str) -> None:
     """Refuse member names that could escape a directory or hide a pickle (raises ShardFormatError)."""
-    if not name or name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
+    # Any "/" (absolute or nested paths, "../x" included) or backslash is refused; so is ".." alone.
+    if not name or name == ".." or "/" in name or "\\" in name:
         raise ShardFormatError(f"{where}: member name {name!r} is not a plain file name (path traversal refused)")
     key, ext = split_member_name(name)
     if not key or not ext:

@@ -351,13 +351,17 @@ def _coco_bbox(ann: Mapping) -> list[float]:
     return [float("nan") if v is None else float(v) for v in b]
 
 
+def _coco_boxes(anns: list[dict]) -> np.ndarray:
+    """The raw [x, y, w, h] boxes of an image's annotations as float64 [N, 4]."""
+    return np.array([_coco_bbox(a) for a in anns], dtype=np.float64).reshape(-1, 4)
+
+
 def _coco_row(image: Mapping, anns: list[dict], catmap: dict[int, int], index: int, img_dir: Path) -> SourceRow:
     path = img_dir / str(image["file_name"])
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         data = None  # the transform drops it as missing_image, with this path as origin
-    n = len(anns)
     return SourceRow(
         index=index,
         image_id=int(image["id"]),
@@ -366,7 +370,7 @@ def _coco_row(image: Mapping, anns: list[dict], catmap: dict[int, int], index: i
         height=int(image.get("height") or 0),
         bbox_ids=np.array([int(a.get("id", -1)) for a in anns], dtype=np.int64),
         labels=np.array([catmap.get(int(a.get("category_id", -1)), INVALID_LABEL) for a in anns], dtype=np.int64),
-        bboxes=np.array([_coco_bbox(a) for a in anns], dtype=np.float64).reshape(n, 4),
+        bboxes=_coco_boxes(anns),
         iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
         origin=str(path),
     )
@@ -375,13 +379,14 @@ def _coco_row(image: Mapping, anns: list[dict], catmap: dict[int, int], index: i
 def _open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> Source:
     coco_dir = Path(source[len(COCO_PREFIX) :])
     resolved, ann_file = _coco_split_files(coco_dir, split)
+    # Refused before the annotation file (hundreds of MB for train) is parsed.
+    if bbox_format == "xyxy":
+        raise ValueError(f"{ann_file}: official COCO annotations are [x, y, w, h]; --bbox-format xyxy does not apply")
     data = _load_coco(ann_file)
     catmap = coco_category_map(data["categories"])
     by_image, dangling = _group_annotations(data)
     images = data["images"]
     img_dir = coco_dir / resolved
-    if bbox_format == "xyxy":
-        raise ValueError(f"{ann_file}: official COCO annotations are [x, y, w, h]; --bbox-format xyxy does not apply")
 
     def row(i: int) -> SourceRow:
         im = images[i]
@@ -389,11 +394,7 @@ def _open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> S
 
     # The evidence is recorded for the manifest; it needs no image bytes.
     examined = [
-        (
-            np.array([_coco_bbox(a) for a in by_image[int(im["id"])]], dtype=np.float64).reshape(-1, 4),
-            int(im.get("width") or 0),
-            int(im.get("height") or 0),
-        )
+        (_coco_boxes(by_image[int(im["id"])]), int(im.get("width") or 0), int(im.get("height") or 0))
         for im in images[:detect_rows]
     ]
     record = _bbox_format_record(bbox_format, examined, str(ann_file), fixed="xywh")

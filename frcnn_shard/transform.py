@@ -189,11 +189,8 @@ def box_drop_reasons(
     finite = np.isfinite(raw).all(axis=1)
     safe = np.where(finite[:, None], raw, 0.0)
     xyxy = to_xyxy(safe, fmt)
-    if fmt == "xywh":
-        degenerate = (safe[:, 2] <= 0) | (safe[:, 3] <= 0)
-    else:
-        degenerate = np.zeros(n, dtype=bool)
-    degenerate |= (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
+    # One test for both conventions: in xywh, w <= 0 already gives x + w <= x in floating point.
+    degenerate = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
     clipped = clip_boxes(xyxy, orig_hw)
     outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
     resized = scale_boxes(clipped, scale)
@@ -367,7 +364,7 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
     orig_hw = (img.height, img.width)
     scale, content_hw, pad = resize_geometry(orig_hw, cfg.image_size, cfg.resize)
     boxes, reasons = box_drop_reasons(raw, labels, cfg.bbox_format, orig_hw, scale, content_hw, cfg.min_box_size)
-    keep = np.array([r is None for r in reasons], dtype=bool).reshape(-1)
+    keep = np.array([r is None for r in reasons], dtype=bool)
     box_drops = _count(reasons, ~crowd)
     box_drops.update(_count(reasons, crowd, CROWD_PREFIX))
     box_drops = {k: box_drops[k] for k in sorted(box_drops)}
