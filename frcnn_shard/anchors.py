@@ -452,13 +452,16 @@ def inside_image(anchors: np.ndarray, image_hw: int | Sequence[int]) -> np.ndarr
     return (a[:, 0] >= 0) & (a[:, 1] >= 0) & (a[:, 2] <= w) & (a[:, 3] <= h)
 
 
-def _iou_parts(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
-    """Elementwise (broadcasting) float64 intersection and IoU; same ops whatever the shapes."""
-    iw = np.minimum(ax2, bx2) - np.maximum(ax1, bx1)
-    ih = np.minimum(ay2, by2) - np.maximum(ay1, by1)
+def _overlap64(anchors: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 (intersection, IoU, anchor area) of anchors [..., 4] with boxes [..., 4], broadcast over the
+    leading axes; the same elementwise ops whatever the shapes, so pair and matrix entries are bit-identical."""
+    a = anchors.astype(np.float64)
+    b = boxes.astype(np.float64)
+    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
     inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    area_b = np.maximum(bx2 - bx1, 0.0) * np.maximum(by2 - by1, 0.0)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = np.maximum(b[..., 2] - b[..., 0], 0.0) * np.maximum(b[..., 3] - b[..., 1], 0.0)
     union = area_a + area_b - inter
     # Anchors have positive area, so union > 0; zero-area boxes give inter = 0 -> IoU 0.
     return inter, inter / union, area_a
@@ -466,35 +469,17 @@ def _iou_parts(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2):
 
 def _iou_matrix64(anchors: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """float64 IoU [N, K] of anchors against boxes."""
-    a = anchors.astype(np.float64)
-    b = boxes.astype(np.float64)
-    _, iou, _ = _iou_parts(a[:, None, 0], a[:, None, 1], a[:, None, 2], a[:, None, 3],
-                           b[None, :, 0], b[None, :, 1], b[None, :, 2], b[None, :, 3])
-    return iou
+    return _overlap64(anchors[:, None], boxes[None])[1]
 
 
 def _iou_pairs64(anchors: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """float64 IoU [N] of anchors[i] with boxes[i] (bit-identical to the matrix entries)."""
-    a = anchors.astype(np.float64)
-    b = boxes.astype(np.float64)
-    _, iou, _ = _iou_parts(a[:, 0], a[:, 1], a[:, 2], a[:, 3], b[:, 0], b[:, 1], b[:, 2], b[:, 3])
-    return iou
+    return _overlap64(anchors, boxes)[1]
 
 
-def _crowd_cover_matrix64(anchors: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """bool [N, C]: intersection(anchor, crowd box) >= CROWD_COVER x anchor area."""
-    a = anchors.astype(np.float64)
-    c = crowd.astype(np.float64)
-    inter, _, area_a = _iou_parts(a[:, None, 0], a[:, None, 1], a[:, None, 2], a[:, None, 3],
-                                  c[None, :, 0], c[None, :, 1], c[None, :, 2], c[None, :, 3])
-    return inter >= CROWD_COVER * area_a
-
-
-def _crowd_cover_pairs64(anchors: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """bool [N]: intersection(anchors[i], crowd[i]) >= CROWD_COVER x anchor area."""
-    a = anchors.astype(np.float64)
-    c = crowd.astype(np.float64)
-    inter, _, area_a = _iou_parts(a[:, 0], a[:, 1], a[:, 2], a[:, 3], c[:, 0], c[:, 1], c[:, 2], c[:, 3])
+def _crowd_covered64(anchors: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """bool, broadcast like _overlap64: intersection(anchor, crowd box) >= CROWD_COVER x anchor area."""
+    inter, _, area_a = _overlap64(anchors, crowd)
     return inter >= CROWD_COVER * area_a
 
 
@@ -532,7 +517,7 @@ def match_reference(
             labels[forced] = 1
         matched[labels == 1] = best_box[labels == 1]
     if cfg.crowd_ignore and len(crowd):
-        labels[_crowd_cover_matrix64(a, crowd).any(axis=1) & (labels != 1)] = -1
+        labels[_crowd_covered64(a[:, None], crowd[None]).any(axis=1) & (labels != 1)] = -1
     labels[~valid] = -1
     matched[labels != 1] = -1
     return labels, matched
@@ -570,6 +555,11 @@ def _groups(spec: AnchorSpec) -> _Groups:
         base += fh * fw * len(cells)
     ints = {"base", "fh", "fw", "ncell", "cell"}
     return _Groups(**{k: np.asarray(v, dtype=np.int64 if k in ints else np.float64) for k, v in cols.items()})
+
+
+def _box_geometry(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(width, height, centre x, centre y) of float64 xyxy boxes [K, 4], as the matcher's search uses them."""
+    return b[:, 2] - b[:, 0], b[:, 3] - b[:, 1], (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
 
 
 def _expand_rects(g: _Groups, gi, r0, r1, c0, c1) -> tuple[np.ndarray, np.ndarray]:
@@ -644,8 +634,7 @@ class AnchorMatcher:
     def _force_search(self, boxes64: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best anchors of boxes whose best IoU is below neg_iou: (anchor indices, box of each)."""
         b = boxes64[which]
-        bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-        bcx, bcy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        bw, bh, bcx, bcy = _box_geometry(b)
         # A lower bound on each box's best IoU (nearest anchor of every shape) shrinks the search
         # to the anchors that can beat it; shapes whose IoU upper bound is below it drop out.
         near = self._nearest(bcx, bcy)
@@ -684,8 +673,7 @@ class AnchorMatcher:
         b64 = None
         if len(boxes):
             b64 = boxes.astype(np.float64)
-            bw, bh = b64[:, 2] - b64[:, 0], b64[:, 3] - b64[:, 1]
-            bcx, bcy = (b64[:, 0] + b64[:, 2]) / 2, (b64[:, 1] + b64[:, 3]) / 2
+            bw, bh, bcx, bcy = _box_geometry(b64)
             real = (bw > 0) & (bh > 0)  # zero-area boxes have IoU 0 with everything
             ri = np.flatnonzero(real)
             t = cfg.neg_iou - _SEARCH_IOU_SLACK
@@ -714,13 +702,12 @@ class AnchorMatcher:
                     labels[self._force_search(b64, needy)[0]] = 1
         if cfg.crowd_ignore and len(crowd):
             c64 = crowd.astype(np.float64)
-            cw, ch = c64[:, 2] - c64[:, 0], c64[:, 3] - c64[:, 1]
+            cw, ch, ccx, ccy = _box_geometry(c64)
             real = (cw > 0) & (ch > 0)
             c64 = c64[real]
             # Relaxed by a hair so the rectangle is a superset; the exact test decides below.
-            idx, owner = self._rects(cw[real], ch[real], (c64[:, 0] + c64[:, 2]) / 2, (c64[:, 1] + c64[:, 3]) / 2,
-                                     CROWD_COVER * (1 - 1e-6), True)
-            covered = idx[_crowd_cover_pairs64(self.anchors[idx], c64[owner])]
+            idx, owner = self._rects(cw[real], ch[real], ccx[real], ccy[real], CROWD_COVER * (1 - 1e-6), True)
+            covered = idx[_crowd_covered64(self.anchors[idx], c64[owner])]
             covered = covered[labels[covered] != 1]
             labels[covered] = -1
         if self._some_invalid:
@@ -756,26 +743,26 @@ def _pad_batch(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 _TIE_EPS = 1e-5  # float32 IoU is off by < 1e-6; anything this close to a threshold or tie is re-decided in float64
 
 
-def _iou_torch(a, b, b_valid):
-    """IoU [B, N, K] of anchors a [N, 4] with padded boxes b [B, K, 4] (invalid boxes -> -1)."""
-    iw = (b[:, None, :, 2].minimum(a[None, :, None, 2]) - b[:, None, :, 0].maximum(a[None, :, None, 0]))
-    ih = (b[:, None, :, 3].minimum(a[None, :, None, 3]) - b[:, None, :, 1].maximum(a[None, :, None, 1]))
+def _overlap_torch(a, b, b_valid):
+    """(IoU, intersection, anchor area) of anchors a [..., 4] with boxes b [..., 4], broadcast over the
+    leading axes, in numpy's op order; IoU is -1 where ``b_valid`` (broadcast likewise) is False."""
+    iw = b[..., 2].minimum(a[..., 2]) - b[..., 0].maximum(a[..., 0])
+    ih = b[..., 3].minimum(a[..., 3]) - b[..., 1].maximum(a[..., 1])
     inter = iw.clamp(min=0) * ih.clamp(min=0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    iou = inter / (area_a[None, :, None] + area_b[:, None, :] - inter)
-    return iou.masked_fill(~b_valid[:, None, :], -1.0), inter, area_a
+    iou = inter / (area_a + area_b - inter)
+    return iou.masked_fill(~b_valid, -1.0), inter, area_a
+
+
+def _iou_torch(a, b, b_valid):
+    """[B, N, K] overlaps of anchors a [N, 4] with padded boxes b [B, K, 4] (b_valid [B, K]); area_a is [1, N, 1]."""
+    return _overlap_torch(a[None, :, None], b[:, None], b_valid[:, None])
 
 
 def _rows_torch(a, b, b_valid):
-    """Row-wise version: a [M, 4], b [M, K, 4] -> IoU [M, K], inter [M, K], area_a [M]; same op order as numpy."""
-    iw = b[..., 2].minimum(a[:, None, 2]) - b[..., 0].maximum(a[:, None, 0])
-    ih = b[..., 3].minimum(a[:, None, 3]) - b[..., 1].maximum(a[:, None, 1])
-    inter = iw.clamp(min=0) * ih.clamp(min=0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    iou = inter / (area_a[:, None] + area_b - inter)
-    return iou.masked_fill(~b_valid, -1.0), inter, area_a
+    """[M, K] overlaps of anchors a [M, 4] with their own boxes b [M, K, 4] (b_valid [M, K]); area_a is [M, 1]."""
+    return _overlap_torch(a[:, None], b, b_valid)
 
 
 _DEVICE_ANCHORS: dict = {}  # (sha256, device) -> anchors already on that device
@@ -886,7 +873,7 @@ def match_batch_torch(
             best_idx = torch.where(better, idx + a0, best_idx)
         if cmax:
             _, inter, area_a = _iou_torch(a, crowd, cvalid)
-            half = CROWD_COVER * area_a[None, :, None]
+            half = CROWD_COVER * area_a
             crowd_hit[:, sl] = ((inter >= half) & cvalid[:, None, :]).any(dim=2)
             if refine64:
                 unsure[:, sl] |= (((inter - half).abs() <= eps * half) & cvalid[:, None, :]).any(dim=2)
@@ -928,11 +915,11 @@ def match_batch_torch(
             argmax_all[b_, a_] = arg.int()
             if cmax:
                 _, inter, area_a = _rows_torch(a64, crowd[b_].double(), cvalid[b_])
-                crowd_hit[b_, a_] = ((inter >= CROWD_COVER * area_a[:, None]) & cvalid[b_]).any(dim=1)
+                crowd_hit[b_, a_] = ((inter >= CROWD_COVER * area_a) & cvalid[b_]).any(dim=1)
         if pairs.shape[1]:
             pb, pa, pj = pairs
             a64 = anc[pa].double()
-            iou = _rows_torch(a64, boxes[pb, pj].double()[:, None, :], bvalid[pb, pj][:, None])[0][:, 0]
+            iou = _overlap_torch(a64, boxes[pb, pj].double(), bvalid[pb, pj])[0]  # pairwise
             key = pb * kmax + pj
             exact = torch.full((bsz * kmax,), -1.0, dtype=torch.float64, device=dev)
             exact = exact.scatter_reduce(0, key, iou, reduce="amax")

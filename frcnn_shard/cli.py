@@ -116,15 +116,12 @@ def build(**kw) -> None:
         _fail(str(e), 2)
 
     bar = None  # created on the first row, so option and source errors print without a bar
-    last = {"rows": 0}
 
     def progress(counts: dict) -> None:
         nonlocal bar
         if bar is None:
             bar = tqdm(unit="img", desc="build", dynamic_ncols=True, file=sys.stderr, initial=counts["rows"] - 1)
-            last["rows"] = counts["rows"] - 1
-        bar.update(counts["rows"] - last["rows"])
-        last["rows"] = counts["rows"]
+        bar.update(counts["rows"] - bar.n)  # rows is a running total; bar.n is the rows shown so far
         bar.set_postfix(samples=counts["samples"], shards=counts["shards"], refresh=False)
 
     try:

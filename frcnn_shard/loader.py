@@ -484,8 +484,9 @@ class _Batch:
         return images, targets
 
 
-def _stats_only(skipped: int, skip_log: list) -> _Batch:
-    return _Batch(None, None, None, None, None, None, [], [], skipped, skip_log)
+def _stats_only() -> _Batch:
+    """An item with no samples, only skip counts (filled in by the stream)."""
+    return _Batch(None, None, None, None, None, None, [], [], 0, [])
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -622,6 +623,14 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
     if cfg.shuffle and cfg.shuffle_buffer > 1:
         raws = shuffle_buffer(raws, cfg.shuffle_buffer, _rng(_TAG_BUFFER, cfg.seed, cfg.epoch, cfg.rank, worker))
     reported = 0
+
+    def emit(samples: list[Decoded] | None) -> _Batch:
+        # Each item carries the skips since the previous one; None makes a stats-only item.
+        nonlocal reported
+        batch = _stats_only() if samples is None else collate(samples, cfg.normalize, cfg.mean, cfg.std, shared)
+        batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
+        return batch
+
     pending: list[Decoded] = []
     for raw in raws:
         try:
@@ -631,16 +640,12 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
                 raise
             skips.append(str(e))
         if len(pending) == cfg.batch_size:
-            batch = collate(pending, cfg.normalize, cfg.mean, cfg.std, shared)
-            batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
+            yield emit(pending)
             pending = []
-            yield batch
     if pending and not cfg.drop_last:
-        batch = collate(pending, cfg.normalize, cfg.mean, cfg.std, shared)
-        batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
-        yield batch
+        yield emit(pending)
     if len(skips) > reported:
-        yield _stats_only(len(skips) - reported, skips[reported:])
+        yield emit(None)
 
 
 def _passthrough(item):
@@ -698,7 +703,7 @@ class ShardLoader:
                 raise LoaderError("no manifest: the anchors are unknown (pass manifest= to make_loader)")
             from . import anchors as anc
 
-            self._anchors = torch.from_numpy(np.ascontiguousarray(anc.anchors_from_manifest(self.manifest), np.float32))
+            self._anchors = torch.from_numpy(anc.anchors_from_manifest(self.manifest))  # C-contiguous float32
         return self._anchors
 
     def check_anchors(self, model_anchors: Any, atol: float = 1e-4) -> None:
@@ -707,9 +712,8 @@ class ShardLoader:
 
         if self.manifest is None:
             raise LoaderError("no manifest: cannot check anchors (pass manifest= to make_loader)")
-        if isinstance(model_anchors, torch.Tensor):
-            model_anchors = model_anchors.detach().cpu().numpy()
-        anc.check_anchors(np.asarray(model_anchors, dtype=np.float32), self.manifest, atol=atol)
+        # Compared as float32, the shards' dtype; _to_numpy takes tensors on any device, Boxes and per-level lists.
+        anc.check_anchors(anc._to_numpy(model_anchors).astype(np.float32), self.manifest, atol=atol)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: shard order, shuffle buffer and anchor sampling are all reseeded from it."""
@@ -731,18 +735,22 @@ class ShardLoader:
     def _slots(self) -> list[int]:
         return [w * self.world_size + self.rank for w in range(self.workers)]
 
+    def _slot_counts(self) -> list[int] | None:
+        """Samples per stream of this rank in the current epoch (None when the shards' counts are unknown)."""
+        plan = self._plan()
+        per = [_slot_samples(plan, self.counts, s) for s in self._slots()]
+        return None if any(p is None for p in per) else per
+
     @property
     def num_samples(self) -> int | None:
         """Samples this rank yields in the current epoch (None when the shards' counts are unknown)."""
-        plan = self._plan()
-        per = [_slot_samples(plan, self.counts, s) for s in self._slots()]
-        return None if any(p is None for p in per) else sum(per)
+        per = self._slot_counts()
+        return None if per is None else sum(per)
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (each worker ends with its own partial batch)."""
-        plan = self._plan()
-        per = [_slot_samples(plan, self.counts, s) for s in self._slots()]
-        if any(p is None for p in per):
+        per = self._slot_counts()
+        if per is None:
             raise TypeError("length unknown: the shards' sample counts need a manifest")
         return sum(_batches(p, self.batch_size, self.drop_last) for p in per)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .labels import CLASS_NAMES
 from .shards import (
-    ShardFormatError, check_member_name, iter_shard, member_problem, read_manifest, split_member_name,
+    IMAGE_EXTS, ShardFormatError, check_member_name, iter_shard, member_problem, read_manifest, split_member_name,
 )
 
 DPI = 100
@@ -37,7 +37,7 @@ def _summary(values: Sequence[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
         return {"n": 0, "min": 0, "max": 0, "mean": 0.0, "median": 0.0, "total": 0}
-    num = (lambda v: int(v)) if np.all(a == np.round(a)) else float
+    num = int if np.all(a == np.round(a)) else float
     return {"n": int(a.size), "min": num(a.min()), "max": num(a.max()), "mean": float(a.mean()),
             "median": float(np.median(a)), "total": num(a.sum())}
 
@@ -94,14 +94,16 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
             coco["medium"] += int(((orig >= COCO_SMALL) & (orig < COCO_MEDIUM)).sum())
             coco["large"] += int((orig >= COCO_MEDIUM).sum())
             aspect_log2.extend(np.log2(bw / bh).tolist())
-        stored, _ = anc.unpack_targets(members[anc.TARGETS_EXT], num_anchors)
-        per_image["positive"].append(int(np.count_nonzero(stored == 1)))
-        per_image["negative"].append(int(np.count_nonzero(stored == 0)))
-        per_image["ignore"].append(int(np.count_nonzero(stored == -1)))
-        sampled = anc.sample_labels(stored, rpn_batch_size=rpn_batch_size, positive_fraction=positive_fraction,
-                                    rng=sample_rng(seed, 0, key))
-        per_image["sampled_positive"].append(int(np.count_nonzero(sampled == 1)))
-        per_image["sampled_negative"].append(int(np.count_nonzero(sampled == 0)))
+        # The sparse form gives the counts directly; the dense labels are built only for the sampler.
+        pos, ign, _ = anc.unpack_sparse(members[anc.TARGETS_EXT], num_anchors)
+        per_image["positive"].append(len(pos))
+        per_image["negative"].append(num_anchors - len(pos) - len(ign))
+        per_image["ignore"].append(len(ign))
+        # The loader's draws (distinct indices), counted without building the sampled label row.
+        sampled_pos, sampled_neg = anc.sample_indices(anc.dense_labels(num_anchors, pos, ign), rpn_batch_size,
+                                                      positive_fraction, rng=sample_rng(seed, 0, key))
+        per_image["sampled_positive"].append(len(sampled_pos))
+        per_image["sampled_negative"].append(len(sampled_neg))
 
     total_boxes = sum(per_image["boxes"])
     class_rows = [{"label": lab, "name": CLASS_NAMES[lab] if 0 <= lab < len(CLASS_NAMES) else f"label {lab}",
@@ -304,7 +306,7 @@ def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | 
 
     from . import anchors as anc
 
-    image_ext = next((e for e in ("jpg", "png") if e in members), None)
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None or "json" not in members:
         raise ValueError(f"sample {key} lacks its image or JSON member (run frcnn-shard check)")
     img = Image.open(io.BytesIO(members[image_ext]))
