@@ -11,11 +11,11 @@ DEMO   := demo
 install: $(STAMP)
 
 # torch first, pinned, so the package's torch requirement is already met (no CUDA wheels pulled in).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,viz]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,viz]"
 	touch $(STAMP)
 
 demo: install
