@@ -1,8 +1,11 @@
 """Read frcnn-shard shards back as training batches: (images, targets) with RPN anchor targets.
 
-Pipeline per (rank, worker) stream: the epoch's shard plan -> safe tar reading (no unpickling, checked
-member names) -> sample-level shuffle buffer over the still-encoded samples -> decode (PIL image, JSON,
-NumPy targets) -> balanced anchor sampling -> batch collated into preallocated tensors.
+Pipeline per (rank, worker) stream: the epoch's shard plan -> tar members grouped into samples by the
+format's one group-by-key (no unpickling, checked member names) -> sample-level shuffle buffer over the
+still-encoded samples -> decode (image, JSON record, sparse anchor targets) -> anchor sampling on the
+sparse targets -> batch. Targets stay sparse until the consumer: a batch carries the sampled anchor
+indices and the positives' boxes, and ``_Batch.unpack`` in the training process expands them to the
+dense per-anchor tensors the RPN loss takes.
 
 Everything random is derived from (seed, epoch, ...) only: the shard permutation from (seed, epoch),
 the shuffle buffer from (seed, epoch, rank, worker), and the anchor sampling of a sample from
@@ -11,65 +14,110 @@ depend on the worker count.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 import os
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
+import braceexpand
 import numpy as np
 import torch
-from PIL import Image
 
-from .shards import (
-    IMAGE_EXTS, KNOWN_EXTS, MANIFEST_NAME, ShardFormatError, member_problem,
-    read_manifest, split_member_name,
+from . import anchors as anc
+from .format.image import decode_stored_image
+from .format.members import (
+    JSON_EXT, TARGETS_EXT, RawSample, ShardFormatError, group_by_key, image_member, members_problems,
 )
+from .format.record import Record
+from .format.targets import SparseTargets, unpack_targets
+from .shards import MANIFEST_NAME, read_manifest, sample_error, tar_members
+from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 ON_ERROR_CHOICES = ("raise", "skip")
 DEFAULT_SHUFFLE_BUFFER = 256  # encoded samples (~30-60 KB each), so a few MB per worker
 MAX_SKIP_LOG = 1000  # skip messages kept per epoch; the count itself is never capped
 _READ_BUFSIZE = 1 << 20
 
-# Domain tags keep the three random streams independent even for equal (seed, epoch) numbers.
-_TAG_SHARDS, _TAG_BUFFER, _TAG_SAMPLE, _TAG_RESAMPLE = 0x5348, 0x4255, 0x5341, 0x5245
+# Domain tags keep the random streams independent even for equal (seed, epoch) numbers; the anchor
+# sample's own stream is anchors.sample_rng.
+_TAG_SHARDS, _TAG_BUFFER, _TAG_RESAMPLE = 0x5348, 0x4255, 0x5245
 
 
 class LoaderError(ValueError):
     """The loader cannot be set up as asked (bad source, options or shard/worker layout)."""
 
 
-# ------------------------------------------------------------------------------------------ seeds
-
-
-def _key_hash(key: str) -> int:
-    """A stable 64-bit integer for a sample key (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The anchor-sampling generator of one sample: a function of (seed, epoch, key) only."""
-    return np.random.default_rng(np.random.SeedSequence([_TAG_SAMPLE, seed, epoch, _key_hash(key)]))
-
-
 def _rng(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(entropy)))
+
+
+# ---------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Every option of make_loader, validated once here (LoaderError names the bad one).
+
+    rank/world_size None: from torch.distributed when initialised, else 0/1. num_workers None:
+    min(4, CPUs, shards per rank), and 0 (the calling process) when that is 1.
+    """
+
+    batch_size: int
+    shuffle: bool = True
+    num_workers: int | None = None
+    seed: int = 0
+    epoch: int = 0  # the first epoch; ShardLoader.set_epoch changes it
+    rpn_batch_size: int | None = 256  # anchors sampled per image; None delivers the stored labels
+    positive_fraction: float = 0.5
+    normalize: bool = True  # float32 ImageNet-normalised [B,3,H,W]; False: uint8 (normalize_batch later)
+    rank: int | None = None
+    world_size: int | None = None
+    resampled: bool = False  # every rank yields the same number of samples (shards drawn again)
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    on_error: str = "raise"  # or "skip": count and log bad samples instead of raising
+    drop_last: bool = False
+    pin_memory: bool = False
+    prefetch_factor: int | None = 2
+    timeout: float = 0
+
+    def __post_init__(self) -> None:
+        rules = [
+            (int(self.batch_size) >= 1, f"batch_size must be >= 1 (got {self.batch_size})"),
+            (self.on_error in ON_ERROR_CHOICES, f"on_error must be one of {ON_ERROR_CHOICES} (got {self.on_error!r})"),
+            (int(self.seed) >= 0 and int(self.epoch) >= 0,
+             f"seed and epoch must be >= 0 (got seed={self.seed}, epoch={self.epoch})"),
+            (self.rpn_batch_size is None or int(self.rpn_batch_size) >= 1,
+             f"rpn_batch_size must be >= 1 or None (got {self.rpn_batch_size})"),
+            (0.0 <= float(self.positive_fraction) <= 1.0,
+             f"positive_fraction must be within 0..1 (got {self.positive_fraction})"),
+            (int(self.shuffle_buffer) >= 0, f"shuffle_buffer must be >= 0 (got {self.shuffle_buffer})"),
+            (self.num_workers is None or int(self.num_workers) >= 0,
+             f"num_workers must be >= 0 (got {self.num_workers})"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise LoaderError(message)
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """What the manifest says about every sample: anchor count, canvas size, normalisation."""
+
+    num_anchors: int
+    image_hw: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 # ------------------------------------------------------------------------------------ normalisation
 
 
 def _mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[tuple, tuple]:
-    if mean is None or std is None:
-        from .transform import IMAGENET_MEAN, IMAGENET_STD
-
-        mean = IMAGENET_MEAN if mean is None else mean
-        std = IMAGENET_STD if std is None else std
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
@@ -113,8 +161,6 @@ def _local_path(url: str) -> Path:
 
 def expand_urls(source: str | Sequence[str]) -> list[str]:
     """A shard list from a list, a single URL, or a brace pattern (``train-{000000..000009}.tar``)."""
-    import braceexpand
-
     if isinstance(source, (str, os.PathLike)):
         return list(braceexpand.braceexpand(os.fspath(source)))
     urls: list[str] = []
@@ -200,7 +246,6 @@ class EpochPlan:
 
     slots: tuple[tuple[int, ...], ...]  # shard indices per slot; slot = worker * world_size + rank
     quotas: tuple[int, ...] | None  # resampled mode: exact samples per slot; None otherwise
-    order: tuple[int, ...]  # the epoch's shard order (resampled mode wraps round it)
 
 
 def plan_epoch(
@@ -213,7 +258,7 @@ def plan_epoch(
         raise LoaderError(
             f"{n_shards} shard(s) cannot feed {world_size} rank(s) x {workers} worker(s) = {slots_n} "
             "streams (each stream reads whole shards); use fewer workers, or rebuild with smaller "
-            "--samples-per-shard"
+            "samples_per_shard"
         )
     order = list(range(n_shards))
     if shuffle:
@@ -229,7 +274,7 @@ def plan_epoch(
             w = s // world_size
             q.append(per_rank // workers + (1 if w < per_rank % workers else 0))
         quotas = tuple(q)
-    return EpochPlan(slots, quotas, tuple(order))
+    return EpochPlan(slots, quotas)
 
 
 def _slot_samples(plan: EpochPlan, counts: Sequence[int] | None, slot: int) -> int | None:
@@ -255,24 +300,15 @@ def _open_url(url: str):
     return gopen(url, "rb", bufsize=_READ_BUFSIZE)
 
 
-@dataclass
-class _Raw:
-    """One encoded sample as read from the tar: its members, or why it is unusable."""
+def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None) -> Iterator[tuple[str, RawSample]]:
+    """Yield (url, encoded sample) for one shard URL; never unpickles, never uses a member name as a path.
 
-    url: str
-    key: str
-    members: dict[str, bytes] = field(default_factory=dict)
-    error: str | None = None
-
-
-def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None) -> Iterator[_Raw]:
-    """Yield the encoded samples of one shard URL; never unpickles, never uses a member name as a path.
-
-    A bad member (pickle-type extension, traversal name, non-file, oversized, duplicate) raises
-    ShardFormatError naming the URL and key, or with on_error="skip" marks its sample as unusable.
-    A broken stream raises, or is skipped from that point on (recorded in ``skips``).
+    A sample breaking a member rule (pickle-type extension, traversal name, non-file, oversized,
+    duplicate) raises ShardFormatError naming the URL and key, or with on_error="skip" is yielded
+    with its problems (decode_sample then refuses it). A broken stream raises, or is skipped from
+    that point on (recorded in ``skips``).
     """
-    cur: _Raw | None = None
+    key = None
     try:
         stream = _open_url(url)
     except OSError as e:
@@ -280,29 +316,12 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
         return
     finished = False
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
-        for info in tar:
-            key, ext = split_member_name(info.name)
-            if cur is None or key != cur.key:
-                if cur is not None:
-                    yield cur
-                cur = _Raw(url, key)
-            if cur.error is not None:
-                continue
-            problem = member_problem(info, f"{url}: key {cur.key!r}", cur.members)
-            if problem is not None:
-                if on_error == "raise":
-                    raise ShardFormatError(problem)
-                cur.error = problem
-                continue
-            if ext in KNOWN_EXTS:
-                f = tar.extractfile(info)
-                cur.members[ext] = f.read() if f is not None else b""
-        if cur is not None:
-            yield cur
+        for raw in group_by_key(tar_members(stream), where=url if on_error == "raise" else None):
+            key = raw.key or key
+            yield url, raw
         finished = True
     except (tarfile.TarError, OSError, EOFError) as e:
-        after = f" after key {cur.key!r}" if cur is not None else ""
+        after = f" after key {key!r}" if key is not None else ""
         _fail(on_error, skips, f"{url}: unreadable shard{after}: {type(e).__name__}: {e}")
     finally:
         try:
@@ -341,131 +360,103 @@ def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iter
 
 @dataclass
 class Decoded:
-    """One decoded sample, before collation."""
+    """One decoded sample, before collation; its anchor targets as index lists.
+
+    The training loss sees: 1 at ``ones``, ``other_value`` at ``others``, ``fill`` everywhere else;
+    ``ones_boxes`` is the matched box of each of ``ones``.
+    """
 
     key: str
     image: np.ndarray  # uint8 [H, W, 3]
-    meta: dict
-    boxes: np.ndarray  # float32 [K, 4]
-    labels: np.ndarray  # int64 [K]
-    anchor_labels: np.ndarray  # int8 [A] in {1, 0, -1}, after sampling
-    matched: np.ndarray  # int32 [A]
+    record: Record
+    ones: np.ndarray  # int64 [P]: positive anchors (sampled, or all stored ones)
+    ones_boxes: np.ndarray  # float32 [P, 4]
+    others: np.ndarray  # int64: sampled negatives (other_value 0), or stored ignored (other_value -1)
 
 
-@dataclass(frozen=True)
-class DecodeConfig:
-    """What decoding needs, shipped to each worker."""
-
-    num_anchors: int
-    image_hw: tuple[int, int] | None
-    seed: int
-    epoch: int
-    rpn_batch_size: int | None
-    positive_fraction: float
+def _label_values(rpn_batch_size: int | None) -> tuple[int, int]:
+    """(fill, other_value): sampled targets are -1 but for the sample; stored ones are 0 but for the ignored."""
+    return (0, -1) if rpn_batch_size is None else (-1, 0)
 
 
-def decode_image_array(data: bytes, image_hw: tuple[int, int] | None) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 [H,W,3]; the size is checked from the header before any pixel is decoded."""
-    img = Image.open(io.BytesIO(data))
-    if img.format not in ("JPEG", "PNG"):
-        raise ValueError(f"image is {img.format}, not JPEG or PNG")
-    if image_hw is not None and (img.height, img.width) != tuple(image_hw):
-        raise ValueError(f"image is {img.height}x{img.width} (HxW), the shards' canvas is {image_hw[0]}x{image_hw[1]}")
-    img.load()
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img)
+def _sampled(targets: SparseTargets, key: str, ds: _Dataset, opts: LoaderOptions, epoch: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positives, their matched box index, others) of one sample, sampled for this epoch when asked."""
+    if opts.rpn_batch_size is None:
+        return targets.positive, targets.matched, targets.ignore
+    pos, neg = anc.sample_indices(targets, ds.num_anchors, opts.rpn_batch_size, opts.positive_fraction,
+                                  rng=anc.sample_rng(opts.seed, epoch, key))
+    return pos, targets.matched[np.searchsorted(targets.positive, pos)], neg
 
 
-def _boxes(meta: dict, name: str) -> np.ndarray:
-    b = np.asarray(meta.get(name, []), dtype=np.float32)
-    if b.size == 0:
-        return np.zeros((0, 4), np.float32)
-    if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all():
-        raise ValueError(f"JSON {name!r} is not a finite [K, 4] list")
-    return b
-
-
-def decode_sample(raw: _Raw, cfg: DecodeConfig) -> Decoded:
+def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int) -> Decoded:
     """Decode one sample and sample its anchors; any problem raises ShardFormatError naming URL and key."""
-    from . import anchors as anc
-
-    where = f"{raw.url}: key {raw.key!r}"
-    if raw.error is not None:
-        raise ShardFormatError(raw.error)
-    image_ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
-    missing = [e for e in ("json", anc.TARGETS_EXT) if e not in raw.members]
-    if image_ext is None:
-        missing.insert(0, "/".join(IMAGE_EXTS))
-    if missing:
-        raise ShardFormatError(f"{where}: missing member(s) .{', .'.join(missing)}")
+    error = sample_error(raw, url)
+    if error is not None:
+        raise error
+    where = f"{url}: key {raw.key!r}"
+    problems = members_problems(raw.members.keys(), None)
+    if problems:
+        raise ShardFormatError(f"{where}: {problems[0]}")
+    ext = image_member(raw.members)
     stage = "image"
     try:
-        image = decode_image_array(raw.members[image_ext], cfg.image_hw)
+        image = decode_stored_image(raw.members[ext], ext, ds.image_hw)
         stage = "json"
-        meta = json.loads(raw.members["json"])
-        if not isinstance(meta, dict):
-            raise ValueError("JSON record is not an object")
-        boxes = _boxes(meta, "boxes")
-        labels = np.asarray(meta.get("labels", []), dtype=np.int64).reshape(-1)
-        if len(labels) != len(boxes):
-            raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+        record = Record.from_json(raw.members[JSON_EXT])
         stage = "anchor targets"
-        stored, matched = anc.unpack_targets(raw.members[anc.TARGETS_EXT], cfg.num_anchors)
-        pos = stored == 1
-        if pos.any() and (matched[pos].min() < 0 or matched[pos].max() >= len(boxes)):
-            raise ValueError(f"a positive anchor is matched to a box index outside 0..{len(boxes) - 1}")
-    except ShardFormatError:
-        raise
+        targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors)
+        if len(targets.matched) and targets.matched.max() >= len(record.boxes):
+            raise ValueError(f"a positive anchor is matched to a box index outside 0..{len(record.boxes) - 1}")
     except Exception as e:  # noqa: BLE001 - PIL, json, zipfile and numpy raise assorted types on bad bytes
         raise ShardFormatError(f"{where}: corrupt {stage}: {type(e).__name__}: {e}") from e
-    if cfg.rpn_batch_size is None:
-        anchor_labels = stored
-    else:
-        # Same draws as anchors.sample_labels, written straight into a compact int8 row.
-        pos, neg = anc.sample_indices(stored, cfg.rpn_batch_size, cfg.positive_fraction,
-                                      rng=sample_rng(cfg.seed, cfg.epoch, raw.key))
-        anchor_labels = np.full(len(stored), -1, dtype=np.int8)
-        anchor_labels[pos] = 1
-        anchor_labels[neg] = 0
-    return Decoded(raw.key, image, meta, boxes, labels, anchor_labels, matched)
+    ones, matched, others = _sampled(targets, raw.key, ds, opts, epoch)
+    return Decoded(raw.key, image, record, ones, record.boxes[matched], others)
 
 
 # ------------------------------------------------------------------------------------ collation
 
 
 class _Batch:
-    """A collated batch as it travels from a worker: compact tensors (in shared memory) plus metadata.
+    """A collated batch as it travels from a worker: the images (in shared memory) plus compact targets.
 
     Dense targets are ~1 MB per image (int64 labels and a float32 [A, 4] matched box per anchor), so
-    they are not what travels: the worker sends int8 labels and the (few) positives with their boxes,
-    and ``unpack`` in the consumer expands them. The big tensors are allocated straight in shared
-    memory inside workers, so the DataLoader queue passes handles instead of copying.
+    they are not what travels: the worker sends the anchor index lists and the positives' boxes, and
+    ``unpack`` in the consumer expands them. The image tensor is allocated straight in shared memory
+    inside workers, so the DataLoader queue passes a handle instead of copying.
     """
 
-    def __init__(self, images, anchor_labels, pos_index, pos_boxes, boxes, labels, counts, metas, skipped, skip_log):
+    def __init__(self, images, num_anchors: int, fill: int, other_value: int, ones, ones_boxes, others,
+                 boxes, labels, counts, metas, skipped=0, skip_log=()):
         self.images = images  # uint8 [B, H, W, 3] (channels last) or normalised float32 [B, 3, H, W]
-        self.anchor_labels = anchor_labels  # int8 [B, A], after sampling
+        self.num_anchors, self.fill, self.other_value = num_anchors, fill, other_value
         # Small arrays stay NumPy: pickled by value through the queue, where each tensor would
-        # cost a shared-memory segment of its own.
-        self.pos_index = pos_index  # int64 [P]: flat b * A + a of the positive anchors
-        self.pos_boxes = pos_boxes  # float32 [P, 4]: the box each of them is matched to
+        # cost a shared-memory segment of its own. Anchor indices are flat: b * A + a.
+        self.ones, self.ones_boxes, self.others = ones, ones_boxes, others
         self.boxes = boxes  # float32 [sum K, 4]
         self.labels = labels  # int64 [sum K]
         self.counts = counts
         self.metas = metas
         self.skipped = skipped
-        self.skip_log = skip_log
+        self.skip_log = list(skip_log)
+
+    def dense_targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """anchor_labels int64 [B, A] and anchor_matched_gt float32 [B, A, 4] from the index lists."""
+        b, a = len(self.counts), self.num_anchors
+        labels = np.full((b, a), self.fill, dtype=np.int64)
+        flat = labels.reshape(-1)
+        flat[self.others] = self.other_value
+        flat[self.ones] = 1
+        # np.zeros maps zero pages lazily: only the pages holding a positive are ever written here.
+        matched = np.zeros((b, a, 4), dtype=np.float32)
+        matched.reshape(-1, 4)[self.ones] = self.ones_boxes
+        return labels, matched
 
     def unpack(self, pin_memory: bool = False) -> tuple[torch.Tensor, list[dict]]:
         """(images, targets) with dense per-image targets; target tensors are views of batch tensors."""
         images = self.images.permute(0, 3, 1, 2) if self.images.dtype == torch.uint8 else self.images
-        b, a = self.anchor_labels.shape
-        # NumPy's cast: torch's (multi-threaded) one contends with the workers for the same cores.
-        anchor_labels = torch.from_numpy(self.anchor_labels.numpy().astype(np.int64))
-        # np.zeros maps zero pages lazily: only the pages holding a positive are ever written here.
-        matched_gt = torch.from_numpy(np.zeros((b, a, 4), dtype=np.float32))
-        matched_gt.numpy().reshape(-1, 4)[self.pos_index] = self.pos_boxes
+        labels_np, matched_np = self.dense_targets()
+        anchor_labels, matched_gt = torch.from_numpy(labels_np), torch.from_numpy(matched_np)
         boxes, labels = torch.from_numpy(self.boxes), torch.from_numpy(self.labels)
         if pin_memory:
             images, anchor_labels, matched_gt, boxes, labels = (
@@ -484,12 +475,7 @@ class _Batch:
         return images, targets
 
 
-def _stats_only() -> _Batch:
-    """An item with no samples, only skip counts (filled in by the stream)."""
-    return _Batch(None, None, None, None, None, None, [], [], 0, [])
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
     """An uninitialised tensor, allocated directly in shared memory when ``shared`` (as default_collate does)."""
     if not shared:
         return torch.empty(shape, dtype=dtype)
@@ -498,52 +484,51 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
     return proto.new(storage).view(shape)
 
 
-def collate(samples: list[Decoded], normalize: bool, mean: tuple, std: tuple, shared: bool = False) -> _Batch:
-    """Write decoded samples into batch tensors (shared memory when ``shared``, i.e. inside a worker).
+def _meta(r: Record) -> dict:
+    """The per-image fields a target dict carries besides the tensors."""
+    return {"key": r.key, "image_id": r.image_id, "orig_size": r.orig_size, "size": r.size,
+            "scale": r.scale, "pad": r.pad}
+
+
+def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False) -> _Batch:
+    """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
 
     Filling goes through NumPy views: torch's intra-op thread pool makes small copy kernels many
     times slower on a busy CPU, and the views write straight into the tensors' memory.
     """
     b = len(samples)
     h, w, _ = samples[0].image.shape
-    a = len(samples[0].anchor_labels)
-    if normalize:
-        images = _empty((b, 3, h, w), torch.float32, shared)
-        scale, bias = (c[0] for c in _norm_coeffs(mean, std))
+    if opts.normalize:
+        images = _shared_empty((b, 3, h, w), torch.float32, shared)
+        scale, bias = (c[0] for c in _norm_coeffs(ds.mean, ds.std))
     else:
-        images = _empty((b, h, w, 3), torch.uint8, shared)
-    anchor_labels = _empty((b, a), torch.int8, shared)
-    img_np, lab_np = images.numpy(), anchor_labels.numpy()
-    pos_index, pos_boxes, metas = [], [], []
+        images = _shared_empty((b, h, w, 3), torch.uint8, shared)
+    img_np = images.numpy()
     for i, s in enumerate(samples):
-        if s.image.shape != (h, w, 3) or len(s.anchor_labels) != a:
+        if s.image.shape != (h, w, 3):
             raise ShardFormatError(f"key {s.key!r}: image {s.image.shape[:2]} differs from the batch's {(h, w)}")
-        if normalize:
+        if opts.normalize:
             np.multiply(s.image.transpose(2, 0, 1), scale, out=img_np[i], dtype=np.float32)
             img_np[i] += bias
         else:
             img_np[i] = s.image
-        lab_np[i] = s.anchor_labels
-        pos = np.flatnonzero(s.anchor_labels == 1)
-        pos_index.append(pos + i * a)
-        pos_boxes.append(s.boxes[s.matched[pos]])
-        m = s.meta
-        metas.append({
-            "key": s.key,
-            "image_id": int(m.get("image_id", -1)),
-            "orig_size": tuple(int(v) for v in m.get("orig_size", (h, w))),
-            "size": tuple(int(v) for v in m.get("size", (h, w))),
-            "scale": tuple(float(v) for v in m.get("scale", (1.0, 1.0))),
-            "pad": tuple(int(v) for v in m.get("pad", (0, 0))),
-        })
+    a = ds.num_anchors
+    fill, other = _label_values(opts.rpn_batch_size)
     return _Batch(
-        images, anchor_labels,
-        np.concatenate(pos_index).astype(np.int64),
-        np.concatenate(pos_boxes).astype(np.float32).reshape(-1, 4),
-        np.concatenate([s.boxes for s in samples]).astype(np.float32).reshape(-1, 4),
-        np.concatenate([s.labels for s in samples]).astype(np.int64),
-        [len(s.boxes) for s in samples], metas, 0, [],
+        images, a, fill, other,
+        np.concatenate([s.ones + i * a for i, s in enumerate(samples)]).astype(np.int64),
+        np.concatenate([s.ones_boxes for s in samples]).astype(np.float32).reshape(-1, 4),
+        np.concatenate([s.others + i * a for i, s in enumerate(samples)]).astype(np.int64),
+        np.concatenate([s.record.boxes for s in samples]).astype(np.float32).reshape(-1, 4),
+        np.concatenate([s.record.labels for s in samples]).astype(np.int64),
+        [len(s.record.boxes) for s in samples], [_meta(s.record) for s in samples],
     )
+
+
+def _stats_only(ds: _Dataset) -> _Batch:
+    """An item with no samples, only skip counts (filled in by the stream)."""
+    empty = np.zeros(0, np.int64)
+    return _Batch(None, ds.num_anchors, 0, 0, empty, empty, empty, empty, empty, [], [])
 
 
 # -------------------------------------------------------------------------------------- streams
@@ -555,20 +540,13 @@ class _StreamConfig:
 
     urls: tuple[str, ...]
     plan: EpochPlan
-    rank: int
-    world_size: int
-    workers: int
-    seed: int
+    opts: LoaderOptions  # rank, world_size and num_workers resolved
+    dataset: _Dataset
     epoch: int
-    shuffle: bool
-    shuffle_buffer: int
-    batch_size: int
-    drop_last: bool
-    on_error: str
-    normalize: bool
-    mean: tuple
-    std: tuple
-    decode: DecodeConfig
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.opts.num_workers)
 
 
 class _ShardStream(torch.utils.data.IterableDataset):
@@ -586,15 +564,15 @@ class _ShardStream(torch.utils.data.IterableDataset):
         return _run_stream(self.cfg, worker)
 
 
-def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iterator[_Raw]:
+def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iterator[tuple[str, RawSample]]:
     """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
-    own = cfg.plan.slots[slot]
+    own, on_error = cfg.plan.slots[slot], cfg.opts.on_error
     if cfg.plan.quotas is None:
         for i in own:
-            yield from iter_raw_samples(cfg.urls[i], cfg.on_error, skips)
+            yield from iter_raw_samples(cfg.urls[i], on_error, skips)
         return
     # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
-    rng = _rng(_TAG_RESAMPLE, cfg.seed, cfg.epoch, cfg.rank, worker)
+    rng = _rng(_TAG_RESAMPLE, cfg.opts.seed, cfg.epoch, cfg.opts.rank, worker)
     quota, n, empty_in_a_row = cfg.plan.quotas[slot], 0, 0
     sequence = iter(own)
     while n < quota:
@@ -602,8 +580,8 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
         if i is None:
             i = int(rng.integers(len(cfg.urls)))
         got = 0
-        for raw in iter_raw_samples(cfg.urls[i], cfg.on_error, skips):
-            yield raw
+        for item in iter_raw_samples(cfg.urls[i], on_error, skips):
+            yield item
             got += 1
             n += 1
             if n >= quota:
@@ -616,33 +594,34 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
 
 def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
     """Read, shuffle, decode, sample and batch the samples of one (rank, worker) slot."""
-    slot = worker * cfg.world_size + cfg.rank
+    opts, ds = cfg.opts, cfg.dataset
+    slot = worker * opts.world_size + opts.rank
     shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
     skips: list[str] = []
-    raws: Iterator[_Raw] = _raw_stream(cfg, slot, worker, skips)
-    if cfg.shuffle and cfg.shuffle_buffer > 1:
-        raws = shuffle_buffer(raws, cfg.shuffle_buffer, _rng(_TAG_BUFFER, cfg.seed, cfg.epoch, cfg.rank, worker))
+    raws: Iterator = _raw_stream(cfg, slot, worker, skips)
+    if opts.shuffle and opts.shuffle_buffer > 1:
+        raws = shuffle_buffer(raws, opts.shuffle_buffer, _rng(_TAG_BUFFER, opts.seed, cfg.epoch, opts.rank, worker))
     reported = 0
 
     def emit(samples: list[Decoded] | None) -> _Batch:
         # Each item carries the skips since the previous one; None makes a stats-only item.
         nonlocal reported
-        batch = _stats_only() if samples is None else collate(samples, cfg.normalize, cfg.mean, cfg.std, shared)
+        batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared)
         batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
         return batch
 
     pending: list[Decoded] = []
-    for raw in raws:
+    for url, raw in raws:
         try:
-            pending.append(decode_sample(raw, cfg.decode))
+            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch))
         except ShardFormatError as e:
-            if cfg.on_error == "raise":
+            if opts.on_error == "raise":
                 raise
             skips.append(str(e))
-        if len(pending) == cfg.batch_size:
+        if len(pending) == opts.batch_size:
             yield emit(pending)
             pending = []
-    if pending and not cfg.drop_last:
+    if pending and not opts.drop_last:
         yield emit(pending)
     if len(skips) > reported:
         yield emit(None)
@@ -657,43 +636,30 @@ def _passthrough(item):
 
 
 class ShardLoader:
-    """Iterable of (images, targets) over frcnn-shard shards; see make_loader for the options."""
+    """Iterable of (images, targets) over frcnn-shard shards; ``options`` holds what make_loader was given."""
 
-    def __init__(self, src: _Source, *, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                 epoch: int, rpn_batch_size: int | None, positive_fraction: float, normalize: bool,
-                 rank: int, world_size: int, resampled: bool, shuffle_buffer: int, on_error: str,
-                 drop_last: bool, num_anchors: int, image_hw: tuple[int, int] | None, mean: tuple,
-                 std: tuple, pin_memory: bool, prefetch_factor: int | None, timeout: float):
+    def __init__(self, src: _Source, options: LoaderOptions, dataset: _Dataset):
         self.urls = list(src.urls)
         self.counts = src.counts
         self.manifest = src.manifest
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.num_workers = num_workers
-        self.seed = seed
-        self.epoch = epoch
-        self.rpn_batch_size = rpn_batch_size
-        self.positive_fraction = positive_fraction
-        self.normalize = normalize
-        self.rank = rank
-        self.world_size = world_size
-        self.resampled = resampled
-        self.shuffle_buffer = shuffle_buffer
-        self.on_error = on_error
-        self.drop_last = drop_last
-        self.num_anchors = num_anchors
-        self.image_hw = image_hw
-        self.mean, self.std = mean, std
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.timeout = timeout
+        self.options = options
+        self.dataset = dataset
+        self.epoch = options.epoch
         self.skipped = 0  # samples skipped (on_error="skip") in the current / last epoch
         self.skip_log: list[str] = []  # their messages (at most MAX_SKIP_LOG)
         self.skipped_total = 0
         self._anchors: torch.Tensor | None = None
         self._plan()  # validate the shard / worker layout now, not at the first batch
 
-    # -- description ---------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch (the last batch of each stream may hold fewer)."""
+        return self.options.batch_size
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader worker processes (0: batches are made in the calling process)."""
+        return self.options.num_workers
 
     @property
     def anchors(self) -> torch.Tensor:
@@ -701,19 +667,15 @@ class ShardLoader:
         if self._anchors is None:
             if self.manifest is None:
                 raise LoaderError("no manifest: the anchors are unknown (pass manifest= to make_loader)")
-            from . import anchors as anc
-
             self._anchors = torch.from_numpy(anc.anchors_from_manifest(self.manifest))  # C-contiguous float32
         return self._anchors
 
     def check_anchors(self, model_anchors: Any, atol: float = 1e-4) -> None:
         """Raise unless a model's own anchor generator gives the shards' anchors, in the same order."""
-        from . import anchors as anc
-
         if self.manifest is None:
             raise LoaderError("no manifest: cannot check anchors (pass manifest= to make_loader)")
-        # Compared as float32, the shards' dtype; _to_numpy takes tensors on any device, Boxes and per-level lists.
-        anc.check_anchors(anc._to_numpy(model_anchors).astype(np.float32), self.manifest, atol=atol)
+        # Compared as float32, the shards' dtype; as_numpy takes tensors on any device, Boxes and per-level lists.
+        anc.check_anchors(anc.as_numpy(model_anchors).astype(np.float32), self.manifest, atol=atol)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: shard order, shuffle buffer and anchor sampling are all reseeded from it."""
@@ -724,21 +686,18 @@ class ShardLoader:
     @property
     def workers(self) -> int:
         """Streams per rank: DataLoader workers, or 1 when reading in the main process."""
-        return max(1, self.num_workers)
+        return max(1, self.options.num_workers)
 
     def _plan(self) -> EpochPlan:
-        return plan_epoch(
-            len(self.urls), self.counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-            world_size=self.world_size, workers=self.workers, resampled=self.resampled,
-        )
-
-    def _slots(self) -> list[int]:
-        return [w * self.world_size + self.rank for w in range(self.workers)]
+        o = self.options
+        return plan_epoch(len(self.urls), self.counts, seed=o.seed, epoch=self.epoch, shuffle=o.shuffle,
+                          world_size=o.world_size, workers=self.workers, resampled=o.resampled)
 
     def _slot_counts(self) -> list[int] | None:
         """Samples per stream of this rank in the current epoch (None when the shards' counts are unknown)."""
         plan = self._plan()
-        per = [_slot_samples(plan, self.counts, s) for s in self._slots()]
+        per = [_slot_samples(plan, self.counts, w * self.options.world_size + self.options.rank)
+               for w in range(self.workers)]
         return None if any(p is None for p in per) else per
 
     @property
@@ -752,31 +711,19 @@ class ShardLoader:
         per = self._slot_counts()
         if per is None:
             raise TypeError("length unknown: the shards' sample counts need a manifest")
-        return sum(_batches(p, self.batch_size, self.drop_last) for p in per)
-
-    # -- iteration ------------------------------------------------------------------------------
-
-    def _stream_config(self) -> _StreamConfig:
-        return _StreamConfig(
-            urls=tuple(self.urls), plan=self._plan(), rank=self.rank, world_size=self.world_size,
-            workers=self.workers, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-            shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size, drop_last=self.drop_last,
-            on_error=self.on_error, normalize=self.normalize, mean=self.mean, std=self.std,
-            decode=DecodeConfig(self.num_anchors, self.image_hw, self.seed, self.epoch,
-                                self.rpn_batch_size, self.positive_fraction),
-        )
+        return sum(_batches(p, self.options.batch_size, self.options.drop_last) for p in per)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-        stream = _ShardStream(self._stream_config())
+        o = self.options
+        stream = _ShardStream(_StreamConfig(tuple(self.urls), self._plan(), o, self.dataset, self.epoch))
         self.skipped, self.skip_log = 0, []
-        if self.num_workers == 0:
+        if o.num_workers == 0:
             items = iter(stream)
         else:
-            kw = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor else {}
+            kw = {"prefetch_factor": o.prefetch_factor} if o.prefetch_factor else {}
             # Pinning happens in unpack, on the dense tensors the training loop receives.
             items = iter(torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=self.num_workers, collate_fn=_passthrough,
-                timeout=self.timeout, **kw,
+                stream, batch_size=None, num_workers=o.num_workers, collate_fn=_passthrough, timeout=o.timeout, **kw,
             ))
         for item in items:
             if item.skipped:
@@ -785,11 +732,12 @@ class ShardLoader:
                 self.skip_log.extend(item.skip_log[: max(0, MAX_SKIP_LOG - len(self.skip_log))])
             if item.images is None:
                 continue
-            yield item.unpack(self.pin_memory)
+            yield item.unpack(o.pin_memory)
 
     def __repr__(self) -> str:
-        return (f"ShardLoader({len(self.urls)} shards, batch_size={self.batch_size}, rank={self.rank}/"
-                f"{self.world_size}, workers={self.num_workers}, epoch={self.epoch}, resampled={self.resampled})")
+        o = self.options
+        return (f"ShardLoader({len(self.urls)} shards, batch_size={o.batch_size}, rank={o.rank}/"
+                f"{o.world_size}, workers={o.num_workers}, epoch={self.epoch}, resampled={o.resampled})")
 
 
 def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -806,76 +754,48 @@ def _dist_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def make_loader(
-    source: str | os.PathLike | Sequence[str],
-    batch_size: int,
-    *,
-    shuffle: bool = True,
-    num_workers: int | None = None,
-    seed: int = 0,
-    epoch: int = 0,
-    rpn_batch_size: int | None = 256,
-    positive_fraction: float = 0.5,
-    normalize: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    resampled: bool = False,
-    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-    on_error: str = "raise",
-    drop_last: bool = False,
-    manifest: dict | str | os.PathLike | None = None,
-    num_anchors: int | None = None,
-    allow_incomplete: bool = False,
-    pin_memory: bool = False,
-    prefetch_factor: int | None = 2,
-    timeout: float = 0,
-) -> ShardLoader:
-    """Build a loader of (images [B,3,H,W], targets) from a shard directory, URL list or brace pattern.
-
-    num_workers=None picks min(4, CPUs, shards per rank); 0 reads in the calling process.
-    """
-    if int(batch_size) < 1:
-        raise LoaderError(f"batch_size must be >= 1 (got {batch_size})")
-    if on_error not in ON_ERROR_CHOICES:
-        raise LoaderError(f"on_error must be one of {ON_ERROR_CHOICES} (got {on_error!r})")
-    if int(seed) < 0 or int(epoch) < 0:
-        raise LoaderError(f"seed and epoch must be >= 0 (got seed={seed}, epoch={epoch})")
-    if rpn_batch_size is not None and int(rpn_batch_size) < 1:
-        raise LoaderError(f"rpn_batch_size must be >= 1 or None (got {rpn_batch_size})")
-    if not 0.0 <= float(positive_fraction) <= 1.0:
-        raise LoaderError(f"positive_fraction must be within 0..1 (got {positive_fraction})")
-    if int(shuffle_buffer) < 0:
-        raise LoaderError(f"shuffle_buffer must be >= 0 (got {shuffle_buffer})")
-    rank, world_size = _dist_defaults(rank, world_size)
-    src = resolve_source(source, manifest, allow_incomplete)
+def _dataset(src: _Source, source: Any, num_anchors: int | None) -> _Dataset:
+    """The per-sample facts, from the manifest (or num_anchors alone, for shards without one)."""
     man = src.manifest
-    if man is not None:
-        count = int(man["anchors"]["count"])
-        if num_anchors is not None and int(num_anchors) != count:
-            raise LoaderError(f"num_anchors={num_anchors} but the manifest records {count} anchors")
-        num_anchors = count
-        image_hw = tuple(int(v) for v in man["image"]["size"])
-        norm = man.get("normalization") or {}
-        mean, std = _mean_std(norm.get("mean"), norm.get("std"))
-    else:
+    if man is None:
         if num_anchors is None:
             raise LoaderError(
                 f"no manifest found for {source!r}: pass manifest= (a dict, shard directory or manifest.json) "
                 "or at least num_anchors="
             )
-        image_hw = None
-        mean, std = _mean_std(None, None)
-    if num_workers is None:
-        per_rank = len(src.urls) // world_size
-        num_workers = max(0, min(4, os.cpu_count() or 1, per_rank))
-        num_workers = 0 if num_workers == 1 else num_workers  # one worker only adds IPC
-    if int(num_workers) < 0:
-        raise LoaderError(f"num_workers must be >= 0 (got {num_workers})")
-    return ShardLoader(
-        src, batch_size=int(batch_size), shuffle=bool(shuffle), num_workers=int(num_workers), seed=int(seed),
-        epoch=int(epoch), rpn_batch_size=None if rpn_batch_size is None else int(rpn_batch_size),
-        positive_fraction=float(positive_fraction), normalize=bool(normalize), rank=rank,
-        world_size=world_size, resampled=bool(resampled), shuffle_buffer=int(shuffle_buffer),
-        on_error=on_error, drop_last=bool(drop_last), num_anchors=int(num_anchors), image_hw=image_hw,
-        mean=mean, std=std, pin_memory=bool(pin_memory), prefetch_factor=prefetch_factor, timeout=timeout,
-    )
+        return _Dataset(int(num_anchors), None, *_mean_std(None, None))
+    count = int(man["anchors"]["count"])
+    if num_anchors is not None and int(num_anchors) != count:
+        raise LoaderError(f"num_anchors={num_anchors} but the manifest records {count} anchors")
+    norm = man.get("normalization") or {}
+    return _Dataset(count, tuple(int(v) for v in man["image"]["size"]), *_mean_std(norm.get("mean"), norm.get("std")))
+
+
+def make_loader(
+    source: str | os.PathLike | Sequence[str],
+    batch_size: int,
+    *,
+    manifest: dict | str | os.PathLike | None = None,
+    num_anchors: int | None = None,
+    allow_incomplete: bool = False,
+    **options: Any,
+) -> ShardLoader:
+    """A loader of (images [B,3,H,W], targets) from a shard directory, URL list or brace pattern.
+
+    ``options`` are the fields of LoaderOptions (shuffle, num_workers, seed, epoch, rpn_batch_size,
+    positive_fraction, normalize, rank, world_size, resampled, shuffle_buffer, on_error, drop_last,
+    pin_memory, prefetch_factor, timeout). ``manifest`` describes shards given as URLs;
+    ``num_anchors`` lets shards without a manifest be read at all.
+    """
+    try:
+        opts = LoaderOptions(batch_size=batch_size, **options)
+    except TypeError as e:  # an unknown keyword
+        raise LoaderError(f"make_loader: {e}") from None
+    rank, world_size = _dist_defaults(opts.rank, opts.world_size)
+    src = resolve_source(source, manifest, allow_incomplete)
+    dataset = _dataset(src, source, num_anchors)
+    workers = opts.num_workers
+    if workers is None:
+        workers = max(0, min(4, os.cpu_count() or 1, len(src.urls) // world_size))
+        workers = 0 if workers == 1 else workers  # one worker only adds IPC
+    return ShardLoader(src, replace(opts, rank=rank, world_size=world_size, num_workers=int(workers)), dataset)

@@ -1,9 +1,14 @@
-"""Plain records passed between the stages (sources -> transform -> anchors -> shards)."""
+"""The in-flight records of a build, passed between its stages (sources -> transform -> anchors -> shards).
+
+The JSON record written into each sample is ``frcnn_shard.format.record.Record``; ``Sample`` carries it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .format.record import Record
 
 
 @dataclass
@@ -30,14 +35,14 @@ class SourceRow:
 class Sample:
     """One processed image, ready for anchor matching and writing."""
 
-    key: str
+    record: Record  # the JSON member; boxes in resized pixels
     image_bytes: bytes  # encoded resized image
     image_ext: str  # "jpg" or "png"
-    meta: dict  # the JSON member (see docs/FORMAT.md), boxes in resized pixels
-    boxes: np.ndarray  # float32 [K, 4] xyxy, resized pixels
-    labels: np.ndarray  # int64 [K], 1..80
-    crowd_boxes: np.ndarray  # float32 [C, 4] xyxy, resized pixels
-    box_drops: dict[str, int] = field(default_factory=dict)  # boxes dropped, by reason
+
+    @property
+    def key(self) -> str:
+        """The sample key."""
+        return self.record.key
 
 
 @dataclass

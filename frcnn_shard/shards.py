@@ -1,9 +1,10 @@
-"""Shard and manifest I/O: reproducible tar writing published atomically, the manifest, safe reading.
+"""Shard and manifest I/O: reproducible tar writing published atomically, the manifest, tar reading.
 
-The format version lives here and only here; build, loader and check all read it from this module.
+What a sample is (its members and their rules) is ``frcnn_shard.format``; this module moves its bytes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,17 +14,14 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Container, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
-FORMAT_VERSION = "1.0"  # major.minor: readers refuse an unknown major, accept any minor
+from .format import FORMAT_VERSION
+from .format.members import MAX_MEMBER_BYTES, Member, RawSample, ShardFormatError, group_by_key
+
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
-# Members a reader decodes; anything else is ignored, and pickle-like members are refused outright.
-IMAGE_EXTS = ("jpg", "png")
-KNOWN_EXTS = IMAGE_EXTS + ("json", "rpn.npz")
-UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "ckpt")
-MAX_MEMBER_BYTES = 64 << 20  # a declared member size above this is refused before reading
 FAULT_ENV = "FRCNN_SHARD_FAULT"  # test-only fault injection (see fault_point); unset in normal use
 
 
@@ -31,16 +29,13 @@ class ManifestError(ValueError):
     """The manifest is missing, unreadable or of an unknown format version."""
 
 
-class ShardFormatError(ValueError):
-    """A shard breaks a rule of docs/FORMAT.md; the message names the shard, the key and the rule."""
-
-
 def fault_point(name: str, n: int) -> None:
     """Test-only hook: a no-op unless $FRCNN_SHARD_FAULT names this point.
 
     ``FRCNN_SHARD_FAULT="NAME:N"`` SIGKILLs this process at point NAME number N (a crash at a chosen
     moment); ``"NAME:N:sleep=S"`` sleeps S seconds there (so a test can send a signal at a known
-    moment). The points are listed in docs/RELIABILITY.md. Off by default; never set it in real use.
+    moment); ``"NAME:N:enospc"`` raises the OSError of a full disk there. The points are listed in
+    docs/RELIABILITY.md. Off by default; never set it in real use.
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -51,6 +46,8 @@ def fault_point(name: str, n: int) -> None:
         return
     if action.startswith("sleep="):
         time.sleep(float(action[len("sleep="):]))
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     else:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -249,88 +246,52 @@ def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """Split a member name into (key, extension) the way WebDataset does: at the first dot."""
-    key, dot, ext = name.partition(".")
-    return key, ext
+def tar_members(fileobj: IO[bytes], mode: str = "r|") -> Iterator[Member]:
+    """The members of a tar as ``Member`` records; "r|" streams (read each member before the next), "r:" seeks."""
+    tar = tarfile.open(fileobj=fileobj, mode=mode)
+    for info in tar:
+        yield Member(info.name, info.size, info.isreg(), lambda info=info: _extract(tar, info))
 
 
-def check_member_name(name: str, where: str) -> None:
-    """Refuse member names that could escape a directory or hide a pickle (raises ShardFormatError)."""
-    # Any "/" (absolute or nested paths, "../x" included) or backslash is refused; so is ".." alone.
-    if not name or name == ".." or "/" in name or "\\" in name:
-        raise ShardFormatError(f"{where}: member name {name!r} is not a plain file name (path traversal refused)")
-    key, ext = split_member_name(name)
-    if not key or not ext:
-        raise ShardFormatError(f"{where}: member name {name!r} has no key.extension form")
-    if ext.rsplit(".", 1)[-1].lower() in UNSAFE_EXTS:
-        raise ShardFormatError(f"{where}: member {name!r} is a pickle-type member; frcnn-shard never unpickles")
+def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    return f.read() if f is not None else b""
 
 
-def member_problem(info: tarfile.TarInfo, where: str, seen_exts: Container[str] = (),
-                   max_member_bytes: int = MAX_MEMBER_BYTES) -> str | None:
-    """Why a tar member must not be read (None when it may): unsafe name, not a regular file, a declared
-    size over the limit, or an extension its sample already has. Every reader of shards applies this."""
-    try:
-        check_member_name(info.name, where)
-    except ShardFormatError as e:
-        return str(e)
-    if not info.isreg():
-        return f"{where}: member {info.name!r} is not a regular file"
-    if info.size > max_member_bytes:
-        return f"{where}: member {info.name!r} declares {info.size} bytes (> {max_member_bytes} limit)"
-    if split_member_name(info.name)[1] in seen_exts:
-        return f"{where}: member {info.name!r} appears twice in its sample"
-    return None
+def sample_error(raw: RawSample, where: str) -> ShardFormatError | None:
+    """The error a reader raises for a sample that breaks a member rule (naming where and the key), or None."""
+    if not raw.problems:
+        return None
+    at = f"{where}: key {raw.key!r}" if raw.key else where
+    return ShardFormatError(f"{at}: {raw.problems[0][1]}")
 
 
 def iter_tar_samples(
-    fileobj: IO[bytes], where: str, max_member_bytes: int = MAX_MEMBER_BYTES
+    fileobj: IO[bytes], where: str, select: Callable[[int, str], bool] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) from a tar stream, in memory only; unknown extensions are ignored.
 
-    Member names are checked, never used as paths; non-regular members and oversized declared sizes
-    are refused. Consecutive members with the same key form one sample (WebDataset's rule).
+    Any member rule broken (``format.members``) raises ShardFormatError naming ``where`` and the key.
+    ``select(index, key)`` reads only the samples it accepts (the others are yielded without members).
     """
-    key: str | None = None
-    members: dict[str, bytes] = {}
+    key = None
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|")
-        for info in tar:
-            k, ext = split_member_name(info.name)
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            problem = member_problem(info, where, members, max_member_bytes)
-            if problem is not None:
-                raise ShardFormatError(problem)
-            if ext in KNOWN_EXTS:
-                f = tar.extractfile(info)
-                members[ext] = f.read() if f is not None else b""
-        if key is not None:
-            yield key, members
+        members = tar_members(fileobj, "r|" if select is None else "r:")
+        for raw in group_by_key(members, select=select, max_member_bytes=max_member_bytes, where=where):
+            key = raw.key
+            yield raw.key, raw.members
     except tarfile.TarError as e:
         raise ShardFormatError(f"{where}: unreadable tar after key {key!r}: {e}") from None
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard(path: str | os.PathLike, select: Callable[[int, str], bool] | None = None
+               ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield the samples of one local shard file (see iter_tar_samples)."""
     with open(path, "rb") as f:
-        yield from iter_tar_samples(f, str(path))
+        yield from iter_tar_samples(f, str(path), select)
 
 
 def list_shard_keys(path: str | os.PathLike) -> list[str]:
     """Keys of a shard from its tar headers alone, in order, without reading the member bytes."""
-    keys: list[str] = []
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            k, _ = split_member_name(info.name)
-            if not keys or keys[-1] != k:
-                keys.append(k)
-    return keys
-
-
-def shard_paths(manifest: dict, shard_dir: str | os.PathLike) -> list[Path]:
-    """Paths of the shards a manifest lists, in order."""
-    return [Path(shard_dir) / s["name"] for s in manifest.get("shards", [])]
+    return [key for key, _ in iter_shard(path, select=lambda index, key: False)]

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .labels import INVALID_LABEL, NUM_CLASSES
+from .format.record import Record, key_of
 from .records import Dropped, Sample, SourceRow
 
 # Single source of truth for input normalisation; the loader and the manifest read these.
@@ -42,7 +43,6 @@ BOX_BAD_CATEGORY = "bad_category"
 BOX_DEGENERATE = "degenerate"
 BOX_OUTSIDE_IMAGE = "outside_image"
 BOX_TOO_SMALL = "too_small"
-BOX_DROP_REASONS = (BOX_NON_FINITE, BOX_BAD_CATEGORY, BOX_DEGENERATE, BOX_OUTSIDE_IMAGE, BOX_TOO_SMALL)
 CROWD_PREFIX = "crowd_"
 
 
@@ -319,11 +319,6 @@ def encode_image(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
 # ------------------------------------------------------------------------------------------- rows
 
 
-def _f32_list(boxes: np.ndarray) -> list[list[float]]:
-    # float(np.float32(v)) is exactly representable in JSON and round-trips to the same float32.
-    return [[float(v) for v in row] for row in np.asarray(boxes, dtype=np.float32)]
-
-
 def _count(reasons: list[str | None], mask: np.ndarray, prefix: str = "") -> dict[str, int]:
     out: dict[str, int] = {}
     for r, m in zip(reasons, mask):
@@ -384,31 +379,10 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
     resized = resize_image(rgb, cfg.image_size, cfg.resize)
     image_bytes = encode_image(resized, cfg.image_format, cfg.quality)
 
-    key = f"{int(row.image_id):012d}"
-    meta = {
-        "key": key,
-        "image_id": int(row.image_id),
-        "orig_size": [int(orig_hw[0]), int(orig_hw[1])],
-        "size": [int(cfg.image_size[0]), int(cfg.image_size[1])],
-        "content_size": [int(content_hw[0]), int(content_hw[1])],
-        "scale": [float(scale[0]), float(scale[1])],
-        "pad": [int(pad[0]), int(pad[1])],
-        "boxes": _f32_list(out_boxes),
-        "labels": [int(v) for v in out_labels],
-        "bbox_ids": [int(v) for v in bbox_ids[sel]],
-        "crowd_boxes": _f32_list(crowd_boxes),
-        "crowd_labels": [int(v) for v in labels[crowd_sel]],
-        "crowd_bbox_ids": [int(v) for v in bbox_ids[crowd_sel]],
-        "box_drops": box_drops,
-        "source_index": int(row.index),
-    }
-    return Sample(
-        key=key,
-        image_bytes=image_bytes,
-        image_ext=cfg.image_format,
-        meta=meta,
-        boxes=out_boxes,
-        labels=out_labels,
-        crowd_boxes=crowd_boxes,
-        box_drops=box_drops,
+    record = Record(
+        key=key_of(row.image_id), image_id=int(row.image_id), orig_size=orig_hw, size=cfg.image_size,
+        content_size=content_hw, scale=scale, pad=pad, boxes=out_boxes, labels=out_labels,
+        bbox_ids=bbox_ids[sel], crowd_boxes=crowd_boxes, crowd_labels=labels[crowd_sel],
+        crowd_bbox_ids=bbox_ids[crowd_sel], box_drops=box_drops, source_index=int(row.index),
     )
+    return Sample(record, image_bytes, cfg.image_format)

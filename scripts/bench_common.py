@@ -58,7 +58,7 @@ def repeated_hub_rows(n_images: int) -> Iterator[dict]:
 
 def hub_folder(n_images: int) -> Path:
     """A Hub-layout folder of tiny_coco repeated to n_images (split "train"), written once and cached."""
-    from frcnn_shard.sources import write_hub_folder
+    from frcnn_shard.sources.fixtures import write_hub_folder
 
     out = BENCH_DATA / f"hub_{n_images}"
     if (out / "README.md").exists():

@@ -46,7 +46,7 @@ def tiny_shards(tmp_path_factory, tiny_coco) -> Path:
 @pytest.fixture(scope="session")
 def sample_hub(tmp_path_factory) -> Path:
     """The embedded synthetic sample as a Hub-layout folder."""
-    from frcnn_shard.sample import make_sample_hub_folder
+    from frcnn_shard.sources.fixtures import make_sample_hub_folder
 
     return make_sample_hub_folder(tmp_path_factory.mktemp("sample_hub"), n_train=24, n_val=8, seed=0)
 

@@ -80,7 +80,7 @@ def test_coco_source_equals_annotations(tiny_shards, tiny_coco):
 
 @pytest.fixture(scope="module")
 def hub_folders(tmp_path_factory, tiny_coco):
-    from frcnn_shard.sources import coco_to_hub_rows, write_hub_folder
+    from frcnn_shard.sources.fixtures import coco_to_hub_rows, write_hub_folder
 
     out = {}
     for fmt in ("xywh", "xyxy"):
@@ -163,7 +163,7 @@ def test_bad_options_refused_before_work(tmp_path, hub_folders):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BuildError, match="not a directory"):
         build_shards(tmp_path / "file", str(hub_folders["xywh"]), "train")
-    with pytest.raises(BuildError, match="samples-per-shard"):
+    with pytest.raises(BuildError, match="samples_per_shard"):
         build_shards(tmp_path, str(hub_folders["xywh"]), "train", samples_per_shard=0)
     assert not (tmp_path / "train").exists()
 

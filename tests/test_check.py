@@ -12,14 +12,17 @@ import pytest
 from click.testing import CliRunner
 
 from frcnn_shard import anchors as anc
-from frcnn_shard.check import RULES, Problem, check_shards, info_rows
+from frcnn_shard.inspect.check import RULES, Problem, check_shards
+from frcnn_shard.inspect.info import info_rows
 from frcnn_shard.cli import main
+from frcnn_shard.format.members import TARGETS_EXT
+from frcnn_shard.format.targets import pack_targets, unpack_targets
 from frcnn_shard.shards import (
     MANIFEST_NAME, ShardWriter, file_sha256, iter_shard, read_manifest, write_json_atomic,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "INSPECT.md"
-MEMBER_ORDER = ("jpg", "png", "json", anc.TARGETS_EXT)
+MEMBER_ORDER = ("jpg", "png", "json", TARGETS_EXT)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -195,7 +198,7 @@ def test_flipped_byte_in_json(shards):
 
 def test_flipped_byte_in_targets(shards):
     path = shard_path(shards, 0)
-    key, off, size = member_of(path, anc.TARGETS_EXT)
+    key, off, size = member_of(path, TARGETS_EXT)
     flip_byte(path, off + size // 2)  # inside the deflated array: CRC / zlib error
     report = check_shards(shards)
     assert rules(report) == {"shard_sha256", "targets_invalid"}
@@ -288,7 +291,7 @@ def test_sample_rules_on_edited_json(shards):
     meta["rpn"]["positive"] += 1
     samples[0] = (key0, {**m0, "json": json.dumps(meta).encode()})
     key1, m1 = samples[1]
-    samples[1] = (key1, {e: b for e, b in m1.items() if e != anc.TARGETS_EXT})
+    samples[1] = (key1, {e: b for e, b in m1.items() if e != TARGETS_EXT})
     rewrite_shard(shards, 0, samples)
     report = check_shards(shards)
     by_key = {(p.key, p.rule) for p in report.problems}
@@ -342,14 +345,14 @@ def test_deep_finds_well_formed_but_wrong_targets(shards):
     m = read_manifest(shards)
     samples = read_samples(shard_path(shards, 1))
     key, members = samples[4]
-    labels, matched = anc.unpack_targets(members[anc.TARGETS_EXT], m["anchors"]["count"])
+    labels, matched = unpack_targets(members[TARGETS_EXT], m["anchors"]["count"]).dense(m["anchors"]["count"])
     labels = labels.copy()
     flip = np.flatnonzero(labels == 0)[:7]
     labels[flip] = -1  # seven negatives become ignore: still a valid encoding
     meta = json.loads(members["json"])
     meta["rpn"] = {"positive": int((labels == 1).sum()), "ignore": int((labels == -1).sum()),
                    "negative": int((labels == 0).sum())}
-    samples[4] = (key, {**members, anc.TARGETS_EXT: anc.pack_targets(labels, matched),
+    samples[4] = (key, {**members, TARGETS_EXT: pack_targets(labels, matched),
                         "json": json.dumps(meta, separators=(",", ":")).encode()})
     rewrite_shard(shards, 1, samples)
 

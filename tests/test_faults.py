@@ -31,14 +31,14 @@ from PIL import Image
 from frcnn_shard import build as fb
 from frcnn_shard import shards as fs
 from frcnn_shard.build import BuildError, BuildInterrupted, BuildOptions, SourceError, build, is_transient
-from frcnn_shard.check import check_shards
+from frcnn_shard.inspect.check import check_shards
 from frcnn_shard.cli import main
 from frcnn_shard.labels import COCO_CLASSES
-from frcnn_shard.sample import make_sample_hub_folder
+from frcnn_shard.sources.fixtures import make_sample_hub_folder
 from frcnn_shard.shards import (
     FAULT_ENV, MANIFEST_NAME, SHARD_RE, ShardFormatError, file_sha256, iter_shard, list_shard_keys, read_manifest,
 )
-from frcnn_shard.sources import write_hub_folder
+from frcnn_shard.sources.fixtures import write_hub_folder
 from frcnn_shard.transform import TransformConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -759,16 +759,16 @@ def test_hostile_shards_fail_safely_in_show(ref, tmp_path, kind, monkeypatch):
     (["--image-size", "-5"], "image size"),
     (["--image-size", "0"], "image size"),
     (["--image-size", "400x"], "image size"),
-    (["--min-box-size", "-1"], "min_box_size"),
+    (["--min-box-size", "-1"], "--min-box-size must be"),
     (["--max-bad-fraction", "1.5"], "max-bad-fraction"),
     (["--max-bad-fraction", "nan"], "max-bad-fraction"),
     (["--retries", "-1"], "retries"),
     (["--retry-backoff", "-1"], "retry-backoff"),
-    (["--gpu-batch", "0"], "GPU batch"),
+    (["--gpu-batch", "0"], "--gpu-batch must be >= 1"),
     (["--quality", "0"], "quality"),
-    (["--anchor-preset", "yolo"], "unknown anchor preset"),
+    (["--anchor-preset", "yolo"], "'yolo' is not one of 'frcnn-fpn'"),
     (["--anchor-sizes", "32,abc"], "anchor-sizes"),
-    (["--pos-iou", "0.2", "--neg-iou", "0.5"], "neg_iou"),
+    (["--pos-iou", "0.2", "--neg-iou", "0.5"], "--neg-iou <= --pos-iou"),
 ])
 def test_cli_refuses_nonsense_before_any_work(hub, tmp_path, args, message):
     out = tmp_path / "out"

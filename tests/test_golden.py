@@ -81,7 +81,7 @@ def record() -> None:
     """Rebuild every configuration and write tests/golden/digests.json."""
     import tempfile
 
-    from frcnn_shard.sample import make_sample_hub_folder
+    from frcnn_shard.sources.fixtures import make_sample_hub_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         sample = make_sample_hub_folder(Path(tmp) / "hub", n_train=24, n_val=8, seed=0)  # as conftest.sample_hub

@@ -15,6 +15,7 @@ from PIL import Image
 from frcnn_shard import anchors as anc
 from frcnn_shard.loader import LoaderError, make_loader, normalize_batch
 from frcnn_shard.shards import ShardFormatError, ShardWriter, iter_shard, list_shard_keys, read_manifest
+from frcnn_shard.format.members import TARGETS_EXT
 
 BATCH = 4
 
@@ -292,7 +293,7 @@ def _rewrite_first_shard(src: Path, dst: Path, edit) -> tuple[Path, list[str]]:
     w = ShardWriter(dst / name)
     keys = []
     for i, (key, members) in enumerate(iter_shard(src / name)):
-        members = [(e, members[e]) for e in ("jpg", "json", anc.TARGETS_EXT)]
+        members = [(e, members[e]) for e in ("jpg", "json", TARGETS_EXT)]
         w.add(key, edit(i, key, members))
         keys.append(key)
     w.close()
@@ -310,7 +311,7 @@ def test_bad_sample_raises_naming_shard_and_key_or_is_skipped(tiny_shards, tmp_p
             return members + [("pickle", b"\x80\x04K\x01.")]
         if kind == "corrupt_jpeg":
             return [("jpg", members[0][1][:300])] + members[1:]
-        return members[:2] + [(anc.TARGETS_EXT, b"PK\x03\x04 not a zip")]
+        return members[:2] + [(TARGETS_EXT, b"PK\x03\x04 not a zip")]
 
     d, keys = _rewrite_first_shard(tiny_shards, tmp_path / kind, edit)
     shard = str(d / read_manifest(d)["shards"][0]["name"])
@@ -330,7 +331,7 @@ def test_path_traversal_member_is_refused(tiny_shards, tmp_path):
     name = man["shards"][0]["name"]
     w = ShardWriter(d / name)
     for key, members in iter_shard(tiny_shards / name):
-        w.add(key, [(e, members[e]) for e in ("jpg", "json", anc.TARGETS_EXT)])
+        w.add(key, [(e, members[e]) for e in ("jpg", "json", TARGETS_EXT)])
     w.add("../../etc/evil", [("jpg", b"x")])
     w.close()
     man["shards"] = man["shards"][:1]
@@ -350,7 +351,7 @@ def test_no_unpickling_even_with_workers(tiny_shards, tmp_path):
     w = ShardWriter(src / name)
     for i, (key, members) in enumerate(iter_shard(tiny_shards / name)):
         extra = [("pyd", b"cos\nsystem\n(S'touch /tmp/pwned'\ntR.")] if i == 2 else []
-        w.add(key, [(e, members[e]) for e in ("jpg", "json", anc.TARGETS_EXT)] + extra)
+        w.add(key, [(e, members[e]) for e in ("jpg", "json", TARGETS_EXT)] + extra)
     w.close()
     man["shards"] = man["shards"][:2]
     (src / "manifest.json").write_text(json.dumps(man))

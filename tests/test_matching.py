@@ -15,6 +15,7 @@ import torch
 
 from frcnn_shard import anchors as anc
 from frcnn_shard.anchors import AnchorSpec, MatchConfig
+from frcnn_shard.format.targets import pack_targets, unpack_targets
 
 TINY_COCO = Path(__file__).resolve().parents[2] / "shared/data/tiny_coco"
 
@@ -224,7 +225,7 @@ def classify_disagreements(anchors, boxes, crowd, cfg, hw, ref, got, tol=1e-6):
     near = np.zeros(len(diff), bool)
     a = anchors.astype(np.float64)
     if len(boxes):
-        iou = anc._iou_matrix64(anchors, boxes)
+        iou = anc.iou_matrix64(anchors, boxes)
         valid = anc.inside_image(anchors, hw) if cfg.ignore_cross_boundary else np.ones(len(anchors), bool)
         per_box = np.where(valid[:, None], iou, -1).max(0)
         rows = iou[diff]
@@ -322,7 +323,7 @@ def test_fast_matcher_far_outside_and_huge_coordinates():
     boxes = np.array([[-1e9, -1e9, -1e9 + 5, -1e9 + 5], [0, 0, 1e9, 1e9], [-5e8, 100, 5e8, 120], [390, 390, 2000, 2000]], np.float32)
     for cfg in (MatchConfig(), MatchConfig(ignore_cross_boundary=True, low_quality="argmax")):
         ref = anc.match_reference(a, boxes, None, cfg, 400)
-        got = anc.match_fast(spec, boxes, None, cfg)
+        got = anc.AnchorMatcher(spec, cfg).match(boxes, None)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
 
@@ -404,13 +405,13 @@ def test_tiny_coco_has_crowd_and_empty_cases(coco):
     assert len(crowd_images) >= 3
     changed = 0
     for b, c in crowd_images:
-        with_crowd, _ = anc.match_fast(spec, b, c, cfg)
-        without, _ = anc.match_fast(spec, b, c, MatchConfig())
+        with_crowd, _ = anc.AnchorMatcher(spec, cfg).match(b, c)
+        without, _ = anc.AnchorMatcher(spec, MatchConfig()).match(b, c)
         changed += int(((with_crowd == -1) & (without == 0)).sum())
         assert ((with_crowd != without) <= ((without == 0) & (with_crowd == -1))).all()  # only negatives -> ignore
     assert changed > 0
     empty = [b for _, b, _ in coco if len(b) == 0]
-    assert empty and (anc.match_fast(spec, empty[0], None, MatchConfig())[0] == 0).all()
+    assert empty and (anc.AnchorMatcher(spec, MatchConfig()).match(empty[0], None)[0] == 0).all()
 
 
 def test_tiny_coco_targets_budget(coco, capsys):
@@ -426,9 +427,9 @@ def test_tiny_coco_targets_budget(coco, capsys):
         img.save(buf, format="JPEG", quality=90)
         meta = json.dumps({"image_id": im["id"], "boxes": np.round(b, 2).tolist(), "labels": [1] * len(b),
                            "crowd_boxes": np.round(c, 2).tolist()}, separators=(",", ":")).encode()
-        labels, matched = anc.match_fast(spec, b, c, cfg)
-        packed = anc.pack_targets(labels, matched)
-        back = anc.unpack_targets(packed, len(labels))
+        labels, matched = anc.AnchorMatcher(spec, cfg).match(b, c)
+        packed = pack_targets(labels, matched)
+        back = unpack_targets(packed, len(labels)).dense(len(labels))
         assert (back[0] == labels).all() and (back[1] == matched).all()
         total = len(buf.getvalue()) + len(meta) + len(packed)
         target_bytes += len(packed)

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from frcnn_shard import sources as S
+from frcnn_shard.sources import fixtures as F, hub as H
 from frcnn_shard import transform as T
 from frcnn_shard.labels import COCO_CLASSES, INVALID_LABEL
 from frcnn_shard.records import Dropped, Sample
-from frcnn_shard.sample import _PALETTE, make_sample_hub_folder
+from frcnn_shard.sources.fixtures import PALETTE, make_sample_hub_folder
 
 TINY_COCO = Path(__file__).resolve().parents[1].parent / "shared/data/tiny_coco"
 
@@ -34,8 +35,8 @@ def tiny_hub(tiny_coco, tmp_path_factory) -> dict[str, Path]:
     """tiny_coco written as Hub-layout folders, one per bbox convention (several parquet files each)."""
     root = tmp_path_factory.mktemp("tiny_hub")
     return {
-        fmt: S.write_hub_folder(
-            root / fmt, {"train": S.coco_to_hub_rows(tiny_coco, "train2017", bbox_format=fmt)}, rows_per_file=20
+        fmt: F.write_hub_folder(
+            root / fmt, {"train": F.coco_to_hub_rows(tiny_coco, "train2017", bbox_format=fmt)}, rows_per_file=20
         )
         for fmt in ("xywh", "xyxy")
     }
@@ -49,6 +50,13 @@ def sample_hub(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------ bbox detection
 
 
+
+def detect(samples, tol: float = 1.0) -> tuple[str, dict]:
+    """(decision, evidence) through the public pair: the evidence, then the rule that decides from it."""
+    evidence = S.bbox_format_evidence(samples, tol)
+    return S.decide_bbox_format(evidence), evidence
+
+
 def _xywh_samples():
     # COCO-like: small boxes far from the origin, so w < x somewhere (impossible as xyxy).
     return [(np.array([[100, 50, 30, 40], [10, 10, 200, 100]]), 640, 480), (np.zeros((0, 4)), 10, 10)]
@@ -60,30 +68,30 @@ def _xyxy_samples():
 
 
 def test_detect_xywh():
-    decision, ev = S.detect_bbox_format(_xywh_samples())
+    decision, ev = detect(_xywh_samples())
     assert decision == "xywh"
     assert ev["boxes_examined"] == 2 and ev["xyxy_violations"] == 1 and ev["xywh_violations"] == 0
 
 
 def test_detect_xyxy():
-    decision, ev = S.detect_bbox_format(_xyxy_samples())
+    decision, ev = detect(_xyxy_samples())
     assert decision == "xyxy"
     assert ev["xywh_violations"] == 1 and ev["xyxy_violations"] == 0
     # Either axis counts: here only y + h passes the image height.
-    decision, ev = S.detect_bbox_format([(np.array([[10, 300, 20, 400]]), 640, 480)])
+    decision, ev = detect([(np.array([[10, 300, 20, 400]]), 640, 480)])
     assert decision == "xyxy" and ev["xywh_violations"] == 1
 
 
 def test_detect_tolerance():
     # One pixel past the edge is rounding, not evidence.
     with pytest.raises(S.BboxFormatError):
-        S.detect_bbox_format([(np.array([[10, 10, 630.5, 100]]), 640, 480)])
-    assert S.detect_bbox_format([(np.array([[10, 10, 630.5, 100]]), 640, 480)], tol=0.0)[0] == "xyxy"
+        detect([(np.array([[10, 10, 630.5, 100]]), 640, 480)])
+    assert detect([(np.array([[10, 10, 630.5, 100]]), 640, 480)], tol=0.0)[0] == "xyxy"
 
 
 def test_detect_conflict_raises():
-    with pytest.raises(S.BboxFormatError, match="conflict.*--bbox-format") as e:
-        S.detect_bbox_format(_xywh_samples() + _xyxy_samples())
+    with pytest.raises(S.BboxFormatError, match="conflict.*bbox_format") as e:
+        detect(_xywh_samples() + _xyxy_samples())
     assert e.value.evidence["xyxy_violations"] == 1 and e.value.evidence["xywh_violations"] == 1
     assert isinstance(e.value, ValueError)
 
@@ -94,8 +102,8 @@ def test_detect_conflict_raises():
     ids=["no-rows", "no-boxes", "ambiguous", "non-finite"],
 )
 def test_detect_without_evidence_raises(samples):
-    with pytest.raises(S.BboxFormatError, match="no evidence.*--bbox-format"):
-        S.detect_bbox_format(samples)
+    with pytest.raises(S.BboxFormatError, match="no evidence.*bbox_format"):
+        detect(samples)
 
 
 # ---------------------------------------------------------------------------- Hub-layout folder
@@ -124,7 +132,7 @@ def _small_rows(n: int, start: int = 1) -> list[dict]:
 
 
 def test_hub_folder_splits_are_train_and_val(tmp_path):
-    folder = S.write_hub_folder(tmp_path / "hub", {"train": _small_rows(7), "val": _small_rows(3, 100)}, rows_per_file=3)
+    folder = F.write_hub_folder(tmp_path / "hub", {"train": _small_rows(7), "val": _small_rows(3, 100)}, rows_per_file=3)
     names = sorted(p.name for p in (folder / "data").iterdir())
     assert names == [
         "train-00000-of-00003.parquet", "train-00001-of-00003.parquet", "train-00002-of-00003.parquet",
@@ -133,7 +141,7 @@ def test_hub_folder_splits_are_train_and_val(tmp_path):
     assert datasets.get_dataset_split_names(str(folder)) == ["train", "val"]
     # The README pins the layout: num_rows comes from its dataset_info, the features from it too.
     ds = datasets.load_dataset(str(folder), split="train", streaming=True)
-    assert ds.features == S.HUB_FEATURES
+    assert ds.features == H.HUB_FEATURES
     assert ds.info.splits["train"].num_examples == 7
     readme = (folder / "README.md").read_text()
     assert "- split: val\n    path: data/val-*" in readme and "dataset_info:" in readme
@@ -142,7 +150,7 @@ def test_hub_folder_splits_are_train_and_val(tmp_path):
 def test_hub_folder_round_trip(tmp_path):
     rows = _small_rows(5)
     rows[2]["objects"]["category"] = [0, 80 - 1]
-    folder = S.write_hub_folder(tmp_path / "hub", {"train": rows, "val": _small_rows(2, 50)})
+    folder = F.write_hub_folder(tmp_path / "hub", {"train": rows, "val": _small_rows(2, 50)})
     src = S.open_source(str(folder), "train")
     got = list(src.rows())
     assert [r.index for r in got] == list(range(5))
@@ -181,20 +189,20 @@ def test_resolve_split_rules():
 
 
 def test_hub_feature_check_refuses_other_class_names():
-    feats = S.HUB_FEATURES.copy()
+    feats = H.HUB_FEATURES.copy()
     feats["objects"] = dict(feats["objects"])
     feats["objects"]["category"] = datasets.List(datasets.ClassLabel(names=list(reversed(COCO_CLASSES))))
     with pytest.raises(ValueError, match="class names"):
-        S._check_hub_features(feats, "test")
-    S._check_hub_features(S.HUB_FEATURES, "test")
+        H.check_hub_features(feats, "test")
+    H.check_hub_features(H.HUB_FEATURES, "test")
     with pytest.raises(ValueError, match="missing columns"):
-        S._check_hub_features(datasets.Features({"image": datasets.Image()}), "test")
+        H.check_hub_features(datasets.Features({"image": datasets.Image()}), "test")
 
 
 def test_hub_row_with_invalid_category_and_missing_values():
     row = _hub_row(1, [5, 80], [[1, 2, 3, 4], [1, 2, 3, 4]])
     row["objects"]["bbox"][1] = [1, None, 3, 4]
-    r = S.hub_row_to_source_row(row, 0, "x")
+    r = H.hub_row_to_source_row(row, 0, "x")
     assert r.labels.tolist() == [6, INVALID_LABEL]
     assert np.isnan(r.bboxes[1, 1])
 
@@ -209,8 +217,8 @@ def test_explicit_format_records_contradicting_evidence(sample_hub):
 
 
 def test_auto_without_evidence_fails_at_open(tmp_path):
-    folder = S.write_hub_folder(tmp_path / "hub", {"train": [_hub_row(1, [0], [[1, 1, 5, 5]])]})
-    with pytest.raises(S.BboxFormatError, match="--bbox-format"):
+    folder = F.write_hub_folder(tmp_path / "hub", {"train": [_hub_row(1, [0], [[1, 1, 5, 5]])]})
+    with pytest.raises(S.BboxFormatError, match="bbox_format"):
         S.open_source(str(folder), "train")
     with pytest.raises(S.BboxFormatError):
         S.open_source(str(folder), "train", detect_rows=0)
@@ -250,7 +258,7 @@ def test_sample_folder_is_deterministic_and_boxes_match_pixels(tmp_path, sample_
             cy, cx = y + h // 2, x + w // 2
             patch = img[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3)
             assert patch.std(axis=0).max() < 8
-            assert min(np.abs(patch.mean(axis=0) - c).max() for c in _PALETTE) < 20
+            assert min(np.abs(patch.mean(axis=0) - c).max() for c in PALETTE) < 20
     assert len(sizes) > 3 and min(counts) >= 1 and max(counts) <= 6
 
 
@@ -335,7 +343,7 @@ def test_coco_missing_image_dangling_and_empty(tmp_path):
     assert len(rows[2].bboxes) == 0 and rows[2].image is not None
     cfg = T.TransformConfig()
     out = [T.process_row(r, cfg) for r in rows]
-    assert isinstance(out[0], Sample) and out[0].box_drops == {"bad_category": 1}
+    assert isinstance(out[0], Sample) and out[0].record.box_drops == {"bad_category": 1}
     assert isinstance(out[1], Dropped) and out[1].reason == "missing_image" and "missing.jpg" in out[1].detail
     assert isinstance(out[2], Dropped) and out[2].reason == "no_boxes"
 
@@ -373,4 +381,4 @@ def test_tiny_coco_same_samples_from_both_conventions(tiny_hub):
         assert type(a) is type(b)
         if isinstance(a, Sample):
             assert a.image_bytes == b.image_bytes
-            np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+            np.testing.assert_allclose(a.record.boxes, b.record.boxes, atol=1e-3)

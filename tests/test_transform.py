@@ -118,10 +118,10 @@ def test_box_matches_pixels_after_resize(mode, out_hw):
     assert out.shape == (out_hw[0], out_hw[1], 3)
     ys, xs = np.nonzero(out[:, :, 0] >= 128)
     pixel_box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-    np.testing.assert_allclose(s.boxes[0], pixel_box, atol=1.0)
+    np.testing.assert_allclose(s.record.boxes[0], pixel_box, atol=1.0)
     if mode == "letterbox":
-        ch, cw = s.meta["content_size"]
-        assert s.meta["pad"] == [out_hw[0] - ch, out_hw[1] - cw]
+        ch, cw = s.record.to_dict()["content_size"]
+        assert s.record.to_dict()["pad"] == [out_hw[0] - ch, out_hw[1] - cw]
         assert (out[ch:, :, :] == 0).all() and (out[:, cw:, :] == 0).all()  # padding is bottom/right zeros
 
 
@@ -130,12 +130,12 @@ def test_boxes_are_clipped_to_content_and_meta_round_trips_float32():
     row = _row(_grey(w, h), w, h, [[-20.3, -10.7, 100.1, 60.9], [150.25, 50.5, 80, 80]])
     s = T.process_row(row, T.TransformConfig(image_size=(300, 300), resize="letterbox"))
     assert isinstance(s, Sample)
-    ch, cw = s.meta["content_size"]
-    assert (s.boxes >= 0).all() and (s.boxes[:, [0, 2]] <= cw).all() and (s.boxes[:, [1, 3]] <= ch).all()
-    assert s.boxes[1, 2] == cw and s.boxes[1, 3] == ch  # clipped at the content edge, not the canvas
-    meta = json.loads(json.dumps(s.meta))
-    assert s.boxes.dtype == np.float32
-    np.testing.assert_array_equal(np.asarray(meta["boxes"], dtype=np.float32), s.boxes)
+    ch, cw = s.record.to_dict()["content_size"]
+    assert (s.record.boxes >= 0).all() and (s.record.boxes[:, [0, 2]] <= cw).all() and (s.record.boxes[:, [1, 3]] <= ch).all()
+    assert s.record.boxes[1, 2] == cw and s.record.boxes[1, 3] == ch  # clipped at the content edge, not the canvas
+    meta = json.loads(json.dumps(s.record.to_dict()))
+    assert s.record.boxes.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(meta["boxes"], dtype=np.float32), s.record.boxes)
     assert meta["bbox_ids"] == [100, 101] and meta["source_index"] == 3 and meta["image_id"] == 7
     assert meta["orig_size"] == [h, w] and meta["size"] == [300, 300]
     assert s.key == "000000000007" == meta["key"]
@@ -146,9 +146,9 @@ def test_label_mapping_hub_categories_to_1_80():
     labels = hub_category_to_label(np.array([0, 79, 80]))
     row = _row(_grey(100, 100), 100, 100, [[0, 0, 50, 50], [10, 10, 50, 50], [20, 20, 50, 50]], labels=labels)
     s = T.process_row(row, T.TransformConfig())
-    assert s.labels.dtype == np.int64
-    assert s.labels.tolist() == [1, 80] and s.meta["labels"] == [1, 80]
-    assert s.box_drops == {"bad_category": 1}
+    assert s.record.labels.dtype == np.int64
+    assert s.record.labels.tolist() == [1, 80] and s.record.to_dict()["labels"] == [1, 80]
+    assert s.record.box_drops == {"bad_category": 1}
 
 
 # ---------------------------------------------------------------------------------- box drops
@@ -172,13 +172,13 @@ def test_every_box_drop_reason_and_crowd():
     crowd = [False] * 8 + [True, True]
     s = T.process_row(_row(_grey(w, h), w, h, boxes, labels, crowd), T.TransformConfig(image_size=(100, 200)))
     assert isinstance(s, Sample)
-    assert s.box_drops == {
+    assert s.record.box_drops == {
         "bad_category": 1, "crowd_degenerate": 1, "degenerate": 2, "non_finite": 1, "outside_image": 2, "too_small": 1,
     }
-    np.testing.assert_allclose(s.boxes, [[5, 5, 55, 55]])
-    np.testing.assert_allclose(s.crowd_boxes, [[10, 10, 40, 40]])
-    assert s.meta["bbox_ids"] == [100] and s.meta["crowd_bbox_ids"] == [108]
-    assert s.meta["crowd_boxes"] == [[10.0, 10.0, 40.0, 40.0]]
+    np.testing.assert_allclose(s.record.boxes, [[5, 5, 55, 55]])
+    np.testing.assert_allclose(s.record.crowd_boxes, [[10, 10, 40, 40]])
+    assert s.record.to_dict()["bbox_ids"] == [100] and s.record.to_dict()["crowd_bbox_ids"] == [108]
+    assert s.record.to_dict()["crowd_boxes"] == [[10.0, 10.0, 40.0, 40.0]]
 
 
 def test_min_box_size_uses_resized_pixels_either_side():
@@ -186,18 +186,18 @@ def test_min_box_size_uses_resized_pixels_either_side():
     boxes = [[0, 0, 100, 7], [0, 0, 7, 100], [0, 0, 8, 8]]  # after /4: 1.75, 1.75, 2.0 px
     row = _row(_grey(w, h), w, h, boxes)
     s = T.process_row(row, T.TransformConfig(image_size=(100, 100), min_box_size=2.0))
-    assert s.box_drops == {"too_small": 2} and len(s.boxes) == 1
+    assert s.record.box_drops == {"too_small": 2} and len(s.record.boxes) == 1
     # Even with min_box_size 0, a box that is empty once written as float32 is never kept.
     row = _row(_grey(w, h), w, h, [[100, 100, 1e-6, 50], [0, 0, 8, 8]])
     s = T.process_row(row, T.TransformConfig(image_size=(100, 100), min_box_size=0.0))
-    assert s.box_drops == {"too_small": 1} and (s.boxes[:, 2:] > s.boxes[:, :2]).all()
+    assert s.record.box_drops == {"too_small": 1} and (s.record.boxes[:, 2:] > s.record.boxes[:, :2]).all()
 
 
 def test_xyxy_degenerate_after_conversion():
     row = _row(_grey(100, 100), 100, 100, [[50, 10, 40, 60], [10, 10, 60, 60]])
     s = T.process_row(row, T.TransformConfig(bbox_format="xyxy", image_size=(100, 100)))
-    assert s.box_drops == {"degenerate": 1}
-    np.testing.assert_allclose(s.boxes, [[10, 10, 60, 60]])
+    assert s.record.box_drops == {"degenerate": 1}
+    np.testing.assert_allclose(s.record.boxes, [[10, 10, 60, 60]])
 
 
 # -------------------------------------------------------------------------------- image drops
@@ -243,7 +243,7 @@ def test_every_image_drop_reason():
 def test_keep_empty_keeps_images_without_boxes():
     s = T.process_row(_row(_grey(50, 40), 50, 40, np.zeros((0, 4))), T.TransformConfig(keep_empty=True))
     assert isinstance(s, Sample)
-    assert s.boxes.shape == (0, 4) and s.labels.shape == (0,) and s.meta["boxes"] == []
+    assert s.record.boxes.shape == (0, 4) and s.record.labels.shape == (0,) and s.record.to_dict()["boxes"] == []
 
 
 def test_crowd_only_image_counts_as_empty():
@@ -349,6 +349,6 @@ def test_process_row_is_deterministic(mode, fmt):
     cfg = T.TransformConfig(image_size=(128, 96), resize=mode, image_format=fmt, quality=85)
     a, b = T.process_row(row, cfg), T.process_row(row, cfg)
     assert a.image_bytes == b.image_bytes
-    assert json.dumps(a.meta, sort_keys=True) == json.dumps(b.meta, sort_keys=True)
+    assert a.record.to_json() == b.record.to_json()
     assert Image.open(io.BytesIO(a.image_bytes)).size == (96, 128)
     assert a.image_ext == fmt

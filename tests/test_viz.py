@@ -16,7 +16,10 @@ from frcnn_shard import anchors as anc
 from frcnn_shard.cli import main
 from frcnn_shard.labels import CLASS_NAMES
 from frcnn_shard.shards import iter_shard, read_manifest
-from frcnn_shard.viz import compute_stats, render_samples, stats_table
+from frcnn_shard.inspect.show import render_samples
+from frcnn_shard.inspect.stats import compute_stats, stats_table
+from frcnn_shard.format.members import TARGETS_EXT
+from frcnn_shard.format.targets import pack_targets, unpack_targets
 
 pytest.importorskip("matplotlib")
 
@@ -43,7 +46,7 @@ def direct(tiny_shards) -> dict:
     for entry in m["shards"]:
         for key, members in iter_shard(tiny_shards / entry["name"]):
             meta = json.loads(members["json"])
-            labels, _ = anc.unpack_targets(members[anc.TARGETS_EXT], m["anchors"]["count"])
+            labels, _ = unpack_targets(members[TARGETS_EXT], m["anchors"]["count"]).dense(m["anchors"]["count"])
             out["keys"].append(key)
             out["classes"].update(meta["labels"])
             out["boxes"].append(len(meta["boxes"]))
@@ -151,5 +154,5 @@ def test_show_errors(tiny_shards, tmp_path):
 
 
 def test_viz_imports_without_matplotlib():
-    code = "import sys; sys.modules['matplotlib'] = None; import frcnn_shard.viz, frcnn_shard.check"
+    code = "import sys; sys.modules['matplotlib'] = None; import frcnn_shard.inspect.show, frcnn_shard.inspect.stats, frcnn_shard.inspect.check, frcnn_shard.cli"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import time
@@ -24,13 +23,18 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
-from .labels import NUM_CLASSES
-from .shards import (
-    IMAGE_EXTS, MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, ShardFormatError,
-    check_member_name, read_manifest, split_member_name,
+from .. import anchors as anc
+from ..format.image import RULE_IMAGE_DECODE, RULE_IMAGE_SIZE, StoredImageError, open_stored_image
+from ..format.members import (
+    IMAGE_EXTS, JSON_EXT, RULE_MEMBER_NAME, RULE_MEMBERS, TARGETS_EXT, Member, RawSample, group_by_key,
+    image_member, member_name_problem, members_problems, split_member_name,
 )
+from ..format.record import REQUIRED_FIELDS, RecordError, box_array, key_of, parse_json
+from ..format.targets import SparseTargets, unpack_targets
+from ..labels import NUM_CLASSES
+from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest
+from .info import human_bytes
 
 # Rule names, as printed in reports and matched by tests; docs/INSPECT.md explains each one.
 RULE_MANIFEST_INCOMPLETE = "manifest_incomplete"
@@ -43,15 +47,11 @@ RULE_SHARD_SIZE = "shard_size"
 RULE_SHARD_SHA256 = "shard_sha256"
 RULE_TAR_UNREADABLE = "tar_unreadable"
 RULE_TAR_TRAILING = "tar_trailing"
-RULE_MEMBER_NAME = "member_name"
-RULE_MEMBERS = "members"
 RULE_SHARD_COUNT = "shard_count"
 RULE_SHARD_KEYS = "shard_keys"
 RULE_KEY_DUPLICATE = "key_duplicate"
 RULE_KEY_MISMATCH = "key_mismatch"
 RULE_JSON_INVALID = "json_invalid"
-RULE_IMAGE_DECODE = "image_decode"
-RULE_IMAGE_SIZE = "image_size"
 RULE_BOX_INVALID = "box_invalid"
 RULE_LABEL_INVALID = "label_invalid"
 RULE_TARGETS_INVALID = "targets_invalid"
@@ -71,7 +71,6 @@ PROGRESS_EVERY = 64  # samples between progress callbacks (the callback may be a
 # Below this many shard bytes a check runs in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_BYTES = 256 << 20
 MAX_WORKERS = 16
-_PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 Found = list[tuple[str, str]]  # (rule, detail) pairs found for one sample
@@ -138,15 +137,6 @@ class CheckReport:
         }
 
 
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
 # ------------------------------------------------------------------------------- context
 
 
@@ -157,8 +147,6 @@ class _Context:
     image_hw: tuple[int, int]
     image_ext: str
     num_anchors: int
-    targets_ext: str
-    unpack: Callable
     deep: bool
     fraction: float
     seed: int
@@ -178,8 +166,6 @@ def _require(manifest: dict, *path: str):
 
 def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Context:
     """Resolve manifest fields once; raises ManifestError when a required one is missing."""
-    from . import anchors as anc
-
     size = _require(manifest, "image", "size")
     shards = _require(manifest, "shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s for s in shards):
@@ -190,9 +176,9 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
     except (TypeError, ValueError, IndexError) as e:
         raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
     ext = str(manifest.get("image", {}).get("format", "jpg"))
-    ctx = _Context(image_hw, ext, num_anchors, anc.TARGETS_EXT, anc.unpack_sparse, deep, fraction, seed)
+    ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed)
     if ext in IMAGE_EXTS:
-        ctx.expected_members = frozenset((ext, "json", anc.TARGETS_EXT))
+        ctx.expected_members = frozenset((ext, JSON_EXT, TARGETS_EXT))
     if deep:
         ctx.deep_fn = _deep_matcher(manifest, image_hw)
     return ctx
@@ -200,17 +186,14 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
 
 def _deep_matcher(manifest: dict, image_hw: tuple[int, int]) -> Callable[[dict], np.ndarray]:
     """A function meta -> labels recomputed with the reference matcher and the manifest's config."""
-    from . import anchors as anc
-
     try:
         anchors = anc.anchors_from_manifest(manifest)
         cfg = anc.MatchConfig.from_dict(_require(manifest, "anchors", "matching"))
     except (KeyError, TypeError, ValueError) as e:
-        raise ManifestError(f"manifest anchors section cannot be used for --deep: {e}") from None
+        raise ManifestError(f"manifest anchors section cannot be used for a deep check: {e}") from None
 
     def recompute(meta: dict) -> np.ndarray:
-        boxes = np.asarray(meta.get("boxes", []), dtype=np.float32).reshape(-1, 4)
-        crowd = np.asarray(meta.get("crowd_boxes", []), dtype=np.float32).reshape(-1, 4)
+        boxes, crowd = box_array(meta.get("boxes"), "boxes"), box_array(meta.get("crowd_boxes"), "crowd_boxes")
         labels, _ = anc.match_reference(anchors, boxes, crowd, cfg, image_hw)
         return np.asarray(labels)
 
@@ -233,16 +216,12 @@ def _selected(key: str, seed: int, fraction: float) -> bool:
 def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
     """Image header (always) and full pixel decode (when asked): [(rule, detail)]."""
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.format != _PIL_FORMATS.get(ext):
-            return [(RULE_IMAGE_DECODE, f"member .{ext} holds a {img.format} image")]
-        h, w = img.height, img.width
-        # The header size is checked before any pixel is decoded: a decompression bomb never is.
-        if (h, w) != ctx.image_hw:
-            return [(RULE_IMAGE_SIZE, f"image is {h}x{w} (HxW), the manifest says {ctx.image_hw[0]}x{ctx.image_hw[1]}")]
+        img = open_stored_image(data, ext, ctx.image_hw)  # header rules, before any pixel is decoded
         if full:
             img.load()
-    except Exception as e:  # Pillow raises assorted exception types for broken data
+    except StoredImageError as e:
+        return [(e.rule, str(e))]
+    except Exception as e:  # Pillow raises assorted exception types for broken pixel data
         return [(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}")]
     return []
 
@@ -250,14 +229,9 @@ def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
 def _box_array(value, what: str) -> tuple[np.ndarray | None, str]:
     """JSON list -> float64 [N,4] array, or (None, why)."""
     try:
-        a = np.asarray(value if value is not None else [], dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float64
-        return None, f"{what} is not a list of numbers"
-    if a.size == 0:
-        return a.reshape(0, 4), ""
-    if a.ndim != 2 or a.shape[1] != 4:
-        return None, f"{what} has shape {list(a.shape)}, expected [N, 4]"
-    return a, ""
+        return box_array(value, what, np.float64), ""
+    except RecordError as e:
+        return None, str(e)
 
 
 def _boxes_clean(value, w: float, h: float) -> bool:
@@ -301,12 +275,12 @@ def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
     if not isinstance(meta, dict):
         return [(RULE_JSON_INVALID, f"JSON member is a {type(meta).__name__}, expected an object")], None
     out: list[tuple[str, str]] = []
-    missing = [f for f in ("image_id", "size", "boxes", "labels", "rpn") if f not in meta]
+    missing = [f for f in REQUIRED_FIELDS if f not in meta]
     if missing:
         out.append((RULE_JSON_INVALID, f"JSON member lacks {', '.join(missing)}"))
     image_id = meta.get("image_id")
     if "image_id" in meta:
-        if not isinstance(image_id, int) or isinstance(image_id, bool) or f"{image_id:012d}" != key:
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or key_of(image_id) != key:
             out.append((RULE_KEY_MISMATCH, f"key is not the 12-digit image_id ({image_id!r})"))
     if "key" in meta and meta["key"] != key:
         out.append((RULE_KEY_MISMATCH, f"JSON 'key' is {meta['key']!r}"))
@@ -348,38 +322,33 @@ def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
     return out, num_boxes
 
 
-def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, tuple | None]:
-    """Anchor-target member rules. Returns ([(rule, detail)], (positive, ignored) indices or None).
+def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, SparseTargets | None]:
+    """Anchor-target member rules. Returns ([(rule, detail)], the sparse targets or None).
 
-    The sparse form is validated by anchors.unpack_sparse (index ranges, order, overlap, box indices
-    against the header), so no dense array of all A anchors is built unless --deep needs one.
+    The sparse form is validated by format.targets.unpack_targets (index ranges, order, overlap, box
+    indices against the header), so no dense array of all A anchors is built unless --deep needs one.
     """
     try:
-        pos, ign, box = ctx.unpack(data, ctx.num_anchors)
+        targets = unpack_targets(data, ctx.num_anchors)
     except Exception as e:  # unpack raises ValueError by contract; a damaged npz can raise zip/zlib errors too
         return [(RULE_TARGETS_INVALID, f"cannot unpack: {type(e).__name__}: {e}")], None
-    positive, ignore = len(pos), len(ign)
-    negative = ctx.num_anchors - positive - ignore
     out: list[tuple[str, str]] = []
-    if num_boxes is not None and positive and int(box.max()) >= num_boxes:
+    if num_boxes is not None and len(targets.matched) and int(targets.matched.max()) >= num_boxes:
         out.append((RULE_TARGETS_INVALID, f"positive anchors matched to boxes outside 0..{num_boxes - 1}"))
     rpn = meta.get("rpn") if isinstance(meta, dict) else None
     if isinstance(rpn, dict):
-        stored = {"positive": positive, "negative": negative, "ignore": ignore}
-        diff = {k: (rpn.get(k), v) for k, v in stored.items() if rpn.get(k) != v}
+        diff = {k: (rpn.get(k), v) for k, v in targets.counts(ctx.num_anchors).items() if rpn.get(k) != v}
         if diff:
             out.append((RULE_TARGETS_COUNTS, "JSON rpn counts differ from the member (json, member): "
                         + ", ".join(f"{k} {j}/{m}" for k, (j, m) in diff.items())))
-    return out, (pos, ign)
+    return out, targets
 
 
-def _check_deep(meta, sparse: tuple | None, ctx: _Context) -> Found:
+def _check_deep(meta, targets: SparseTargets | None, ctx: _Context) -> Found:
     """Recompute the anchor labels from the stored boxes and compare them anchor by anchor."""
-    from . import anchors as anc
-
-    if sparse is None or not isinstance(meta, dict) or ctx.deep_fn is None:
+    if targets is None or not isinstance(meta, dict) or ctx.deep_fn is None:
         return []
-    stored = anc.dense_labels(ctx.num_anchors, *sparse)
+    stored = targets.dense(ctx.num_anchors)[0]
     try:
         ref = ctx.deep_fn(meta)
     except Exception as e:  # boxes already reported as broken make the matcher fail; say so, do not crash
@@ -392,40 +361,32 @@ def _check_deep(meta, sparse: tuple | None, ctx: _Context) -> Found:
                                 f"(first: anchor {i} stored {int(stored[i])}, recomputed {int(ref[i])})")]
 
 
-def _check_sample(key: str, members: dict[str, bytes], ctx: _Context, full_decode: bool) -> tuple[Found, bool]:
+def _check_sample(raw: RawSample, ctx: _Context, full_decode: bool) -> tuple[Found, bool]:
     """All per-sample rules for one sample: ([(rule, detail)], deep-checked?)."""
-    out: list[tuple[str, str]] = []
+    members = raw.members
+    out: list[tuple[str, str]] = list(raw.problems)
     if members.keys() == ctx.expected_members:  # the sound case: image in the manifest's format, JSON, targets
         image = ctx.image_ext
     else:
-        images = [e for e in IMAGE_EXTS if e in members]
-        need = {"json", ctx.targets_ext}
-        missing = sorted(need - set(members)) + ([] if images else [f"image ({'/'.join(IMAGE_EXTS)})"])
-        extra = sorted(set(members) - need - set(IMAGE_EXTS)) + (images[1:] if len(images) > 1 else [])
-        if missing or extra:
-            out.append((RULE_MEMBERS, "; ".join(filter(None, [
-                f"missing {', '.join(missing)}" if missing else "",
-                f"unexpected {', '.join(extra)}" if extra else ""]))))
-        image = images[0] if images else None
-        if image is not None and image != ctx.image_ext:
-            out.append((RULE_MEMBERS, f"image member is .{image}, the manifest says {ctx.image_ext}"))
-    deep = ctx.deep and _selected(key, ctx.seed, ctx.fraction)
+        out += [(RULE_MEMBERS, p) for p in members_problems(members.keys(), ctx.image_ext)]
+        image = image_member(members)
+    deep = ctx.deep and _selected(raw.key, ctx.seed, ctx.fraction)
     if image is not None:
         out += _check_image(members[image], image, ctx, full_decode or deep)
     meta, num_boxes = None, None
-    if "json" in members:
+    if JSON_EXT in members:
         try:
-            meta = json.loads(members["json"])
-        except ValueError as e:  # UnicodeDecodeError is a ValueError too
-            out.append((RULE_JSON_INVALID, f"not valid JSON: {e}"))
+            meta = parse_json(members[JSON_EXT])
+        except RecordError as e:
+            out.append((RULE_JSON_INVALID, str(e)))
         else:
-            found, num_boxes = _check_meta(key, meta, ctx)
+            found, num_boxes = _check_meta(raw.key, meta, ctx)
             out += found
-    if ctx.targets_ext in members:
-        found, sparse = _check_targets(members[ctx.targets_ext], meta, num_boxes, ctx)
+    if TARGETS_EXT in members:
+        found, targets = _check_targets(members[TARGETS_EXT], meta, num_boxes, ctx)
         out += found
         if deep and meta is not None:
-            out += _check_deep(meta, sparse, ctx)
+            out += _check_deep(meta, targets, ctx)
     return out, deep
 
 
@@ -517,85 +478,49 @@ def _tail_problems(data: bytes, end: int, key: str | None) -> list[tuple[str, st
     return []
 
 
-def _walk_tar(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], list[tuple]]]:
-    """Yield (key, {ext: bytes}, [(rule, detail)]) per sample from in-memory tar bytes, then archive problems.
+def _last_key(members: list[Member]) -> str | None:
+    """The key of the last safely named member (the sample an archive problem follows)."""
+    return next((split_member_name(m.name)[0] for m in reversed(members) if member_name_problem(m.name) is None), None)
 
-    The last item has key '' and no members; its list holds (key, rule, detail) problems of the
-    archive as a whole (unreadable, data after the end, ...). Member bytes are slices of ``data``.
+
+def _archive(data: bytes) -> tuple[list[Member], list[tuple[str, str, str]]]:
+    """The members of in-memory tar bytes and the problems of the archive as a whole, (key, rule, detail).
+
     A plain archive (_scan_tar) is read straight off the buffer; anything else goes through tarfile
-    (_walk_tarfile), with the same results wherever both can read it.
+    (_archive_tarfile), with the same members wherever both can read it. Member bytes are slices of ``data``.
     """
     scanned = _scan_tar(data)
     if scanned is None:
-        yield from _walk_tarfile(data, name)
-        return
+        return _archive_tarfile(data)
     entries, end = scanned
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    found: list[tuple[str, str]] = []
-    tail: list[tuple[str, str, str]] = []
-    for member, start, size in entries:
-        try:
-            check_member_name(member, name)
-        except ShardFormatError as e:
-            tail.append(("", RULE_MEMBER_NAME, str(e).split(": ", 1)[-1]))
-            continue
-        k, ext = split_member_name(member)
-        if k != key:
-            if key is not None:
-                yield key, members, found
-            key, members, found = k, {}, []
-        if ext in members:
-            found.append((RULE_MEMBERS, f"member .{ext} appears twice"))
-            continue
-        members[ext] = data[start:start + size]
-    if key is not None:
-        yield key, members, found
-    yield "", {}, tail + _tail_problems(data, end, key)
+    members = [Member(n, size, True, lambda a=start, z=size: data[a:a + z]) for n, start, size in entries]
+    return members, _tail_problems(data, end, _last_key(members))
 
 
-def _walk_tarfile(data: bytes, name: str) -> Iterator[tuple[str, dict[str, bytes], list[tuple]]]:
-    """_walk_tar through tarfile: for archives that are not plain (damaged, truncated, special members)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    found: list[tuple[str, str]] = []
-    tail: list[tuple[str, str, str]] = []
+def _archive_tarfile(data: bytes) -> tuple[list[Member], list[tuple[str, str, str]]]:
+    """_archive through tarfile: for archives that are not plain (damaged, truncated, special members)."""
+    members: list[Member] = []
     end = 0
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
         for info in tar:
-            try:
-                check_member_name(info.name, name)
-            except ShardFormatError as e:
-                tail.append(("", RULE_MEMBER_NAME, str(e).split(": ", 1)[-1]))
-                continue
-            k, ext = split_member_name(info.name)
-            if k != key:
-                if key is not None:
-                    yield key, members, found
-                key, members, found = k, {}, []
-            if not info.isreg():
-                found.append((RULE_MEMBER_NAME, f"member {info.name!r} is not a regular file"))
-                continue
             stop = info.offset_data + info.size
-            if stop > len(data):
-                raise tarfile.ReadError(f"member {info.name!r} ends at byte {stop}, "
-                                        f"past the end of the file ({len(data)})")
-            if ext in members:
-                found.append((RULE_MEMBERS, f"member .{ext} appears twice"))
-                continue
-            members[ext] = data[info.offset_data:stop]
-            end = stop
+            if info.isreg() and member_name_problem(info.name) is None:
+                if stop > len(data):
+                    raise tarfile.ReadError(f"member {info.name!r} ends at byte {stop}, "
+                                            f"past the end of the file ({len(data)})")
+                end = stop
+            members.append(Member(info.name, info.size, info.isreg(), lambda a=info.offset_data, b=stop: data[a:b]))
         # The archive must end with zero blocks only: anything else is junk the loader never sees.
-        tail += _tail_problems(data, max(end, tar.offset), key)
+        return members, _tail_problems(data, max(end, tar.offset), _last_key(members))
     except tarfile.TarError as e:
         # The sample being read is cut off: it is not counted as a sample; the problem names it.
-        tail.append((key or "", RULE_TAR_UNREADABLE, f"the archive breaks off here, this sample is not counted: {e}"
-                     if key else f"not a readable tar: {e}"))
-        key = None
-    if key is not None:
-        yield key, members, found
-    yield "", {}, tail
+        key = _last_key(members)
+        if key is None:
+            return members, [("", RULE_TAR_UNREADABLE, f"not a readable tar: {e}")]
+        while members and split_member_name(members[-1].name)[0] == key:
+            members.pop()
+        return members, [(key, RULE_TAR_UNREADABLE, f"the archive breaks off here, this sample is not counted: {e}")]
 
 
 @dataclass
@@ -651,21 +576,23 @@ def _check_shard(path: Path, entry: dict, ctx: _Context, progress: Callable[[int
     keys = res.keys
     local: set[str] = set()
     pending = 0
-    for key, members, found in _walk_tar(data, name):
-        if not key:
-            problems.extend(Problem(name, k, r, d) for k, r, d in found)
+    members, tail = _archive(data)
+    for raw in group_by_key(members, read_exts=None):
+        if not raw.key:  # members whose names have no key belong to no sample
+            problems.extend(Problem(name, "", r, d) for r, d in raw.problems)
             continue
-        if key in local:
-            found = found + [(RULE_KEY_DUPLICATE, "key appears twice in this shard")]
-        local.add(key)
-        keys.append(key)
-        sample_found, deep = _check_sample(key, members, ctx, full_decode)
-        problems.extend(Problem(name, key, r, d) for r, d in found + sample_found)
+        found, deep = _check_sample(raw, ctx, full_decode)
+        if raw.key in local:
+            found.append((RULE_KEY_DUPLICATE, "key appears twice in this shard"))
+        local.add(raw.key)
+        keys.append(raw.key)
+        problems.extend(Problem(name, raw.key, r, d) for r, d in found)
         res.deep_samples += deep
         pending += 1
         if progress is not None and pending >= PROGRESS_EVERY:
             progress(pending)
             pending = 0
+    problems.extend(Problem(name, k, r, d) for k, r, d in tail)
     if progress is not None and pending:
         progress(pending)
     if len(keys) != entry.get("samples"):
@@ -791,80 +718,3 @@ def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: 
                 problems.append(Problem(res.name, key, RULE_KEY_DUPLICATE, f"key also in {seen[key]}"))
     report.seconds = time.perf_counter() - t0
     return report
-
-
-# ------------------------------------------------------------------------------- info
-
-
-def _counts_text(d: dict | None) -> str:
-    """{reason: n} -> 'a 3, b 1' or 'none'."""
-    return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
-
-
-def _evidence_text(ev) -> str:
-    """A compact one-line rendering of the bbox-format evidence."""
-    if isinstance(ev, dict):
-        return ", ".join(f"{k}={_evidence_text(v)}" for k, v in ev.items())
-    if isinstance(ev, float):
-        return f"{ev:.4g}"
-    if isinstance(ev, (list, tuple)):
-        return "[" + ", ".join(_evidence_text(v) for v in ev) + "]"
-    return str(ev)
-
-
-def _yes(v) -> str:
-    return "yes" if v else "no"
-
-
-def info_rows(manifest: dict) -> list[tuple[str, str]]:
-    """A short (label, value) table describing a build from its manifest alone."""
-    src = manifest.get("source") or {}
-    opts = manifest.get("options") or {}
-    tf = opts.get("transform") or {}
-    image = manifest.get("image") or {}
-    totals = manifest.get("totals") or {}
-    drops = manifest.get("drops") or {}
-    bf = manifest.get("bbox_format") or {}
-    anc = manifest.get("anchors") or {}
-    m = anc.get("matching") or {}
-    tool = manifest.get("tool") or {}
-
-    source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
-    revision = src.get("revision") or opts.get("revision")
-    size = image.get("size") or tf.get("image_size") or ["?", "?"]
-    fmt = image.get("format") or tf.get("image_format") or "?"
-    fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
-    evidence = bf.get("evidence")
-    bbox_text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
-    bbox_text += f"; {bf['rule']})" if bf.get("rule") else ")"
-    if bf.get("contradicted_by_evidence"):
-        bbox_text += "; CONTRADICTED by the evidence"
-    if evidence not in (None, "", {}):
-        rows = f" ({bf['rows_examined']} rows)" if bf.get("rows_examined") is not None else ""
-        bbox_text += f"; evidence{rows}: {_evidence_text(evidence)}"
-    sha = str(anc.get("sha256") or "")
-    if isinstance(m, dict):
-        matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
-    else:
-        matching = str(m)
-    nbytes = totals.get("bytes")
-    return [
-        ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
-        ("split", str(manifest.get("split", "?"))),
-        ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
-        ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
-        ("samples per shard", str(opts.get("samples_per_shard", "?"))
-         + (f" (max {human_bytes(opts['max_shard_bytes'])})" if opts.get("max_shard_bytes") else "")),
-        ("samples", str(totals.get("samples", "?"))),
-        ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
-        ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
-        ("rows read", str(totals.get("rows", "?"))),
-        ("images dropped", _counts_text(drops.get("images"))),
-        ("boxes dropped", _counts_text(drops.get("boxes"))),
-        ("bbox format", bbox_text),
-        ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),
-        ("matching", matching or "?"),
-        ("format version", str(manifest.get("format_version", "?"))),
-        ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
-        ("complete", _yes(manifest.get("complete"))),
-    ]

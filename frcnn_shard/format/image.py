@@ -1,0 +1,50 @@
+"""The stored image of a sample (``<key>.jpg`` / ``<key>.png``): its header rules and its decode.
+
+The header is checked before any pixel is decoded: the member must hold the format its extension
+names, at exactly the manifest's canvas size, so a decompression bomb or a foreign image is refused
+from a few header bytes.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}  # member extension -> the format its bytes must hold
+RULE_IMAGE_DECODE = "image_decode"
+RULE_IMAGE_SIZE = "image_size"
+
+
+class StoredImageError(ValueError):
+    """A stored image that breaks a rule; ``rule`` is RULE_IMAGE_DECODE or RULE_IMAGE_SIZE."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(message)
+        self.rule = rule
+
+
+def open_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) -> Image.Image:
+    """Open a stored image lazily after its header rules: format matches ``ext``, size equals the canvas."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # Pillow raises assorted exception types for broken data
+        raise StoredImageError(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}") from None
+    if img.format != PIL_FORMATS.get(ext):
+        raise StoredImageError(RULE_IMAGE_DECODE, f"member .{ext} holds a {img.format} image")
+    if canvas_hw is not None and (img.height, img.width) != tuple(canvas_hw):
+        raise StoredImageError(RULE_IMAGE_SIZE, f"image is {img.height}x{img.width} (HxW), the manifest's canvas is "
+                                                f"{canvas_hw[0]}x{canvas_hw[1]}")
+    return img
+
+
+def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) -> np.ndarray:
+    """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem)."""
+    img = open_stored_image(data, ext, canvas_hw)
+    try:
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except Exception as e:  # truncated or corrupt pixel data
+        raise StoredImageError(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}") from None
+    return np.asarray(img)

@@ -1,0 +1,191 @@
+"""The packed anchor targets of a sample (``<key>.rpn.npz``): encode and decode, sparse.
+
+One image's RPN targets are sparse: a few hundred positive and ignored anchors among tens of
+thousands of negatives. The member stores the positive and ignored indices (delta-coded, split into
+byte planes, deflated) and the matched box of each positive; negatives are implicit. The layout is
+docs/FORMAT.md's "rpn.npz"; readers get ``SparseTargets`` and expand to dense arrays only when they must.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+
+
+class SparseTargets(NamedTuple):
+    """One image's stored targets: sorted positive and ignored anchor indices, the box of each positive."""
+
+    positive: np.ndarray  # int64 [P], strictly increasing
+    ignore: np.ndarray  # int64 [I], strictly increasing, disjoint from positive
+    matched: np.ndarray  # int64 [P]: index into the sample's boxes
+
+    def counts(self, num_anchors: int) -> dict[str, int]:
+        """{"positive", "ignore", "negative"} as the JSON record's ``rpn`` holds them."""
+        p, i = len(self.positive), len(self.ignore)
+        return {"positive": p, "ignore": i, "negative": num_anchors - p - i}
+
+    def dense(self, num_anchors: int) -> tuple[np.ndarray, np.ndarray]:
+        """Dense labels int8 [A] (1 positive, -1 ignored, 0 negative) and matched int32 [A] (-1 off positives)."""
+        labels = np.zeros(num_anchors, dtype=np.int8)
+        labels[self.ignore] = -1
+        labels[self.positive] = 1
+        matched = np.full(num_anchors, -1, dtype=np.int32)
+        matched[self.positive] = self.matched
+        return labels, matched
+
+
+def label_counts(labels: np.ndarray) -> dict[str, int]:
+    """{"positive", "ignore", "negative"} of dense labels, in the order the JSON record writes them."""
+    labels = np.asarray(labels)
+    # count_nonzero on the bool masks: ~8x cheaper than .sum() over 40k anchors
+    return {"positive": int(np.count_nonzero(labels == 1)), "ignore": int(np.count_nonzero(labels == -1)),
+            "negative": int(np.count_nonzero(labels == 0))}
+
+
+def _index_dtype(upper: int) -> np.dtype:
+    """Smallest unsigned dtype holding values 0..upper."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if upper <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def _delta_encode(sorted_idx: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # First value absolute, then gaps: runs of neighbouring anchors become runs of small numbers.
+    return np.diff(sorted_idx, prepend=0).astype(dtype)
+
+
+def _byte_planes(values: np.ndarray) -> np.ndarray:
+    # Little-endian bytes split into planes (all low bytes, then the next byte...): the high
+    # planes of small gaps are long zero runs that deflate to almost nothing.
+    le = values.astype(values.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(le.view(np.uint8).reshape(-1, values.dtype.itemsize).T).reshape(-1)
+
+
+def _from_byte_planes(planes: np.ndarray, dtype: np.dtype, count: int) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    if planes.size != count * size:
+        raise ValueError(f"packed targets: {planes.size} bytes cannot hold {count} values of {size} bytes")
+    return np.ascontiguousarray(planes.reshape(size, count).T).view(np.dtype(dtype).newbyteorder("<")).reshape(-1)
+
+
+_PACK_HEADER = 4  # uint32 values: num_anchors, num_pos, num_ignore, max_box_index + 1
+_NPZ_MEMBER = "t.npy"  # the one array of the npz, named "t"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so equal targets give byte-identical members
+_NPY_HEADER_RE = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+
+
+def _npy_uint8(body: np.ndarray) -> bytes:
+    """A .npy (format 1.0) of a 1-D uint8 array, header padded to 64 bytes as NumPy writes it."""
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d,), }" % body.size
+    pad = 64 - (10 + len(header) + 1) % 64
+    header_bytes = (header + " " * (pad % 64) + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(header_bytes).to_bytes(2, "little") + header_bytes + body.tobytes()
+
+
+def _write_npz(body: np.ndarray) -> bytes:
+    """An npz holding the one array 't' (deflated), readable by np.load; written directly for speed."""
+    buf = io.BytesIO()
+    info = zipfile.ZipInfo(_NPZ_MEMBER, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(info, _npy_uint8(body))
+    return buf.getvalue()
+
+
+def _read_npz(data: bytes) -> np.ndarray:
+    """The array 't' of a pack_targets npz; anything else (other members, dtypes, pickles) is refused.
+
+    Parses the one .npy header against the exact uint8 form instead of np.load's generic (and
+    slower) path; a pickle can never be loaded because only raw uint8 bytes are accepted.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        if names != [_NPZ_MEMBER]:
+            raise ValueError(f"expected exactly one array 't', found {[n.removesuffix('.npy') for n in names]}")
+        raw = zf.read(_NPZ_MEMBER)
+    if raw[:6] != b"\x93NUMPY" or raw[6:8] not in (b"\x01\x00", b"\x02\x00", b"\x03\x00"):
+        raise ValueError("member 't' is not a .npy array")
+    hlen_size = 2 if raw[6] == 1 else 4
+    hlen = int.from_bytes(raw[8:8 + hlen_size], "little")
+    start = 8 + hlen_size + hlen
+    m = _NPY_HEADER_RE.fullmatch(raw[8 + hlen_size:start])
+    if m is None:
+        raise ValueError(f"'t' must be a 1-D uint8 array (object arrays and pickles are never loaded), "
+                         f"header {raw[8 + hlen_size:start][:80]!r}")
+    count = int(m.group(1))
+    if len(raw) - start != count:
+        raise ValueError(f"'t' declares {count} bytes but holds {len(raw) - start}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start)
+
+
+def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
+    """Encode one image's RPN targets compactly (npz, see docs/FORMAT.md); negatives are implicit."""
+    labels = np.asarray(labels)
+    matched = np.asarray(matched)
+    if labels.ndim != 1 or matched.shape != labels.shape:
+        raise ValueError(f"labels and matched must be 1-D and the same length, got {labels.shape} and {matched.shape}")
+    if labels.size and (labels.min() < -1 or labels.max() > 1):
+        raise ValueError("labels must be in {1, 0, -1}")
+    n = labels.shape[0]
+    pos = np.flatnonzero(labels == 1)
+    ign = np.flatnonzero(labels == -1)
+    box = matched[pos].astype(np.int64)
+    if len(box) and box.min() < 0:
+        raise ValueError("every positive anchor needs a matched box index >= 0")
+    nbox = int(box.max()) + 1 if len(box) else 0
+    if n > np.iinfo(np.uint32).max:
+        raise ValueError("packed targets support at most 2**32 - 1 anchors")
+    idt, bdt = _index_dtype(max(n - 1, 0)), _index_dtype(max(nbox - 1, 0))
+    head = np.array([n, len(pos), len(ign), nbox], dtype="<u4")
+    body = np.concatenate([
+        head.view(np.uint8),
+        _byte_planes(_delta_encode(pos, idt)),
+        _byte_planes(_delta_encode(ign, idt)),
+        _byte_planes(box.astype(bdt)),
+    ])
+    return _write_npz(body)
+
+
+def unpack_targets(data: bytes, num_anchors: int) -> SparseTargets:
+    """Decode and validate ``pack_targets`` output; ValueError names the rule it breaks."""
+    try:
+        body = _read_npz(data)
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"packed targets: not a readable npz without pickles ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"packed targets: {e}") from e
+    if body.size < 4 * _PACK_HEADER:
+        raise ValueError(f"packed targets: 't' must be 1-D uint8 with a header, got {body.size} bytes")
+    n, npos, nign, nbox = (int(v) for v in body[: 4 * _PACK_HEADER].view("<u4"))
+    if n != num_anchors:
+        raise ValueError(f"packed targets were made for {n} anchors, expected {num_anchors}")
+    idt, bdt = _index_dtype(max(n - 1, 0)), _index_dtype(max(nbox - 1, 0))
+    off = 4 * _PACK_HEADER
+    sizes = (npos * idt.itemsize, nign * idt.itemsize, npos * bdt.itemsize)
+    if off + sum(sizes) != body.size:
+        raise ValueError(
+            f"packed targets: header says {npos} positives, {nign} ignored ({off + sum(sizes)} bytes) "
+            f"but the body has {body.size} bytes"
+        )
+    parts = []
+    for count, dt, size in ((npos, idt, sizes[0]), (nign, idt, sizes[1]), (npos, bdt, sizes[2])):
+        parts.append(_from_byte_planes(body[off : off + size], dt, count).astype(np.int64))
+        off += size
+    pos, ign = np.cumsum(parts[0]), np.cumsum(parts[1])
+    box = parts[2]
+    for name, idx in (("positive", pos), ("ignored", ign)):
+        if len(idx) and (idx[-1] >= n or (len(idx) > 1 and (np.diff(idx) <= 0).any()) or (idx[0] < 0)):
+            raise ValueError(f"packed targets: {name} indices must be strictly increasing and < {n}")
+    if len(pos) and len(ign):
+        # Both are sorted: each positive's insertion point in the ignored list tells whether it is there.
+        at = np.minimum(np.searchsorted(ign, pos), len(ign) - 1)
+        if (ign[at] == pos).any():
+            raise ValueError("packed targets: an anchor is both positive and ignored")
+    if len(box) and int(box.max()) + 1 != nbox:
+        raise ValueError(f"packed targets: matched box indices disagree with the header (max + 1 != {nbox})")
+    return SparseTargets(pos, ign, box)

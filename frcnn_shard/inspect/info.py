@@ -1,0 +1,85 @@
+"""`frcnn-shard info`: a short table describing a build, from its manifest alone."""
+from __future__ import annotations
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _counts_text(d: dict | None) -> str:
+    """{reason: n} -> 'a 3, b 1' or 'none'."""
+    return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def _evidence_text(ev) -> str:
+    """A compact one-line rendering of the bbox-format evidence."""
+    if isinstance(ev, dict):
+        return ", ".join(f"{k}={_evidence_text(v)}" for k, v in ev.items())
+    if isinstance(ev, float):
+        return f"{ev:.4g}"
+    if isinstance(ev, (list, tuple)):
+        return "[" + ", ".join(_evidence_text(v) for v in ev) + "]"
+    return str(ev)
+
+
+def _yes(v) -> str:
+    return "yes" if v else "no"
+
+
+def info_rows(manifest: dict) -> list[tuple[str, str]]:
+    """A short (label, value) table describing a build from its manifest alone."""
+    src = manifest.get("source") or {}
+    opts = manifest.get("options") or {}
+    tf = opts.get("transform") or {}
+    image = manifest.get("image") or {}
+    totals = manifest.get("totals") or {}
+    drops = manifest.get("drops") or {}
+    bf = manifest.get("bbox_format") or {}
+    anc = manifest.get("anchors") or {}
+    m = anc.get("matching") or {}
+    tool = manifest.get("tool") or {}
+
+    source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
+    revision = src.get("revision") or opts.get("revision")
+    size = image.get("size") or tf.get("image_size") or ["?", "?"]
+    fmt = image.get("format") or tf.get("image_format") or "?"
+    fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
+    evidence = bf.get("evidence")
+    bbox_text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
+    bbox_text += f"; {bf['rule']})" if bf.get("rule") else ")"
+    if bf.get("contradicted_by_evidence"):
+        bbox_text += "; CONTRADICTED by the evidence"
+    if evidence not in (None, "", {}):
+        rows = f" ({bf['rows_examined']} rows)" if bf.get("rows_examined") is not None else ""
+        bbox_text += f"; evidence{rows}: {_evidence_text(evidence)}"
+    sha = str(anc.get("sha256") or "")
+    if isinstance(m, dict):
+        matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
+    else:
+        matching = str(m)
+    nbytes = totals.get("bytes")
+    return [
+        ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
+        ("split", str(manifest.get("split", "?"))),
+        ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
+        ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
+        ("samples per shard", str(opts.get("samples_per_shard", "?"))
+         + (f" (max {human_bytes(opts['max_shard_bytes'])})" if opts.get("max_shard_bytes") else "")),
+        ("samples", str(totals.get("samples", "?"))),
+        ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
+        ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
+        ("rows read", str(totals.get("rows", "?"))),
+        ("images dropped", _counts_text(drops.get("images"))),
+        ("boxes dropped", _counts_text(drops.get("boxes"))),
+        ("bbox format", bbox_text),
+        ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),
+        ("matching", matching or "?"),
+        ("format version", str(manifest.get("format_version", "?"))),
+        ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
+        ("complete", _yes(manifest.get("complete"))),
+    ]

@@ -1,0 +1,156 @@
+"""`frcnn-shard show`: samples drawn with their boxes, class names and positive anchors, into one PNG.
+
+matplotlib is the optional ``viz`` extra, imported only when drawing (see plot.py).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..anchors import anchors_from_manifest
+from ..format.image import StoredImageError, decode_stored_image
+from ..format.members import JSON_EXT, TARGETS_EXT, image_member
+from ..format.record import Record, key_of
+from ..format.targets import unpack_targets
+from ..labels import CLASS_NAMES
+from ..shards import iter_shard, read_manifest
+from .plot import DPI, new_figure
+
+CELL_INCHES = 5.0  # one sample per cell: show PNGs are (cols x 500) x (rows x 500) px
+MAX_COLS = 3
+
+
+def _normalize_key(key) -> str:
+    """'139' or 139 -> '000000000139' (keys are 12-digit zero-padded image ids)."""
+    k = str(key).strip()
+    return key_of(int(k)) if k.isdigit() else k
+
+
+def _scan_shard(path: Path, select) -> tuple[str, dict[str, bytes]] | None:
+    """The first sample of a shard that ``select(index, key)`` accepts, reading only that sample's bytes.
+
+    Every header passed over is held to the member rules too (iter_shard raises ShardFormatError).
+    """
+    for key, members in iter_shard(path, select=select):
+        if members:
+            return key, members
+    return None
+
+
+def _locate_key(shard_dir: Path, manifest: dict, key: str) -> tuple[str, dict[str, bytes]]:
+    """The sample with ``key``: shards whose first/last key range holds it are tried first."""
+    entries = manifest.get("shards", [])
+    likely = [e for e in entries if (e.get("first_key") or "") <= key <= (e.get("last_key") or "")]
+    # Keys follow source order, which is usually but not necessarily sorted; fall back to every shard.
+    for entry in likely + [e for e in entries if e not in likely]:
+        got = _scan_shard(shard_dir / entry["name"], lambda i, k: k == key)
+        if got is not None:
+            return got
+    total = sum(int(e.get("samples") or 0) for e in entries)
+    raise KeyError(f"key {key} not found in {shard_dir} ({total} samples in {len(entries)} shards)")
+
+
+def _locate_index(shard_dir: Path, manifest: dict, index: int) -> tuple[str, dict[str, bytes]]:
+    """The sample at position ``index`` of the split, going straight to its shard via the manifest counts."""
+    entries = manifest.get("shards", [])
+    total = sum(int(e.get("samples") or 0) for e in entries)
+    if not 0 <= index < total:
+        raise IndexError(f"index {index} is out of range: {shard_dir} holds samples 0..{total - 1}")
+    start = 0
+    for entry in entries:
+        n = int(entry.get("samples") or 0)
+        if index < start + n:
+            got = _scan_shard(shard_dir / entry["name"], lambda i, k, at=index - start: i == at)
+            if got is None:
+                raise IndexError(f"index {index}: {entry['name']} holds fewer samples than its manifest entry says "
+                                 "(run frcnn-shard check)")
+            return got
+        start += n
+    raise IndexError(f"index {index} is out of range: {shard_dir} holds samples 0..{total - 1}")  # pragma: no cover
+
+
+def _class_color(label: int):
+    """A stable colour per class (tab20, cycled)."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](label % 20)
+
+
+def _draw_boxes(ax, record: Record) -> None:
+    """Ground-truth boxes with their class names; crowd boxes dashed."""
+    from matplotlib.patches import Rectangle
+
+    for (x1, y1, x2, y2), lab in zip(record.boxes.tolist(), record.labels.tolist()):
+        color = _class_color(lab)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.6))
+        name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else f"label {lab}"
+        ax.text(x1, y1, name, fontsize=6, color="black", va="bottom",
+                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
+    crowd_labels = record.crowd_labels.tolist()
+    for i, (x1, y1, x2, y2) in enumerate(record.crowd_boxes.tolist()):
+        lab = crowd_labels[i] if i < len(crowd_labels) else 0
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.2, ls="--"))
+        name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else ""
+        ax.text(x1, y2, f"crowd {name}".strip(), fontsize=6, color="white", va="top")
+
+
+def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int,
+                 image_hw: tuple[int, int]) -> None:
+    """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin."""
+    from matplotlib.patches import Rectangle
+
+    image_ext = image_member(members)
+    if image_ext is None or JSON_EXT not in members:
+        raise ValueError(f"sample {key} lacks its image or JSON member (run frcnn-shard check)")
+    try:
+        image = decode_stored_image(members[image_ext], image_ext, image_hw)  # header checked before decoding
+    except StoredImageError as e:
+        raise StoredImageError(e.rule, f"sample {key}: {e} (run frcnn-shard check)") from None
+    record = Record.from_json(members[JSON_EXT])
+    ax.imshow(image)
+    ax.set_xlim(0, image.shape[1])
+    ax.set_ylim(image.shape[0], 0)
+    ax.set_axis_off()
+    n_pos = 0
+    if anchors is not None and TARGETS_EXT in members:
+        pos = anchors[unpack_targets(members[TARGETS_EXT], num_anchors).positive]
+        n_pos = len(pos)
+        for x1, y1, x2, y2 in pos:  # drawn first, under the ground truth
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", lw=0.4, alpha=0.9))
+    _draw_boxes(ax, record)
+    title = f"{key}: {len(record.boxes)} boxes"
+    if anchors is not None:
+        title += f", {n_pos} positive anchors"
+    ax.set_title(title, fontsize=8)
+
+
+def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
+                   out="sample.png") -> list[str]:
+    """Draw the samples (keys first, then indices) into one grid PNG; returns the keys drawn.
+
+    Raises KeyError (unknown key, naming it and the directory) or IndexError (with the valid range).
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    samples = [_locate_key(shard_dir, manifest, _normalize_key(k)) for k in keys]
+    samples += [_locate_index(shard_dir, manifest, int(i)) for i in indices]
+    if not samples:
+        raise ValueError("render_samples needs at least one key or index")
+    anchor_boxes = anchors_from_manifest(manifest) if anchors else None
+    num_anchors = int(manifest["anchors"]["count"])
+
+    cols = min(len(samples), MAX_COLS)
+    rows = math.ceil(len(samples) / cols)
+    fig = new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (key, members) in zip(axes, samples):
+        _draw_sample(ax, key, members, anchor_boxes, num_anchors, tuple(manifest["image"]["size"]))
+    for ax in axes[len(samples):]:
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, format="png")
+    return [k for k, _ in samples]

@@ -1,0 +1,217 @@
+"""`frcnn-shard stats`: class, box and anchor-label numbers over a split, as a table and a PNG.
+
+No torch here: the anchor sample is the loader's own (anchors.sample_indices with anchors.sample_rng),
+drawn on the sparse targets, so `stats` starts in a fraction of a second.
+
+matplotlib is an optional extra, imported inside plot_stats only (see plot.py).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..anchors.sampling import sample_indices, sample_rng
+from ..format.members import JSON_EXT, TARGETS_EXT
+from ..format.record import Record
+from ..format.targets import unpack_targets
+from ..labels import CLASS_NAMES
+from ..shards import iter_shard, read_manifest
+from .plot import DPI, new_figure
+
+STATS_FIGSIZE = (12.0, 9.0)  # inches: stats PNGs are 1200 x 900 px
+SIZE_BINS = 40  # box-size histogram bins over [0, sqrt(H * W)]
+COCO_SMALL, COCO_MEDIUM = 32.0, 96.0  # COCO's area thresholds (sqrt of area, original pixels)
+_PER_IMAGE = ("boxes", "crowd_boxes", "positive", "negative", "ignore", "sampled_positive", "sampled_negative")
+
+
+def _summary(values: Sequence[float]) -> dict:
+    """min / max / mean / median / total of a list (zeros when empty)."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0, "min": 0, "max": 0, "mean": 0.0, "median": 0.0, "total": 0}
+    num = int if np.all(a == np.round(a)) else float
+    return {"n": int(a.size), "min": num(a.min()), "max": num(a.max()), "mean": float(a.mean()),
+            "median": float(np.median(a)), "total": num(a.sum())}
+
+
+def _iter_samples(shard_dir: Path, manifest: dict, limit: int | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples in split order, stopping after ``limit``; shards past the limit are never opened."""
+    n = 0
+    for entry in manifest.get("shards", []):
+        for key, members in iter_shard(shard_dir / entry["name"]):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield key, members
+
+
+class _BoxSizes:
+    """Running box-size statistics: sqrt(w * h) in resized pixels, and COCO's size classes."""
+
+    def __init__(self, h: int, w: int):
+        self.edges = np.linspace(0.0, math.sqrt(h * w), SIZE_BINS + 1)
+        self.hist = np.zeros(SIZE_BINS, dtype=np.int64)
+        self.total, self.n, self.min, self.max = 0.0, 0, math.inf, 0.0
+        self.coco = Counter({"small": 0, "medium": 0, "large": 0})
+        self.aspect_log2: list[float] = []  # per-box log2(w / h): symmetric around square boxes
+
+    def add(self, boxes: np.ndarray, scale: tuple[float, float]) -> None:
+        """Count the boxes of one image (resized pixels; ``scale`` maps back to the original's)."""
+        b = boxes.astype(np.float64)
+        bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        side = np.sqrt(np.maximum(bw * bh, 0.0))
+        if not len(side):
+            return
+        self.hist += np.histogram(np.clip(side, 0, self.edges[-1]), bins=self.edges)[0]
+        self.total += float(side.sum())
+        self.n += len(side)
+        self.min, self.max = min(self.min, float(side.min())), max(self.max, float(side.max()))
+        orig = side / math.sqrt(scale[0] * scale[1])  # back to the original image's pixels, where COCO's thresholds live
+        self.coco["small"] += int((orig < COCO_SMALL).sum())
+        self.coco["medium"] += int(((orig >= COCO_SMALL) & (orig < COCO_MEDIUM)).sum())
+        self.coco["large"] += int((orig >= COCO_MEDIUM).sum())
+        self.aspect_log2.extend(np.log2(bw / bh).tolist())
+
+    def to_dict(self) -> dict:
+        """The "box_sizes" section of compute_stats."""
+        return {
+            "measure": "sqrt(w * h), resized pixels",
+            "edges": self.edges.tolist(), "counts": self.hist.tolist(),
+            "n": self.n, "mean": self.total / self.n if self.n else 0.0,
+            "min": self.min if self.n else 0.0, "max": self.max,
+            "coco_area": dict(self.coco),  # by sqrt(area) in original pixels: < 32 small, < 96 medium, else large
+            "log2_aspect_w_over_h": _summary(self.aspect_log2),
+        }
+
+
+def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256,
+                  positive_fraction: float = 0.5, seed: int = 0) -> dict:
+    """Class, box and anchor-label statistics over all samples (or the first ``limit``)."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    num_anchors = int(manifest["anchors"]["count"])
+    h, w = (int(v) for v in manifest["image"]["size"])
+    classes: Counter = Counter()
+    keys: list[str] = []
+    per_image: dict[str, list[int]] = {k: [] for k in _PER_IMAGE}
+    sizes = _BoxSizes(h, w)
+    for key, members in _iter_samples(shard_dir, manifest, limit):
+        record = Record.from_json(members[JSON_EXT])
+        targets = unpack_targets(members[TARGETS_EXT], num_anchors)
+        # The loader's draws for epoch 0 (same generator, same sparse sampler).
+        sampled_pos, sampled_neg = sample_indices(targets, num_anchors, rpn_batch_size, positive_fraction,
+                                                  rng=sample_rng(seed, 0, key))
+        keys.append(key)
+        classes.update(int(v) for v in record.labels)
+        sizes.add(record.boxes, record.scale)
+        counts = targets.counts(num_anchors)
+        for name, value in (("boxes", len(record.boxes)), ("crowd_boxes", len(record.crowd_boxes)),
+                            ("positive", counts["positive"]), ("negative", counts["negative"]),
+                            ("ignore", counts["ignore"]), ("sampled_positive", len(sampled_pos)),
+                            ("sampled_negative", len(sampled_neg))):
+            per_image[name].append(value)
+    return _stats_dict(shard_dir, manifest, limit, keys, classes, per_image, sizes,
+                       {"rpn_batch_size": rpn_batch_size, "positive_fraction": positive_fraction, "seed": seed})
+
+
+def _stats_dict(shard_dir: Path, manifest: dict, limit: int | None, keys: list[str], classes: Counter,
+                per_image: dict, sizes: _BoxSizes, sampling: dict) -> dict:
+    """The result of compute_stats from its tallies."""
+    total_boxes = sum(per_image["boxes"])
+    class_rows = [{"label": lab, "name": CLASS_NAMES[lab] if 0 <= lab < len(CLASS_NAMES) else f"label {lab}",
+                   "count": n, "share": n / total_boxes if total_boxes else 0.0}
+                  for lab, n in sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return {
+        "shard_dir": str(shard_dir), "split": manifest.get("split"), "samples": len(keys), "limit": limit,
+        "image_hw": [int(v) for v in manifest["image"]["size"]], "num_anchors": int(manifest["anchors"]["count"]),
+        "keys": keys, "classes": class_rows, "boxes": total_boxes, "crowd_boxes": sum(per_image["crowd_boxes"]),
+        "per_image": per_image, "boxes_per_image": _summary(per_image["boxes"]), "box_sizes": sizes.to_dict(),
+        "anchors": {
+            "before": {k: _summary(per_image[k]) for k in ("positive", "negative", "ignore")},
+            "after": {"positive": _summary(per_image["sampled_positive"]),
+                      "negative": _summary(per_image["sampled_negative"])},
+            "images_without_positive": sum(1 for v in per_image["positive"] if v == 0),
+            "sampling": {**sampling, "epoch": 0, "rng": "frcnn_shard.anchors.sample_rng(seed, epoch, key)"},
+        },
+    }
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def _line(s: dict) -> str:
+    return f"min {_fmt(s['min'])}  median {_fmt(s['median'])}  mean {_fmt(s['mean'])}  max {_fmt(s['max'])}"
+
+
+def stats_table(stats: dict, top: int = 20) -> str:
+    """The numbers of compute_stats as a plain-text table (top-N classes by box count)."""
+    a, bs = stats["anchors"], stats["box_sizes"]
+    smp = a["sampling"]
+    coco = bs["coco_area"]
+    lines = [
+        f"samples           {stats['samples']}" + (f" (first {stats['limit']})" if stats.get("limit") else ""),
+        f"boxes             {stats['boxes']} (+{stats['crowd_boxes']} crowd), {len(stats['classes'])} classes present",
+        f"boxes per image   {_line(stats['boxes_per_image'])}",
+        f"box size          sqrt(w*h) in resized px: min {bs['min']:.1f}  mean {bs['mean']:.1f}  max {bs['max']:.1f}",
+        f"COCO size         small {coco['small']}  medium {coco['medium']}  large {coco['large']} (original px)",
+        f"anchors/image     of {stats['num_anchors']}, stored labels before sampling:",
+        f"  positive        {_line(a['before']['positive'])}",
+        f"  negative        {_line(a['before']['negative'])}",
+        f"  ignore          {_line(a['before']['ignore'])}",
+        f"  no positive     {a['images_without_positive']} images",
+        f"after sampling    batch {smp['rpn_batch_size']}, positive fraction {smp['positive_fraction']:g}, "
+        f"seed {smp['seed']}, epoch {smp['epoch']}:",
+        f"  positive        {_line(a['after']['positive'])}",
+        f"  negative        {_line(a['after']['negative'])}",
+        "",
+        f"top {min(top, len(stats['classes']))} classes (by boxes)",
+        f"  {'label':>5}  {'name':<16} {'boxes':>7}  {'share':>6}",
+    ]
+    for row in stats["classes"][:top]:
+        lines.append(f"  {row['label']:>5}  {row['name']:<16} {row['count']:>7}  {row['share']:>6.1%}")
+    return "\n".join(lines)
+
+
+def plot_stats(stats: dict, out_png, top: int = 20) -> None:
+    """One PNG (STATS_FIGSIZE at DPI): top-N classes, boxes per image, box sizes, anchor labels per image."""
+    fig = new_figure(STATS_FIGSIZE)
+    ax_cls, ax_bpi, ax_size, ax_anc = fig.subplots(2, 2).ravel()
+
+    rows = stats["classes"][:top]
+    ax_cls.barh(range(len(rows)), [r["count"] for r in rows], color="tab:blue")
+    ax_cls.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
+    ax_cls.invert_yaxis()
+    ax_cls.set_title(f"top {len(rows)} classes (boxes)")
+
+    bpi = stats["per_image"]["boxes"]
+    ax_bpi.hist(bpi, bins=np.arange(0, (max(bpi) if bpi else 0) + 2) - 0.5, color="tab:green")
+    ax_bpi.set_title("boxes per image")
+    ax_bpi.set_xlabel("boxes")
+    ax_bpi.set_ylabel("images")
+
+    bs = stats["box_sizes"]
+    edges = np.asarray(bs["edges"])
+    ax_size.bar(edges[:-1], bs["counts"], width=np.diff(edges), align="edge", color="tab:orange")
+    ax_size.set_title("box size, sqrt(w*h) (resized px)")
+    ax_size.set_xlabel("px")
+    ax_size.set_ylabel("boxes")
+
+    pi = stats["per_image"]
+    series = [("positive\nstored", pi["positive"]), ("ignore\nstored", pi["ignore"]),
+              ("negative\nstored", pi["negative"]), ("positive\nsampled", pi["sampled_positive"]),
+              ("negative\nsampled", pi["sampled_negative"])]
+    ax_anc.boxplot([s or [0] for _, s in series], tick_labels=[n for n, _ in series])
+    ax_anc.set_yscale("symlog", linthresh=1)  # positives are tens, negatives tens of thousands
+    ax_anc.set_title(f"anchor labels per image (of {stats['num_anchors']})")
+    ax_anc.tick_params(axis="x", labelsize=7)
+
+    fig.suptitle(f"{stats.get('split') or ''} - {stats['samples']} samples, {stats['boxes']} boxes")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=DPI, format="png")
+
+
