@@ -31,7 +31,7 @@ from .shards import (
     MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, file_sha256,
     list_shard_keys, read_manifest, shard_name, write_json_atomic,
 )
-from .sources import DEFAULT_HUB_ID, open_source
+from .sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, open_source
 from .transform import (
     DROP_CORRUPT_IMAGE, DROP_MISSING_IMAGE, DROP_SIZE_MISMATCH, DROP_TOO_MANY_PIXELS, IMAGENET_MEAN, IMAGENET_STD,
     TransformConfig, process_row,
@@ -93,29 +93,46 @@ def is_transient(exc: BaseException) -> bool:
 class BuildOptions:
     """Everything `frcnn-shard build` takes; the output-shaping part is recorded in the manifest."""
 
-    source: str = DEFAULT_HUB_ID
-    split: str = "train"
-    revision: str | None = None
-    out: str = "shards"
-    bbox_format: str = "auto"
+    # A field's "help" is its documentation and makes it a command-line option (cli.py builds the
+    # options from these fields); "choices" and "parse" say how the option's text is read.
+    source: str = field(default=DEFAULT_HUB_ID, metadata={
+        "help": "Hub dataset id, a local folder in the Hub's layout, or coco:DIR (official COCO layout)."})
+    split: str = field(default="train", metadata={"help": "train / val (hub); train2017 / val2017 (coco:)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit).", "type": str})
+    out: str = field(default="shards", metadata={"help": "Output root; shards go to OUT/<split>/."})
+    bbox_format: str = field(default="auto", metadata={
+        "help": "How the source's bbox is written; auto decides from geometry and records the evidence.",
+        "choices": BBOX_FORMAT_CHOICES})
     transform: TransformConfig = field(default_factory=TransformConfig)
-    anchor_preset: str = anc.DEFAULT_PRESET
-    anchor_sizes: tuple | None = None
-    anchor_ratios: tuple | None = None
-    anchor_strides: tuple | None = None
+    anchor_preset: str = field(default=anc.DEFAULT_PRESET, metadata={
+        "help": "The anchor layout (docs/FORMAT.md lists each preset's sizes, ratios and strides).",
+        "choices": anc.PRESETS})
+    anchor_sizes: tuple | None = field(default=None, metadata={
+        "help": "Override sizes per level, e.g. 32,64,128,256,512 (or 32/40,... for several).", "parse": anc.parse_sizes})
+    anchor_ratios: tuple | None = field(default=None, metadata={
+        "help": "Override aspect ratios, e.g. 0.5,1,2 (in the preset's convention).", "parse": anc.parse_numbers})
+    anchor_strides: tuple | None = field(default=None, metadata={
+        "help": "Override strides per level, e.g. 4,8,16,32,64.", "parse": anc.parse_numbers})
     matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
-    samples_per_shard: int = 1000
-    max_shard_bytes: int | None = None
-    max_samples: int | None = None
-    max_bad_fraction: float = 0.01
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    device: str = "auto"
-    gpu_batch: int = 64
-    chunk_size: int = 8
-    overwrite: bool = False
-    detect_rows: int = 200
-    retries: int = 5  # consecutive transient source failures retried before the build stops
-    retry_backoff: float = 1.0  # seconds before the first retry; doubles per consecutive failure
+    samples_per_shard: int = field(default=1000, metadata={"help": "Samples per shard file (the last holds the rest)."})
+    max_shard_bytes: int | None = field(default=None, metadata={
+        "help": "Also close a shard once it reaches this many bytes.", "type": int})
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Stop after this many samples (quick runs).", "type": int})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "Exit non-zero when more than this fraction of rows is skipped as bad input."})
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={
+        "help": "Worker processes (0: in-process)."})
+    device: str = field(default="auto", metadata={
+        "help": "Where anchor targets are matched (auto: CUDA when available).", "choices": DEVICES})
+    gpu_batch: int = field(default=64, metadata={"help": "Images per batched GPU matching call."})
+    chunk_size: int = 8  # rows per task sent to a worker
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing build with different options."})
+    detect_rows: int = 200  # rows examined to decide the bbox format
+    retries: int = field(default=5, metadata={
+        "help": "Consecutive transient source errors (dropped connection, timeout) retried before stopping."})
+    retry_backoff: float = field(default=1.0, metadata={
+        "help": "Seconds before the first retry; doubles per consecutive failure (at most 60 s)."})
 
 
 @dataclass
@@ -256,8 +273,8 @@ def _ordered_results(pool, chunks: Iterator[list[SourceRow]], max_inflight: int)
         yield from _get(pending.popleft(), pool, pids)
 
 
-def _source_rows(source, skip: int, opts: BuildOptions, sleep: Callable[[float], None] = time.sleep
-                 ) -> Iterator[SourceRow]:
+def resilient_rows(source, skip: int, opts: BuildOptions, sleep: Callable[[float], None] = time.sleep
+                   ) -> Iterator[SourceRow]:
     """source.rows(skip), resumed at the failed row after a transient error (see is_transient).
 
     Up to ``opts.retries`` consecutive failures are retried, waiting retry_backoff * 2**k seconds
@@ -617,7 +634,7 @@ def _run(opts: BuildOptions, source, spec, device: str, pool, w: _Writer, progre
     on_gpu = device == "cuda"
     anchors_t = anc.make_anchors(spec) if on_gpu else None
     fmt = source.bbox_format["decision"]
-    rows = _source_rows(source, w.rows_done, opts)
+    rows = resilient_rows(source, w.rows_done, opts)
     jobs = ((fmt, chunk) for chunk in _chunks(rows, opts.chunk_size))
     if pool is not None:
         results = _ordered_results(pool, jobs, max_inflight=4 * opts.workers)

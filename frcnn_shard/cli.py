@@ -4,35 +4,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
+from typing import Callable
 
 import click
 
 from . import __version__
-from .anchors import LOW_QUALITY_MODES, PRESETS, MatchConfig
-from .build import DEVICES, BuildOptions
-from .sources import BBOX_FORMAT_CHOICES
-from .transform import IMAGE_FORMATS, RESIZE_MODES, TransformConfig, parse_image_size
-
-
-def _floats(text: str | None, what: str) -> tuple | None:
-    """'0.5,1,2' -> (0.5, 1.0, 2.0)."""
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{what}: expected comma-separated numbers, got {text!r}") from None
-
-
-def _sizes(text: str | None) -> tuple | None:
-    """'32,64' -> ((32.0,), (64.0,)); '32/40,64/80' gives several sizes per level."""
-    if text is None:
-        return None
-    try:
-        return tuple(tuple(float(s) for s in level.split("/")) for level in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"--anchor-sizes: expected e.g. 32,64,128 or 32/40,64/80, got {text!r}") from None
+from .anchors import MatchConfig
+from .build import BuildOptions
+from .transform import TransformConfig
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -46,18 +26,66 @@ def main() -> None:
     """Preprocess COCO into WebDataset shards with precomputed RPN anchor targets, and inspect them."""
 
 
-# Defaults and choices come from the library's own dataclasses and constants: one place each.
-_B, _T, _M = BuildOptions(), TransformConfig(), MatchConfig()
-
-
 def _flag(option: str) -> str:
     """A BuildOptions field name as the command-line flag that sets it."""
     return "--" + option.replace("_", "-")
 
 
+# The build's options are the fields of these dataclasses that carry a "help": their defaults,
+# choices and help text live there, once; the command line only spells them as flags.
+_OPTION_CLASSES = (BuildOptions, TransformConfig, MatchConfig)
+
+
+def _option_fields(cls) -> list:
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def _default_text(value) -> str | None:
+    """How a tuple default reads on the command line: (400, 400) -> '400', (480, 640) -> '480x640'."""
+    if isinstance(value, tuple):
+        return str(value[0]) if len(set(value)) == 1 else "x".join(map(str, value))
+    return None if value is None else str(value)
+
+
+def _click_option(f) -> Callable:
+    """The click option of one dataclass field."""
+    meta = f.metadata
+    default = f.default_factory() if f.default is MISSING else f.default
+    if isinstance(default, bool):
+        return click.option(_flag(f.name), is_flag=True, default=default, help=meta["help"])
+    if "parse" in meta:  # read as text, parsed into the field's value by _values
+        text = _default_text(default)
+        return click.option(_flag(f.name), default=text, show_default=text is not None, help=meta["help"])
+    kind = click.Choice(meta["choices"]) if "choices" in meta else meta.get("type", type(default))
+    return click.option(_flag(f.name), type=kind, default=default, show_default=default is not None, help=meta["help"])
+
+
+def _build_command_options(command: Callable) -> Callable:
+    """Decorate the build command with one option per documented field of the option classes."""
+    for f in reversed([f for cls in _OPTION_CLASSES for f in _option_fields(cls)]):
+        command = _click_option(f)(command)
+    return command
+
+
+def _values(cls, kw: dict) -> dict:
+    """The given values of a dataclass's option fields, parsed (ValueError names the field)."""
+    out = {}
+    for f in _option_fields(cls):
+        value = kw[f.name]
+        if "parse" in f.metadata:
+            if value is None:
+                continue  # not given: the library's default
+            try:
+                value = f.metadata["parse"](value)
+            except ValueError as e:
+                raise ValueError(f"{f.name}: {e}") from None
+        out[f.name] = value
+    return out
+
+
 # The library names options by their Python names; on the command line they read as flags.
 _OPTION_NAMES = re.compile(r"\b(?:TransformConfig\.|MatchConfig\.|BuildOptions\.)?(" + "|".join(
-    f.name for cls in (BuildOptions, TransformConfig, MatchConfig) for f in fields(cls) if "_" in f.name) + r")\b")
+    f.name for cls in _OPTION_CLASSES for f in fields(cls) if "_" in f.name) + r")\b")
 
 
 def _cli_words(message: str) -> str:
@@ -66,59 +94,17 @@ def _cli_words(message: str) -> str:
 
 
 @main.command()
-@click.option("--source", default=_B.source, show_default=True,
-              help="Hub dataset id, a local folder in the Hub's layout, or coco:DIR (official COCO layout).")
-@click.option("--split", default=_B.split, show_default=True, help="train / val (hub); train2017 / val2017 (coco:).")
-@click.option("--revision", default=_B.revision, help="Hub revision (branch, tag or commit).")
-@click.option("--out", default=_B.out, show_default=True, type=click.Path(), help="Output root; shards go to OUT/<split>/.")
-@click.option("--bbox-format", type=click.Choice(BBOX_FORMAT_CHOICES), default=_B.bbox_format, show_default=True,
-              help="How the source's bbox is written; auto decides from geometry and records the evidence.")
-@click.option("--image-size", default=str(_T.image_size[0]) if _T.image_size[0] == _T.image_size[1]
-              else "x".join(map(str, _T.image_size)), show_default=True, help="Output size: 400 or HxW.")
-@click.option("--resize", type=click.Choice(RESIZE_MODES), default=_T.resize, show_default=True,
-              help="stretch: fill the canvas (aspect not kept, as the reference model); "
-                   "letterbox: keep the aspect, pad bottom and right with zeros.")
-@click.option("--min-box-size", type=float, default=_T.min_box_size, show_default=True,
-              help="Drop boxes narrower or lower than this (resized px).")
-@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), default=_T.image_format, show_default=True,
-              help="How the resized images are stored: jpg (small, re-encoded) or png (lossless, ~10x larger).")
-@click.option("--quality", type=click.IntRange(1, 100), default=_T.quality, show_default=True, help="JPEG quality.")
-@click.option("--keep-empty", is_flag=True, help="Keep images left with no boxes (all anchors negative).")
-@click.option("--samples-per-shard", type=int, default=_B.samples_per_shard, show_default=True,
-              help="Samples per shard file (the last holds the rest).")
-@click.option("--max-shard-bytes", type=int, default=_B.max_shard_bytes, help="Also close a shard once it reaches this many bytes.")
-@click.option("--max-samples", type=int, default=_B.max_samples, help="Stop after this many samples (quick runs).")
-@click.option("--workers", type=int, default=_B.workers, show_default=True, help="Worker processes (0: in-process).")
-@click.option("--device", type=click.Choice(DEVICES), default=_B.device, show_default=True,
-              help="Where anchor targets are matched (auto: CUDA when available).")
-@click.option("--gpu-batch", type=int, default=_B.gpu_batch, show_default=True, help="Images per batched GPU matching call.")
-@click.option("--anchor-preset", type=click.Choice(PRESETS), default=_B.anchor_preset, show_default=True,
-              help="The anchor layout (docs/FORMAT.md lists each preset's sizes, ratios and strides).")
-@click.option("--anchor-sizes", default=None, help="Override sizes per level, e.g. 32,64,128,256,512 (or 32/40,... for several).")
-@click.option("--anchor-ratios", default=None, help="Override aspect ratios, e.g. 0.5,1,2 (in the preset's convention).")
-@click.option("--anchor-strides", default=None, help="Override strides per level, e.g. 4,8,16,32,64.")
-@click.option("--pos-iou", type=float, default=_M.pos_iou, show_default=True,
-              help="An anchor whose best IoU with a box is at least this is positive.")
-@click.option("--neg-iou", type=float, default=_M.neg_iou, show_default=True,
-              help="An anchor whose best IoU is below this is negative; in between it is ignored.")
-@click.option("--low-quality", type=click.Choice(LOW_QUALITY_MODES), default=_M.low_quality, show_default=True,
-              help="Forced positives per box: all ties (paper), argmax (tutorial), none.")
+@_build_command_options
 @click.option("--no-low-quality", is_flag=True, help="Same as --low-quality none.")
-@click.option("--crowd-ignore", is_flag=True, help="Anchors covered >= half by a crowd box become ignore.")
-@click.option("--ignore-cross-boundary", is_flag=True, help="Anchors leaving the image become ignore (paper's training rule).")
-@click.option("--max-bad-fraction", type=float, default=_B.max_bad_fraction, show_default=True,
-              help="Exit non-zero when more than this fraction of rows is skipped as bad input.")
-@click.option("--retries", type=int, default=_B.retries, show_default=True,
-              help="Consecutive transient source errors (dropped connection, timeout) retried before stopping.")
-@click.option("--retry-backoff", type=float, default=_B.retry_backoff, show_default=True,
-              help="Seconds before the first retry; doubles per consecutive failure (at most 60 s).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing build with different options.")
-def build(**kw) -> None:
+def build(no_low_quality: bool, **kw) -> None:
     """Stream a split, resize, convert boxes, match anchors and write shards + manifest (resumable)."""
     from .build import BuildError, BuildInterrupted, OptionError, build as run_build, validate_options
 
     try:
-        opts = _build_options(kw)
+        if no_low_quality:
+            kw["low_quality"] = "none"
+        opts = BuildOptions(**_values(BuildOptions, kw), transform=TransformConfig(**_values(TransformConfig, kw)),
+                            matching=MatchConfig(**_values(MatchConfig, kw)))
         validate_options(opts)  # nonsense is refused here, before any directory or process is created
     except OptionError as e:
         _fail(f"{_flag(e.option)} {_cli_words(e.reason)}", 2)
@@ -134,28 +120,6 @@ def build(**kw) -> None:
     finally:
         bar.close()
     _print_build_summary(res)
-
-
-def _build_options(kw: dict) -> BuildOptions:
-    """BuildOptions from the build command's parsed options (ValueError on a malformed value)."""
-    return BuildOptions(
-        source=kw["source"], split=kw["split"], revision=kw["revision"], out=kw["out"], bbox_format=kw["bbox_format"],
-        transform=TransformConfig(
-            image_size=parse_image_size(kw["image_size"]), resize=kw["resize"], min_box_size=kw["min_box_size"],
-            image_format=kw["image_format"], quality=kw["quality"], keep_empty=kw["keep_empty"],
-        ),
-        anchor_preset=kw["anchor_preset"], anchor_sizes=_sizes(kw["anchor_sizes"]),
-        anchor_ratios=_floats(kw["anchor_ratios"], "--anchor-ratios"),
-        anchor_strides=_floats(kw["anchor_strides"], "--anchor-strides"),
-        matching=MatchConfig(
-            pos_iou=kw["pos_iou"], neg_iou=kw["neg_iou"], low_quality="none" if kw["no_low_quality"] else kw["low_quality"],
-            crowd_ignore=kw["crowd_ignore"], ignore_cross_boundary=kw["ignore_cross_boundary"],
-        ),
-        samples_per_shard=kw["samples_per_shard"], max_shard_bytes=kw["max_shard_bytes"],
-        max_samples=kw["max_samples"], max_bad_fraction=kw["max_bad_fraction"], workers=kw["workers"],
-        device=kw["device"], gpu_batch=kw["gpu_batch"], overwrite=kw["overwrite"], retries=kw["retries"],
-        retry_backoff=kw["retry_backoff"],
-    )
 
 
 class _Bar:

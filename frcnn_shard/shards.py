@@ -86,7 +86,7 @@ class _HashingFile:
 # USTAR member headers exactly as tarfile writes them for the fields ShardWriter sets (regular
 # file, mode 0644, uid/gid 0, mtime 0, empty owner names, no link, no device numbers): built from a
 # template, only the name, size and checksum vary. Anything the template cannot hold goes through
-# tarfile itself (see _member_header); tests/test_shards.py checks the two agree byte for byte.
+# tarfile itself (see member_header); tests/test_shards.py checks the two agree byte for byte.
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _NUL_BLOCK = bytes(_BLOCK)
@@ -110,8 +110,8 @@ def _tarfile_header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def _member_header(name: str, size: int) -> bytes:
-    """512-byte USTAR header of a member, identical to _tarfile_header but ~10x cheaper."""
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header ShardWriter writes for a member: what tarfile writes, ~10x cheaper."""
     if not (name.isascii() and len(name) <= 100 and 0 <= size < _MAX_TEMPLATE_SIZE):
         return _tarfile_header(name, size)  # long (prefix-split) or non-ASCII names, huge or bad sizes
     name_b = name.encode("ascii")
@@ -156,7 +156,7 @@ class ShardWriter:
         """Append one sample: ``members`` are (extension, bytes) pairs, written in that order."""
         parts = []
         for ext, data in members:
-            parts.append(_member_header(f"{key}.{ext}", len(data)))
+            parts.append(member_header(f"{key}.{ext}", len(data)))
             parts.append(data)
             if len(data) % _BLOCK:
                 parts.append(_NUL_BLOCK[len(data) % _BLOCK:])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -84,12 +84,17 @@ def parse_image_size(text: str) -> tuple[int, int]:
 class TransformConfig:
     """Everything that decides how a source row becomes a sample (recorded in the manifest)."""
 
-    image_size: tuple[int, int] = (400, 400)  # (H, W) of the output canvas
-    resize: str = "stretch"  # "stretch" (aspect not kept, as the reference model) | "letterbox"
-    min_box_size: float = 1.0  # boxes narrower OR lower than this (resized pixels) are dropped
-    image_format: str = "jpg"  # "jpg" | "png"
-    quality: int = 90  # JPEG quality; ignored for png
-    keep_empty: bool = False  # keep images left with no boxes
+    image_size: tuple[int, int] = field(default=(400, 400), metadata={  # (H, W) of the output canvas
+        "help": "Output size: 400 or HxW.", "parse": parse_image_size})
+    resize: str = field(default="stretch", metadata={
+        "help": "stretch: fill the canvas (aspect not kept, as the reference model); "
+                "letterbox: keep the aspect, pad bottom and right with zeros.", "choices": RESIZE_MODES})
+    min_box_size: float = field(default=1.0, metadata={"help": "Drop boxes narrower or lower than this (resized px)."})
+    image_format: str = field(default="jpg", metadata={
+        "help": "How the resized images are stored: jpg (small, re-encoded) or png (lossless, ~10x larger).",
+        "choices": IMAGE_FORMATS})
+    quality: int = field(default=90, metadata={"help": "JPEG quality, 1..100 (png ignores it)."})
+    keep_empty: bool = field(default=False, metadata={"help": "Keep images left with no boxes (all anchors negative)."})
     bbox_format: str = "xywh"  # the source's box convention (the source's decision)
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse images whose header declares more pixels
 

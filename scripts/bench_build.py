@@ -46,6 +46,8 @@ import bench_common as bc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from frcnn_shard import anchors as anc  # noqa: E402
+from frcnn_shard.format.members import TARGETS_EXT  # noqa: E402
+from frcnn_shard.format.targets import pack_targets  # noqa: E402
 from frcnn_shard import build as fb  # noqa: E402
 from frcnn_shard.records import Sample  # noqa: E402
 from frcnn_shard.shards import ShardWriter, iter_shard  # noqa: E402
@@ -184,8 +186,8 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     kept = [r for r, it in zip(rows, items) if isinstance(it, Sample)]
     samples = [it for it in items if isinstance(it, Sample)]
     matcher = anc.AnchorMatcher(fb.anchor_spec(opts), opts.matching)
-    results = [matcher.match(s.boxes, s.crowd_boxes) for s in samples]
-    packed = [anc.pack_targets(l, m) for l, m in results]
+    results = [matcher.match(s.record.boxes, s.record.crowd_boxes) for s in samples]
+    packed = [pack_targets(l, m) for l, m in results]
 
     def codec(row):
         img = resize_image(decode_image(row.image), tcfg.image_size, tcfg.resize)
@@ -194,7 +196,7 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     ms = bc.per_item_ms
     transform_ms = ms(lambda r: process_row(r, tcfg), rows, repeats)  # includes dropped rows, as the build
     codec_ms = ms(codec, kept, repeats) * len(kept) / len(rows)
-    match_ms = ms(lambda s: matcher.match(s.boxes, s.crowd_boxes), samples, repeats) * len(samples) / len(rows)
+    match_ms = ms(lambda s: matcher.match(s.record.boxes, s.record.crowd_boxes), samples, repeats) * len(samples) / len(rows)
     pack_ms = ms(lambda slm: fb._pack(*slm), [(s, l, m) for s, (l, m) in zip(samples, results)],
                  repeats) * len(samples) / len(rows)  # the worker's _pack: rpn counts + pack_targets
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
@@ -208,7 +210,7 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     floor_res_ms = ms(lambda o: pickle.loads(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)), floor_outs,
                       repeats) * len(floor_outs) / len(rows)
     kept_frac = len(samples) / len(rows)  # per-sample costs are paid for kept rows only
-    json_per_sample = ms(lambda s: json.dumps(s.meta, separators=(",", ":")).encode(), samples, repeats)
+    json_per_sample = ms(lambda s: s.record.to_json(), samples, repeats)
     writer_per_sample = _writer_ms(samples, packed, repeats)  # includes the JSON dumps
     blobs = [b for s, p in zip(samples, packed) for b in (s.image_bytes, p)]
     sha_ms = 1000 * bc.best_of(lambda: hashlib.sha256(b"".join(blobs)).digest(), repeats) / len(rows)
@@ -327,13 +329,13 @@ def torch_ms(samples: list[Sample], spec: anc.AnchorSpec, cfg: anc.MatchConfig, 
     def run() -> list:
         out = []
         for b in batches:
-            out.extend(anc.match_batch_torch(anchors, [s.boxes for s in b], [s.crowd_boxes for s in b], cfg,
+            out.extend(anc.match_batch_torch(anchors, [s.record.boxes for s in b], [s.record.crowd_boxes for s in b], cfg,
                                              spec.image_hw, device=device))
         return out
 
     got = run()  # warm-up (and CUDA context / kernels)
     matcher = anc.AnchorMatcher(spec, cfg)
-    agree = all(np.array_equal(g[0], matcher.match(s.boxes, s.crowd_boxes)[0]) for g, s in zip(got, work))
+    agree = all(np.array_equal(g[0], matcher.match(s.record.boxes, s.record.crowd_boxes)[0]) for g, s in zip(got, work))
     return 1000 * bc.best_of(run, 1 if device == "cpu" else repeats) / n, agree  # CPU: slow, one timed run
 
 
@@ -346,15 +348,15 @@ def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
     spec, cfg = fb.anchor_spec(opts), opts.matching
     anchors = anc.make_anchors(spec)
     matcher = anc.AnchorMatcher(spec, cfg)
-    fast = bc.per_item_ms(lambda s: matcher.match(s.boxes, s.crowd_boxes), samples, max(repeats, 5))
-    ref = bc.per_item_ms(lambda s: anc.match_reference(anchors, s.boxes, s.crowd_boxes, cfg, spec.image_hw),
+    fast = bc.per_item_ms(lambda s: matcher.match(s.record.boxes, s.record.crowd_boxes), samples, max(repeats, 5))
+    ref = bc.per_item_ms(lambda s: anc.match_reference(anchors, s.record.boxes, s.record.crowd_boxes, cfg, spec.image_hw),
                          samples, repeats)
-    agree_ref = all(np.array_equal(matcher.match(s.boxes, s.crowd_boxes)[0],
-                                   anc.match_reference(anchors, s.boxes, s.crowd_boxes, cfg, spec.image_hw)[0])
+    agree_ref = all(np.array_equal(matcher.match(s.record.boxes, s.record.crowd_boxes)[0],
+                                   anc.match_reference(anchors, s.record.boxes, s.record.crowd_boxes, cfg, spec.image_hw)[0])
                     for s in samples)
-    pack = bc.per_item_ms(lambda lm: anc.pack_targets(*lm), [matcher.match(s.boxes, s.crowd_boxes) for s in samples],
+    pack = bc.per_item_ms(lambda lm: pack_targets(*lm), [matcher.match(s.record.boxes, s.record.crowd_boxes) for s in samples],
                           max(repeats, 5))
-    k = [len(s.boxes) for s in samples]
+    k = [len(s.record.boxes) for s in samples]
     rows = [["AnchorMatcher.match (fast CPU, numpy, 1 thread)", "1", bc.fmt(fast, 3), bc.fmt(ref / fast, 1) + "x",
              "yes" if agree_ref else "**NO**"],
             ["match_reference (brute force float64)", "1", bc.fmt(ref, 3), "1x", "-"]]
@@ -393,7 +395,7 @@ def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
 
 def shard_bytes(shard_dir: Path) -> dict:
     """Bytes of the shards split by member kind, with each member's tar header + padding."""
-    sizes = {"jpg": 0, "png": 0, "json": 0, anc.TARGETS_EXT: 0}
+    sizes = {"jpg": 0, "png": 0, "json": 0, TARGETS_EXT: 0}
     onDisk = dict.fromkeys(sizes, 0)
     n = 0
     tars = sorted(shard_dir.glob("*.tar"))
@@ -411,15 +413,15 @@ def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
     n, total = sizes["samples"], sizes["total"]
     img = sizes["payload"]["jpg"] + sizes["payload"]["png"]
     rows = []
-    for ext, label in (("jpg", "image (.jpg)"), ("json", "record (.json)"), (anc.TARGETS_EXT, "anchor targets (.rpn.npz)")):
+    for ext, label in (("jpg", "image (.jpg)"), ("json", "record (.json)"), (TARGETS_EXT, "anchor targets (.rpn.npz)")):
         pay, disk = sizes["payload"].get(ext, 0), sizes["on_disk"].get(ext, 0)
         rows.append([label, bc.fmt(pay / n, 0), bc.fmt(100 * pay / total, 2) + "%", bc.fmt(disk / n, 0),
                      bc.fmt(100 * disk / total, 2) + "%"])
     other = total - sum(sizes["on_disk"].values())
     rows.append(["tar end-of-archive blocks", "-", "-", bc.fmt(other / n, 0), bc.fmt(100 * other / total, 2) + "%"])
     rows.append(["**shard total**", "-", "-", bc.fmt(total / n, 0), "100%"])
-    share = sizes["payload"][anc.TARGETS_EXT] / total
-    share_disk = sizes["on_disk"][anc.TARGETS_EXT] / total
+    share = sizes["payload"][TARGETS_EXT] / total
+    share_disk = sizes["on_disk"][TARGETS_EXT] / total
     size_table = bc.md_table(["member", "payload B/image", "payload share", "on disk B/image (+header, padding)",
                               "on-disk share"], rows)
     mem_rows = []

@@ -45,7 +45,7 @@ def require_tiny_coco() -> Path:
 
 def repeated_hub_rows(n_images: int) -> Iterator[dict]:
     """tiny_coco's Hub-shaped rows repeated to n_images, with unique image and bbox ids per repeat."""
-    from frcnn_shard.sources import coco_to_hub_rows
+    from frcnn_shard.sources.fixtures import coco_to_hub_rows
 
     base = list(coco_to_hub_rows(require_tiny_coco(), "train2017"))
     for i in range(n_images):

@@ -31,6 +31,8 @@ import cProfile
 import io
 import json
 import os
+import subprocess
+import textwrap
 import pstats
 import sys
 import time
@@ -46,6 +48,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from frcnn_shard import anchors as anc  # noqa: E402
+from frcnn_shard.format.members import TARGETS_EXT  # noqa: E402
+from frcnn_shard.format.targets import unpack_targets  # noqa: E402
 from frcnn_shard.shards import iter_shard, read_manifest  # noqa: E402
 from frcnn_shard.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -102,6 +106,51 @@ def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool) -> 
     return time_batches(label, loader, lambda b: int(b[0].shape[0]))
 
 
+def run_loader_tree(tree: Path, shards: Path, batch_size: int, workers: int, normalize: bool) -> Run:
+    """make_loader of the frcnn_shard package in ``tree``, timed like run_loader, in a child process.
+
+    Two source trees measured this way, interleaved, give an A/B ratio in one run (e.g. before and
+    after a change: ``git worktree add /tmp/before <rev>``).
+    """
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(tree)!r})
+        from frcnn_shard.loader import make_loader
+        loader = make_loader({str(shards)!r}, {batch_size}, num_workers={workers}, normalize={normalize},
+                             rpn_batch_size=256)
+        t0, first, n, first_n = time.perf_counter(), None, 0, 0
+        for images, _ in loader:
+            n += int(images.shape[0])
+            if first is None:
+                first, first_n = time.perf_counter() - t0, n
+        print("RESULT " + json.dumps([n, time.perf_counter() - t0, first, first_n]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    n, seconds, first, first_n = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    return Run(f"loader of {tree}, normalize={normalize}", n, seconds, first, first_n)
+
+
+def compare_trees(baseline: Path, shards: Path, batch_size: int, workers: int, rounds: int = 3) -> str:
+    """The loader of this tree against the one in ``baseline``, interleaved, best steady state of each."""
+    here = Path(__file__).resolve().parents[1]
+    best: dict[tuple[str, bool], Run] = {}
+    for attempt in range(rounds):
+        for normalize in (False, True):
+            for name, tree in (("baseline", baseline), ("this tree", here)):
+                bc.log(f"A/B: {name}, normalize={normalize} (round {attempt + 1} of {rounds})")
+                run = run_loader_tree(tree, shards, batch_size, workers, normalize)
+                key = (name, normalize)
+                best[key] = max(best.get(key, run), run, key=lambda r: r.steady_ips)
+    rows = []
+    for normalize in (False, True):
+        a, b = best[("baseline", normalize)], best[("this tree", normalize)]
+        rows.append([f"normalize={normalize}", bc.fmt(a.steady_ips, 1), bc.fmt(b.steady_ips, 1),
+                     bc.fmt(b.steady_ips / a.steady_ips, 3) + "x"])
+    table = bc.md_table(["loader", f"baseline ({baseline}) images/s", "this tree images/s", "ratio"], rows)
+    return "\n".join([f"A/B against another source tree ({rounds} interleaved rounds, best steady state of each, "
+                      f"{workers} workers, batch size {batch_size}, the same shards):", "", table])
+
+
 # ============================================================================= decode floor
 
 
@@ -118,7 +167,7 @@ class DecodeFloor(torch.utils.data.IterableDataset):
         self.tars, self.batch_size, self.deliver, self.normalize = tars, batch_size, deliver, normalize
 
     def __iter__(self) -> Iterator:
-        from frcnn_shard.loader import _empty
+        from frcnn_shard.loader import _shared_empty as _empty
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
@@ -263,50 +312,57 @@ def run_stream(hub: Path, batch_size: int, workers: int, limit: int) -> Run:
 def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[list[tuple[str, float]], dict]:
     """ms/image of each loader stage on the first n samples, one core, plus the bytes a batch carries."""
     from frcnn_shard import loader as L
+    from frcnn_shard.format.image import decode_stored_image
+    from frcnn_shard.format.record import Record
 
     man = read_manifest(shards)
-    tar = shards / man["shards"][0]["name"]
+    tar = str(shards / man["shards"][0]["name"])
     num_anchors = int(man["anchors"]["count"])
-    dcfg = L.DecodeConfig(num_anchors, IMAGE_HW, 0, 0, 256, 0.5)
-    raws = [r for _, r in zip(range(n), L.iter_raw_samples(str(tar)))]
+    opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, rank=0, world_size=1, num_workers=0)
+    u8_opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=False, rank=0, world_size=1,
+                              num_workers=0)
+    ds = L._Dataset(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD)
+    raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
     n = len(raws)
-    decoded = [L.decode_sample(r, dcfg) for r in raws]
-    stored = [anc.unpack_targets(r.members[anc.TARGETS_EXT], num_anchors)[0] for r in raws]
+    decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+    stored = [unpack_targets(r.members[TARGETS_EXT], num_anchors) for _, r in raws]
     batches = [decoded[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
     ms = bc.per_item_ms
 
     def read_all() -> None:
-        for _ in zip(range(n), L.iter_raw_samples(str(tar))):
+        for _ in zip(range(n), L.iter_raw_samples(tar)):
             pass
 
     def sampled(i: int):
-        return anc.sample_indices(stored[i], 256, 0.5, rng=L.sample_rng(0, 0, raws[i].key))
+        return anc.sample_indices(stored[i], num_anchors, 256, 0.5, rng=anc.sample_rng(0, 0, raws[i][1].key))
 
-    collate_norm = ms(lambda b: L.collate(b, True, IMAGENET_MEAN, IMAGENET_STD), batches, repeats) / batch_size
-    collate_u8 = ms(lambda b: L.collate(b, False, IMAGENET_MEAN, IMAGENET_STD), batches, repeats) / batch_size
-    shared_u8 = ms(lambda b: L.collate(b, False, IMAGENET_MEAN, IMAGENET_STD, True), batches, repeats) / batch_size
-    packed = [L.collate(b, False, IMAGENET_MEAN, IMAGENET_STD) for b in batches]
+    collate_norm = ms(lambda b: L.collate(b, ds, opts), batches, repeats) / batch_size
+    collate_u8 = ms(lambda b: L.collate(b, ds, u8_opts), batches, repeats) / batch_size
+    shared_u8 = ms(lambda b: L.collate(b, ds, u8_opts, True), batches, repeats) / batch_size
+    packed = [L.collate(b, ds, u8_opts) for b in batches]
     unpack = ms(lambda b: b.unpack(), packed, repeats) / batch_size
     stages = [
         ("tar read (iter_raw_samples)", 1000 * bc.best_of(read_all, repeats) / n),
-        ("JPEG decode (decode_image_array)", ms(lambda r: L.decode_image_array(r.members["jpg"], IMAGE_HW), raws, repeats)),
-        ("JSON record (json.loads + boxes)", ms(lambda r: L._boxes(json.loads(r.members["json"]), "boxes"), raws, repeats)),
-        ("targets unpack (unpack_targets: npz/zip + checks)", ms(lambda r: anc.unpack_targets(r.members[anc.TARGETS_EXT], num_anchors), raws, repeats)),
-        ("anchor sampling (sample_rng + sample_indices)", ms(sampled, list(range(n)), repeats)),
-        ("collate, uint8 (copy into batch, compact targets)", collate_u8),
+        ("JPEG decode (decode_stored_image)",
+         ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW), raws, repeats)),
+        ("JSON record (Record.from_json)", ms(lambda r: Record.from_json(r[1].members["json"]), raws, repeats)),
+        ("targets unpack (unpack_targets: npz/zip + checks, sparse)",
+         ms(lambda r: unpack_targets(r[1].members[TARGETS_EXT], num_anchors), raws, repeats)),
+        ("anchor sampling on the sparse targets (sample_rng + sample_indices)", ms(sampled, list(range(n)), repeats)),
+        ("collate, uint8 (copy into batch, anchor index lists)", collate_u8),
         ("extra for allocating the batch in shared memory (worker side)", shared_u8 - collate_u8),
-        ("unpack in the consumer (int8 -> int64 labels, sparse matched_gt)", unpack),
+        ("unpack in the consumer (index lists -> dense int64 labels, matched_gt)", unpack),
         ("collate, normalised (+ float32 multiply-add)", collate_norm),
     ]
-    b = L.collate(decoded[:batch_size], True, IMAGENET_MEAN, IMAGENET_STD)
-    b8 = L.collate(decoded[:batch_size], False, IMAGENET_MEAN, IMAGENET_STD)
+    b = L.collate(decoded[:batch_size], ds, opts)
+    b8 = L.collate(decoded[:batch_size], ds, u8_opts)
     _, dense = b8.unpack()
     nbytes = {
-        "stored JPEG": float(np.mean([len(r.members["jpg"]) for r in raws])),
+        "stored JPEG": float(np.mean([len(r.members["jpg"]) for _, r in raws])),
         "shipped: images float32 (normalize=True)": b.images.nbytes / batch_size,
         "shipped: images uint8 (normalize=False)": b8.images.nbytes / batch_size,
-        "shipped: anchor labels int8 + positives (index, box)":
-            (b8.anchor_labels.nbytes + b8.pos_index.nbytes + b8.pos_boxes.nbytes) / batch_size,
+        "shipped: anchor index lists + positives' boxes":
+            (b8.ones.nbytes + b8.others.nbytes + b8.ones_boxes.nbytes) / batch_size,
         "delivered: anchor_labels int64 [A]": dense[0]["anchor_labels"].nbytes,
         "delivered: anchor_matched_gt float32 [A, 4] (lazily zero-filled)": dense[0]["anchor_matched_gt"].nbytes,
     }
@@ -337,7 +393,7 @@ def profile_loader(shards: Path, batch_size: int, n: int) -> str:
 
 
 def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, args: argparse.Namespace,
-           prof: str | None) -> str:
+           prof: str | None, ab: str | None = None) -> str:
     floor, stream = runs["floor"], runs["stream"]
     rows = []
     for key in ("norm", "u8", "floor", "floor_norm", "floor_bare", "stream"):
@@ -386,6 +442,8 @@ def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, 
         f"{bc.fmt(floor_ms / total_u8, 2)}x before any IPC. What one image costs to ship from a worker:", "",
         byte_table,
     ]
+    if ab:
+        parts += ["", ab]
     if prof:
         parts += ["", "### Loader profile (cProfile, tottime)", "", "```", prof, "```"]
     return "\n".join(parts) + "\n"
@@ -403,6 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accepted for symmetry with bench_build.py; batches are measured as the loader yields "
                         "them (on the CPU)")
     p.add_argument("--profile", action="store_true", help="append a cProfile of the loader pipeline")
+    p.add_argument("--baseline-tree", type=Path, default=None,
+                   help="also time the loader of the frcnn_shard package in this source tree against this one")
     p.add_argument("--out-md", default=str(bc.BENCH_MD), help="markdown file whose 'loader' section is replaced")
     p.add_argument("--no-md", action="store_true", help="print only; leave --out-md alone")
     return p.parse_args(argv)
@@ -432,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     bc.log("per-stage timings")
     stages, nbytes = stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
     prof = profile_loader(shards, args.batch_size, 400) if args.profile else None
-    text = report(runs, stages, nbytes, args, prof)
+    ab = compare_trees(args.baseline_tree, shards, args.batch_size, args.workers) if args.baseline_tree else None
+    text = report(runs, stages, nbytes, args, prof, ab)
     bc.publish("loader", text, args.out_md, args.no_md)
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from frcnn_shard import anchors as anc
 from frcnn_shard.inspect.check import RULES, Problem, check_shards
 from frcnn_shard.inspect.info import info_rows
 from frcnn_shard.cli import main

@@ -334,11 +334,11 @@ def test_retry_backoff_doubles_and_is_bounded():
     src = Src()
     opts = BuildOptions(retries=4, retry_backoff=0.5)
     with pytest.raises(SourceError, match=r"row 3 after 4 retries.*TimeoutError"):
-        list(fb._source_rows(src, 3, opts, sleep=delays.append))
+        list(fb.resilient_rows(src, 3, opts, sleep=delays.append))
     assert delays == [0.5, 1.0, 2.0, 4.0] and src.n == 5
     delays.clear()
     with pytest.raises(SourceError):
-        list(fb._source_rows(Src(), 0, BuildOptions(retries=3, retry_backoff=50.0), sleep=delays.append))
+        list(fb.resilient_rows(Src(), 0, BuildOptions(retries=3, retry_backoff=50.0), sleep=delays.append))
     assert delays == [50.0, fb.MAX_RETRY_DELAY_S, fb.MAX_RETRY_DELAY_S]
 
 
@@ -392,17 +392,7 @@ def test_source_error_through_the_cli_exits_1_with_the_reason(hub, tmp_path, mon
 
 
 def test_enospc_mid_shard_removes_the_partial_and_resumes(hub, ref, tmp_path, monkeypatch):
-    real_write = fs._HashingFile.write
-    budget = {"bytes": 0}
-    limit = sum(s["bytes"] for s in read_manifest(ref)["shards"][:2]) + 5000  # inside shard 2
-
-    def write(self, data):
-        budget["bytes"] += len(data)
-        if budget["bytes"] > limit:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    monkeypatch.setattr(fs._HashingFile, "write", write)
+    monkeypatch.setenv(FAULT_ENV, "mid_shard:2:enospc")  # the disk fills up inside shard 2
     opts = opts_for(hub, tmp_path, workers=2)
     with pytest.raises(BuildError, match="No space left on device.*unfinished shard was removed"):
         build(opts)
@@ -417,22 +407,7 @@ def test_enospc_mid_shard_removes_the_partial_and_resumes(hub, ref, tmp_path, mo
 
 
 def test_enospc_writing_the_manifest_keeps_the_old_one(hub, ref, tmp_path, monkeypatch):
-    import builtins
-
-    calls = {"n": 0}
-
-    class FullFile(io.FileIO):
-        def write(self, b):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def fake_open(path, mode="r", *a, **k):
-        if str(path).endswith("manifest.json.partial"):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                return FullFile(path, "w")
-        return builtins.open(path, mode, *a, **k)
-
-    monkeypatch.setattr(fs, "open", fake_open, raising=False)
+    monkeypatch.setenv(FAULT_ENV, "manifest_write:3:enospc")  # half of the third manifest is written, then the disk is full
     opts = opts_for(hub, tmp_path)
     with pytest.raises(BuildError, match="No space left on device"):
         build(opts)
@@ -447,10 +422,7 @@ def test_enospc_writing_the_manifest_keeps_the_old_one(hub, ref, tmp_path, monke
 
 
 def test_enospc_through_the_cli_exits_1_with_the_reason(hub, tmp_path, monkeypatch):
-    def full(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(fs._HashingFile, "write", full)
+    monkeypatch.setenv(FAULT_ENV, "mid_shard:0:enospc")
     r = CliRunner().invoke(main, ["build", "--source", str(hub), "--out", str(tmp_path), "--workers", "0", *CLI_ARGS])
     assert r.exit_code == 1
     assert "No space left on device" in r.output and "resume" in r.output

@@ -12,14 +12,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from frcnn_shard import anchors as anc
 from frcnn_shard.cli import main
 from frcnn_shard.labels import CLASS_NAMES
 from frcnn_shard.shards import iter_shard, read_manifest
 from frcnn_shard.inspect.show import render_samples
 from frcnn_shard.inspect.stats import compute_stats, stats_table
 from frcnn_shard.format.members import TARGETS_EXT
-from frcnn_shard.format.targets import pack_targets, unpack_targets
+from frcnn_shard.format.targets import unpack_targets
 
 pytest.importorskip("matplotlib")
 

@@ -7,12 +7,12 @@ covered by a crowd box, or crossing the image boundary, are ignored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .spec import AnchorSpec, as_hw, as_numpy, cell_anchors, check_keys, make_anchors
+from .spec import AnchorSpec, as_hw, as_numpy, cell_anchors, from_fields, make_anchors
 
 LOW_QUALITY_MODES = ("all", "argmax", "none")
 CROWD_COVER = 0.5  # an anchor is "covered" by a crowd box when intersection >= this x anchor area
@@ -28,11 +28,15 @@ _SEARCH_PX_SLACK = 0.05
 class MatchConfig:
     """The RPN matching rule's parameters (see match_reference and docs/FORMAT.md)."""
 
-    pos_iou: float = 0.7
-    neg_iou: float = 0.3
-    low_quality: str = "all"
-    crowd_ignore: bool = False
-    ignore_cross_boundary: bool = False
+    # "help" documents a field and makes it a command-line option (see cli.py).
+    pos_iou: float = field(default=0.7, metadata={"help": "An anchor whose best IoU with a box is at least this is positive."})
+    neg_iou: float = field(default=0.3, metadata={
+        "help": "An anchor whose best IoU is below this is negative; in between it is ignored."})
+    low_quality: str = field(default="all", metadata={
+        "help": "Forced positives per box: all ties (paper), argmax (tutorial), none.", "choices": LOW_QUALITY_MODES})
+    crowd_ignore: bool = field(default=False, metadata={"help": "Anchors covered >= half by a crowd box become ignore."})
+    ignore_cross_boundary: bool = field(default=False, metadata={
+        "help": "Anchors leaving the image become ignore (paper's training rule)."})
 
     def __post_init__(self) -> None:
         pos, neg = float(self.pos_iou), float(self.neg_iou)
@@ -47,19 +51,12 @@ class MatchConfig:
 
     def to_dict(self) -> dict:
         """JSON-able dict; ``MatchConfig.from_dict(cfg.to_dict()) == cfg``."""
-        return {
-            "pos_iou": self.pos_iou,
-            "neg_iou": self.neg_iou,
-            "low_quality": self.low_quality,
-            "crowd_ignore": self.crowd_ignore,
-            "ignore_cross_boundary": self.ignore_cross_boundary,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MatchConfig":
         """Inverse of ``to_dict``; every field is required and unknown keys are refused."""
-        check_keys(d, {f.name for f in fields(cls)}, "MatchConfig")
-        return cls(**{k: d[k] for k in d})
+        return from_fields(cls, d)
 
 
 def as_boxes(boxes: Any, name: str) -> np.ndarray:

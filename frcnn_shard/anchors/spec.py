@@ -159,17 +159,18 @@ class AnchorSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AnchorSpec":
         """Inverse of ``to_dict``; every field is required and unknown keys are refused."""
-        check_keys(d, {f.name for f in fields(cls)}, "AnchorSpec")
-        return cls(**{k: d[k] for k in d})
+        return from_fields(cls, d)
 
 
-def check_keys(d: Mapping[str, Any], expected: set[str], what: str) -> None:
-    """Raise ValueError unless ``d`` is a mapping with exactly the ``expected`` keys."""
+def from_fields(cls: type, d: Mapping[str, Any]):
+    """A dataclass from its to_dict() form; every field is required and unknown keys are refused."""
     if not isinstance(d, Mapping):
-        raise ValueError(f"{what}: expected a dict, got {type(d).__name__}")
+        raise ValueError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+    expected = {f.name for f in fields(cls)}
     missing, unknown = expected - set(d), set(d) - expected
     if missing or unknown:
-        raise ValueError(f"{what}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        raise ValueError(f"{cls.__name__}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+    return cls(**{k: d[k] for k in d})
 
 
 def cell_shapes(spec: AnchorSpec, level: int) -> list[tuple[float, float, float, float]]:
@@ -232,6 +233,22 @@ def _as_levels(sizes: Sequence, num_levels: int) -> tuple[tuple[float, ...], ...
     if all(not isinstance(s, (list, tuple)) for s in sizes):
         return (tuple(sizes),) if num_levels == 1 else tuple((s,) for s in sizes)
     return tuple(tuple(level) for level in sizes)
+
+
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """'0.5,1,2' -> (0.5, 1.0, 2.0) (ValueError on anything else)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_sizes(text: str) -> tuple[tuple[float, ...], ...]:
+    """'32,64' -> ((32.0,), (64.0,)); '32/40,64/80' gives several sizes per level."""
+    try:
+        return tuple(tuple(float(s) for s in level.split("/")) for level in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected e.g. 32,64,128 or 32/40,64/80, got {text!r}") from None
 
 
 def preset_spec(
