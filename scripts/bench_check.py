@@ -51,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 from frcnn_shard import check as chk  # noqa: E402
-from frcnn_shard.shards import read_manifest, shard_paths  # noqa: E402
+from frcnn_shard.format.members import group_by_key  # noqa: E402
+from frcnn_shard.format.targets import unpack_targets  # noqa: E402
+from frcnn_shard.shards import read_manifest  # noqa: E402
 
 BLOCK = 1 << 20
 DEEP_FRACTION = 0.05
@@ -169,7 +171,7 @@ def variants(d: Path, files: list[Path], manifest: dict, baseline) -> list[Varia
 def measure(d: Path, repeats: int, cold: bool, baseline, skip_deep_cold: bool = True) -> tuple[list[Variant], dict]:
     """Interleaved rounds over all variants; returns them with their timings and the split's facts."""
     manifest = read_manifest(d)
-    files = shard_paths(manifest, d)
+    files = [d / s["name"] for s in manifest["shards"]]
     vs = variants(d, files, manifest, baseline)
     if cold and skip_deep_cold:
         vs = [v for v in vs if "--deep" not in v.name]
@@ -208,7 +210,8 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
     path = d / entry["name"]
     ctx = chk._make_context(manifest, False, 1.0, 0)
     data = path.read_bytes()
-    walked = [(k, m) for k, m, _ in chk._walk_tar(data, entry["name"]) if k]
+    raws = [raw for raw in group_by_key(chk._archive(data)[0], read_exts=None) if raw.key]
+    walked = [(raw.key, raw.members) for raw in raws]
     n = len(walked)
     metas = [json.loads(m["json"]) for _, m in walked]
 
@@ -217,29 +220,30 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
 
     def targets_rules() -> None:
         for (_, m), meta in zip(walked, metas):
-            chk._check_targets(m[ctx.targets_ext], meta, len(meta["boxes"]), ctx)
+            chk._check_targets(m["rpn.npz"], meta, len(meta["boxes"]), ctx)
 
     def unpack_only() -> None:
         for _, m in walked:
-            ctx.unpack(m[ctx.targets_ext], ctx.num_anchors)
+            unpack_targets(m["rpn.npz"], ctx.num_anchors)
 
     loaded = (data, entry["sha256"])
     rows = [
         ("read the shard file (page cache, one read())", per_sample(lambda: path.read_bytes()), "reader thread"),
         ("sha256 of the shard bytes", per_sample(lambda: hashlib.sha256(data).digest()), "reader thread"),
-        ("tar walk (plain-ustar scan, members sliced)", per_sample(lambda: list(chk._walk_tar(data, "x"))), "main"),
+        ("tar walk (plain-ustar scan, members sliced, group_by_key)",
+         per_sample(lambda: list(group_by_key(chk._archive(data)[0], read_exts=None))), "main"),
         ("tar walk through tarfile (fallback for damaged tars)",
-         per_sample(lambda: list(chk._walk_tarfile(data, "x"))), "(not run)"),
+         per_sample(lambda: list(group_by_key(chk._archive_tarfile(data)[0], read_exts=None))), "(not run)"),
         ("image header (Pillow open: format + size)",
          per_sample(lambda: [chk._check_image(m[ctx.image_ext], ctx.image_ext, ctx, False) for _, m in walked]),
          "main"),
         ("JSON decode (json.loads)", per_sample(lambda: [json.loads(m["json"]) for _, m in walked]), "main"),
         ("JSON rules (key, size, boxes, labels)",
          per_sample(lambda: [chk._check_meta(k, meta, ctx) for (k, _), meta in zip(walked, metas)]), "main"),
-        ("anchor targets: anchors.unpack_sparse", per_sample(unpack_only), "main"),
+        ("anchor targets: format.targets.unpack_targets", per_sample(unpack_only), "main"),
         ("anchor targets: unpack + rules (counts, matched range)", per_sample(targets_rules), "main"),
         ("all sample rules (_check_sample, incl. the four above)",
-         per_sample(lambda: [chk._check_sample(k, m, ctx, False) for k, m in walked]), "main"),
+         per_sample(lambda: [chk._check_sample(raw, ctx, False) for raw in raws]), "main"),
         ("whole shard, bytes given (_check_shard: walk + samples + shard rules)",
          per_sample(lambda: chk._check_shard(path, entry, ctx, None, loaded)), "main"),
     ]
@@ -251,8 +255,8 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
     bounds = (
         f"\n\nWhat bounds it: the main thread's per-sample Python work, not the bytes. Of its "
         f"{main_total:.0f} us/sample, the anchor-target member takes {targets:.0f} us "
-        f"({100 * targets / main_total:.0f}%: {us['anchor targets: anchors.unpack_sparse']:.0f} us in "
-        f"anchors.unpack_sparse: zip, inflate and the index rules, no dense arrays of the {ctx.num_anchors} "
+        f"({100 * targets / main_total:.0f}%: {us['anchor targets: format.targets.unpack_targets']:.0f} us in "
+        f"format.targets.unpack_targets: zip, inflate and the index rules, no dense arrays of the {ctx.num_anchors} "
         f"anchors; the rest the count and box-range rules), the image header "
         f"{image:.0f} us, json.loads {jdec:.0f} us and the tar walk {walk:.0f} us; reading and hashing the "
         f"{sample_bytes / 1e3:.0f} kB of a sample costs {sha:.0f} us and runs in the reader thread, overlapped. "
