@@ -152,6 +152,16 @@ def test_show_errors(tiny_shards, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_inspect_commands_import_neither_torch_nor_datasets():
+    """check, info, stats and show start fast: no torch, no datasets (and pandas) behind the CLI's imports."""
+    code = ("import sys, frcnn_shard.cli, frcnn_shard.inspect.check, frcnn_shard.inspect.info, "
+            "frcnn_shard.inspect.stats, frcnn_shard.inspect.show; "
+            "print(sorted(m for m in ('torch', 'datasets', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]", out
+
+
 def test_viz_imports_without_matplotlib():
     code = "import sys; sys.modules['matplotlib'] = None; import frcnn_shard.inspect.show, frcnn_shard.inspect.stats, frcnn_shard.inspect.check, frcnn_shard.cli"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
