@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	rm -rf $(DEMO)
 	$(CLI) sample $(DEMO)/hub
-	$(CLI) build --source $(DEMO)/hub --split train --out $(DEMO)/shards --samples-per-shard 16
+	$(CLI) build --source $(DEMO)/hub --split train --out $(DEMO)/shards --rows-per-shard 16
 	$(CLI) check $(DEMO)/shards/train
 	$(CLI) info $(DEMO)/shards/train
 	$(CLI) show $(DEMO)/shards/train --index 0 --index 1 --index 2 --index 3 --anchors --out $(DEMO)/show.png

@@ -22,16 +22,22 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import __version__, anchors as anc
+from .errors import BuildError, BuildInterrupted, LockedError, MergeError, OptionError, SourceError  # noqa: F401
 from .format import FORMAT_VERSION
 from .format.members import sample_members
 from .format.targets import label_counts, pack_targets
 from .labels import CLASS_NAMES
 from .records import Dropped, Sample, SourceRow
 from .shards import (
-    MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, file_sha256,
-    list_shard_keys, read_manifest, shard_name, write_json_atomic,
+    MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, file_sha256, read_manifest,
+    shard_name,
+)
+from .parts import (
+    DROPS_NAME, PARTS_DIR, Layout, acquire_lock, holder, merge, parse_part, read_records, record_name, release_lock,
+    sum_counts, write_record,
 )
 from .sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, open_source
+from .storage import StorageError, open_store
 from .transform import (
     DROP_CORRUPT_IMAGE, DROP_MISSING_IMAGE, DROP_SIZE_MISMATCH, DROP_TOO_MANY_PIXELS, IMAGENET_MEAN, IMAGENET_STD,
     TransformConfig, process_row,
@@ -47,29 +53,10 @@ DROP_DUPLICATE_IMAGE_ID = "duplicate_image_id"
 BAD_INPUT_REASONS = (DROP_MISSING_IMAGE, DROP_CORRUPT_IMAGE, DROP_TOO_MANY_PIXELS, DROP_SIZE_MISMATCH,
                      DROP_DUPLICATE_IMAGE_ID, DROP_PROCESSING_ERROR)
 DEVICES = ("auto", "cpu", "cuda")  # where anchor targets are matched
+ENGINES = ("local", "ray")  # what runs the parts
 MAX_RETRY_DELAY_S = 60.0  # the backoff doubles per consecutive failure, up to this
 _POLL_S = 0.5  # how often a wait on the worker pool checks that no worker died
 log = logging.getLogger("frcnn_shard.build")
-
-
-class BuildError(RuntimeError):
-    """The build cannot start or cannot go on; the message says why and what is kept."""
-
-
-class OptionError(BuildError):
-    """An option value that makes no sense; ``option`` is the BuildOptions field it concerns."""
-
-    def __init__(self, option: str, reason: str):
-        super().__init__(f"{option} {reason}")
-        self.option, self.reason = option, reason
-
-
-class BuildInterrupted(BuildError):
-    """Stopped by the user or a signal; everything published so far is intact and resumable."""
-
-
-class SourceError(BuildError):
-    """The source failed mid-stream (after the retries allowed for transient errors)."""
 
 
 # Exceptions from these packages come from the network layer (Hub streaming); they are retried.
@@ -87,6 +74,17 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return not isinstance(exc, _LOCAL_OSERRORS) and exc.errno not in _LOCAL_ERRNOS
     return type(exc).__module__.split(".")[0] in _NETWORK_MODULES
+
+
+def parse_storage_options(text: str) -> dict:
+    """The --storage-options JSON object (ValueError when it is not one; the values are never echoed)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"must be a JSON object ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, got a {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -114,11 +112,11 @@ class BuildOptions:
     anchor_strides: tuple | None = field(default=None, metadata={
         "help": "Override strides per level, e.g. 4,8,16,32,64.", "parse": anc.parse_numbers})
     matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
-    samples_per_shard: int = field(default=1000, metadata={"help": "Samples per shard file (the last holds the rest)."})
-    max_shard_bytes: int | None = field(default=None, metadata={
-        "help": "Also close a shard once it reaches this many bytes.", "type": int})
-    max_samples: int | None = field(default=None, metadata={
-        "help": "Stop after this many samples (quick runs).", "type": int})
+    rows_per_shard: int = field(default=1000, metadata={
+        "help": "Source rows per shard: shard i holds the kept samples of rows [i*N, (i+1)*N), so every way of "
+                "running the build writes the same shards."})
+    max_rows: int | None = field(default=None, metadata={
+        "help": "Build only the first N rows of the split (quick runs).", "type": int})
     max_bad_fraction: float = field(default=0.01, metadata={
         "help": "Exit non-zero when more than this fraction of rows is skipped as bad input."})
     workers: int = field(default_factory=lambda: os.cpu_count() or 1, metadata={
@@ -133,13 +131,24 @@ class BuildOptions:
         "help": "Consecutive transient source errors (dropped connection, timeout) retried before stopping."})
     retry_backoff: float = field(default=1.0, metadata={
         "help": "Seconds before the first retry; doubles per consecutive failure (at most 60 s)."})
+    part: tuple[int, int] | None = field(default=None, metadata={
+        "help": "Build only part I of N (0 <= I < N), e.g. 3/16, or auto (SLURM_ARRAY_TASK_ID/COUNT, else "
+                "RANK/WORLD_SIZE); run `frcnn-shard merge` once every part is done.", "parse": parse_part})
+    engine: str = field(default="local", metadata={
+        "help": "local: this machine; ray: the parts as Ray tasks on a cluster (RAY_ADDRESS or --ray-address, "
+                "else a local one), merged at the end.", "choices": ENGINES})
+    ray_address: str | None = field(default=None, metadata={"help": "The Ray cluster to use (default: RAY_ADDRESS).",
+                                                            "type": str})
+    storage_options: dict | None = field(default=None, metadata={
+        "help": "JSON object of fsspec options for --out (e.g. endpoint, profile); secrets are never logged or "
+                "recorded. The standard AWS_* settings work without it.", "parse": parse_storage_options})
 
 
 @dataclass
 class BuildResult:
-    """What the build did, for the CLI's summary."""
+    """What the build (or one part of it) did, for the CLI's summary."""
 
-    out_dir: Path
+    out_dir: Path | str  # the split's folder (a URL for object storage)
     status: str  # "built", "resumed", "already complete"
     samples: int
     shards: int
@@ -152,6 +161,9 @@ class BuildResult:
     seconds: float
     resumed_shards: int = 0
     bad_fraction: float = 0.0
+    part: tuple[int, int] | None = None  # (I, N) for a part build; None for the whole build
+    dropped: list = field(default_factory=list)  # the first dropped rows (drop records)
+    drops_file: str | None = None  # where every dropped row is listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,10 +175,30 @@ _W: dict = {}
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
                  ignore_sigint: bool = True) -> None:
     """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
-    if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
+    if ignore_sigint:  # the parent handles Ctrl-C and SIGTERM and tears the pool down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _worker_sigterm)
     _W["tcfg"] = tcfg
     _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
+
+
+def _holds(queue, attr: str) -> bool:
+    lock = getattr(queue, attr, None)
+    sem = getattr(lock, "_semlock", None)
+    return bool(sem is not None and sem._is_mine())
+
+
+def _worker_sigterm(signum, frame) -> None:
+    """A worker's SIGTERM (the pool's teardown, or a SIGTERM to the whole process group): exit quietly.
+
+    Except while the worker holds a lock of the pool's queues (waiting for a task, or sending a
+    result): a worker dying there would leave the lock taken and the pool's teardown waiting for it
+    forever. Then it carries on, and the teardown's end-of-work sentinel ends it a moment later.
+    """
+    args = getattr(multiprocessing.current_process(), "_args", ())
+    if len(args) >= 2 and (_holds(args[0], "_rlock") or _holds(args[1], "_wlock")):
+        return
+    os._exit(0)  # no traceback, no atexit handlers: the parent reports the interruption
 
 
 def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
@@ -184,6 +216,10 @@ def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Drop
     out: list = []
     for row in rows:
         fault_point("worker_row", row.index)
+        if row.duplicate_of is not None:
+            out.append((Dropped(row.index, int(row.image_id), DROP_DUPLICATE_IMAGE_ID,
+                                f"image id {row.image_id} is already row {row.duplicate_of}", origin=row.origin), None))
+            continue
         try:
             out.append((process_row(row, tcfg), None))
         except Exception as e:  # noqa: BLE001 - one odd row must not stop (or silently hang) the build
@@ -201,7 +237,8 @@ def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Drop
 
 def _processing_error(row: SourceRow, e: Exception) -> Dropped:
     where = f" ({row.origin})" if row.origin else ""
-    return Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR, f"{type(e).__name__}: {e}{where}")
+    return Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR, f"{type(e).__name__}: {e}{where}",
+                   origin=row.origin)
 
 
 def _pack(sample: Sample, labels: np.ndarray, matched: np.ndarray) -> bytes:
@@ -273,18 +310,18 @@ def _ordered_results(pool, chunks: Iterator[list[SourceRow]], max_inflight: int)
         yield from _get(pending.popleft(), pool, pids)
 
 
-def resilient_rows(source, skip: int, opts: BuildOptions, sleep: Callable[[float], None] = time.sleep
+def resilient_rows(source, start: int, stop: int, opts: BuildOptions, sleep: Callable[[float], None] = time.sleep
                    ) -> Iterator[SourceRow]:
-    """source.rows(skip), resumed at the failed row after a transient error (see is_transient).
+    """source.rows(start, stop), resumed at the failed row after a transient error (see is_transient).
 
     Up to ``opts.retries`` consecutive failures are retried, waiting retry_backoff * 2**k seconds
     (at most MAX_RETRY_DELAY_S); a row read successfully resets the count. Anything else, or one
     failure too many, raises SourceError naming the row.
     """
-    next_index, failures = skip, 0
+    next_index, failures = start, 0
     while True:
         try:
-            for row in source.rows(skip=next_index):
+            for row in source.rows(next_index, stop):
                 yield row
                 next_index, failures = row.index + 1, 0
             return
@@ -338,15 +375,25 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
         "source": opts.source, "revision": opts.revision, "split": split,
         "bbox_format": opts.bbox_format, "transform": tdict,
         "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching),
-        "samples_per_shard": opts.samples_per_shard, "max_shard_bytes": opts.max_shard_bytes,
-        "max_samples": opts.max_samples, "max_bad_fraction": opts.max_bad_fraction,
+        "rows_per_shard": opts.rows_per_shard, "max_rows": opts.max_rows, "max_bad_fraction": opts.max_bad_fraction,
     })
+
+
+def _check_local_out(out: Path) -> None:
+    """A local output root must be (or be creatable as) a directory."""
+    if out.exists() and not out.is_dir():
+        raise OptionError("out", f"{out} exists and is not a directory")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError("out", f"{out}: {parent} is a file, not a directory")
 
 
 def validate_options(opts: BuildOptions) -> None:
     """Refuse nonsensical options before any work starts (raises OptionError; nothing is created)."""
-    at_least = [("samples_per_shard", 1), ("max_shard_bytes", 1), ("max_samples", 1), ("workers", 0),
-                ("chunk_size", 1), ("gpu_batch", 1), ("retries", 0)]
+    at_least = [("rows_per_shard", 1), ("max_rows", 1), ("workers", 0), ("chunk_size", 1), ("gpu_batch", 1),
+                ("retries", 0)]
     for name, low in at_least:
         value = getattr(opts, name)
         if value is not None and value < low:
@@ -357,195 +404,22 @@ def validate_options(opts: BuildOptions) -> None:
         raise OptionError("retry_backoff", f"must be a finite number >= 0 (got {opts.retry_backoff})")
     if opts.device not in DEVICES:
         raise OptionError("device", f"must be one of {', '.join(DEVICES)} (got {opts.device!r})")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise OptionError("out", f"{out} exists and is not a directory")
-    parent = out.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OptionError("out", f"{out}: {parent} is a file, not a directory")
+    if opts.part is not None and not (len(opts.part) == 2 and 0 <= opts.part[0] < opts.part[1]):
+        raise OptionError("part", f"must be (I, N) with 0 <= I < N (got {opts.part!r})")
+    if opts.engine not in ENGINES:
+        raise OptionError("engine", f"must be one of {', '.join(ENGINES)} (got {opts.engine!r})")
+    if opts.engine == "ray" and opts.part is not None:
+        raise OptionError("part", "and engine ray exclude each other: the Ray engine runs every part itself")
+    try:
+        store = open_store(opts.out, opts.storage_options)
+    except StorageError as e:
+        raise OptionError("out", str(e)) from None
+    if store.is_local:
+        _check_local_out(Path(store.path))
     try:
         anchor_spec(opts)  # an unknown preset or impossible custom anchors
     except (ValueError, TypeError, KeyError) as e:
         raise OptionError("anchor_preset", f"(or the anchor sizes, ratios, strides): {e}") from None
-
-
-def _clean_dir(out_dir: Path) -> None:
-    """Remove what a previous build of this split left in its folder: shards, partial files, manifest."""
-    for p in out_dir.iterdir():
-        if p.name.endswith(PARTIAL_SUFFIX) or p.name == MANIFEST_NAME or SHARD_RE.match(p.name):
-            p.unlink()
-
-
-def _prepare_resume(out_dir: Path, options: dict, overwrite: bool) -> dict | None:
-    """Decide between a fresh build and a resume; return the manifest to resume from, or None.
-
-    Stray partial files are removed, shards the manifest does not list (published just before a
-    crash, before the manifest caught up) are removed too: they are rebuilt byte for byte.
-    """
-    if not out_dir.exists():
-        try:
-            out_dir.mkdir(parents=True)
-        except OSError as e:
-            raise BuildError(f"cannot create the output directory {out_dir}: {e}") from None
-        return None
-    if overwrite:
-        _clean_dir(out_dir)
-        return None
-    for p in out_dir.glob("*" + PARTIAL_SUFFIX):
-        p.unlink()
-    has_manifest = (out_dir / MANIFEST_NAME).exists()
-    shards_on_disk = sorted(p.name for p in out_dir.iterdir() if SHARD_RE.match(p.name))
-    if not has_manifest:
-        if shards_on_disk:
-            raise BuildError(
-                f"{out_dir} holds shards ({shards_on_disk[0]}, ...) but no manifest; "
-                "build with the overwrite option to replace them"
-            )
-        return None
-    manifest = read_manifest(out_dir)
-    if manifest.get("options") != options:  # both already in JSON form
-        old, new = manifest.get("options", {}), options
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise BuildError(
-            f"{out_dir} was built with different options (differing: {', '.join(diff)}); "
-            "re-run with the same options to resume, or build with the overwrite option to start again"
-        )
-    listed = {s["name"]: s for s in manifest["shards"]}
-    for name in shards_on_disk:
-        if name not in listed:
-            (out_dir / name).unlink()
-    for s in manifest["shards"]:
-        p = out_dir / s["name"]
-        if not p.exists() or p.stat().st_size != s["bytes"] or file_sha256(p) != s["sha256"]:
-            raise BuildError(
-                f"{p}: listed in the manifest but missing or changed since it was written; "
-                "build with the overwrite option to rebuild"
-            )
-    return manifest
-
-
-def _sum_counts(dicts: Iterable[dict]) -> dict:
-    """Add up {reason: count} dicts."""
-    total: Counter = Counter()
-    for d in dicts:
-        total.update(d)
-    return dict(sorted(total.items()))
-
-
-class _Writer:
-    """Ordered sample sink: rolls shards, accounts rows and drops per shard, keeps the manifest current."""
-
-    def __init__(self, out_dir: Path, split: str, opts: BuildOptions, manifest: dict):
-        self.out_dir, self.split, self.opts, self.manifest = out_dir, split, opts, manifest
-        self.rows_done = sum(s["rows"] for s in manifest["shards"])  # rows accounted for in shards
-        self.samples = sum(s["samples"] for s in manifest["shards"])
-        self.seen: set[str] = set()
-        for s in manifest["shards"]:
-            self.seen.update(list_shard_keys(out_dir / s["name"]))
-        self.writer: ShardWriter | None = None
-        self.consumed = self.rows_done  # rows seen so far, accounted or not
-        self.drops: Counter = Counter()
-        self.box_drops: Counter = Counter()
-
-    def drop(self, index: int, reason: str, box_drops: dict) -> None:
-        """Count a dropped row."""
-        self.consumed = index + 1
-        self.drops[reason] += 1
-        self.box_drops.update(box_drops)
-
-    def add(self, sample: Sample, targets: bytes, index: int) -> None:
-        """Write one sample (or count it as a duplicate) and roll the shard when it is full."""
-        if sample.key in self.seen:
-            self.drop(index, DROP_DUPLICATE_IMAGE_ID, {})
-            return
-        self.seen.add(sample.key)
-        self.consumed = index + 1
-        self.box_drops.update(sample.record.box_drops)
-        if self.writer is None:
-            name = shard_name(self.split, len(self.manifest["shards"]))
-            self.writer = ShardWriter(self.out_dir / name)
-        self.writer.add(sample.key, sample_members(sample.image_ext, sample.image_bytes, sample.record.to_json(), targets))
-        self.samples += 1
-        if self.writer.samples == 1:
-            fault_point("mid_shard", len(self.manifest["shards"]))
-        full = self.writer.samples >= self.opts.samples_per_shard
-        too_big = self.opts.max_shard_bytes is not None and self.writer.bytes_written >= self.opts.max_shard_bytes
-        if full or too_big:
-            self.close_shard()
-
-    def pending(self) -> dict:
-        """The rows and drops seen since the last published shard, as the manifest records them."""
-        return {
-            "rows": self.consumed - self.rows_done,
-            "drops": dict(sorted(self.drops.items())), "box_drops": dict(sorted(self.box_drops.items())),
-        }
-
-    def close_shard(self) -> None:
-        """Publish the open shard and record it, with the rows and drops it accounts for."""
-        info: ShardInfo = self.writer.close()
-        self.writer = None
-        fault_point("published", len(self.manifest["shards"]))
-        self.manifest["shards"].append({**asdict(info), **self.pending()})
-        self.rows_done = self.consumed
-        self.drops, self.box_drops = Counter(), Counter()
-        self.write_manifest()
-        fault_point("shard_done", len(self.manifest["shards"]) - 1)
-
-    def finish(self) -> None:
-        """Publish the last shard, account for trailing dropped rows, and mark the build complete."""
-        if self.writer is not None:
-            self.close_shard()
-        self.manifest["tail"] = self.pending()
-        self.manifest["complete"] = True
-        self.write_manifest()
-
-    def abort(self) -> None:
-        """Drop the open shard, leaving the manifest as it was after the last published shard."""
-        if self.writer is not None:
-            self.writer.abort()
-            self.writer = None
-
-    def write_manifest(self) -> None:
-        """Recompute totals and rewrite the manifest atomically."""
-        m = self.manifest
-        parts = m["shards"] + ([m["tail"]] if m.get("tail") else [])
-        m["totals"] = {
-            "samples": sum(s["samples"] for s in m["shards"]), "shards": len(m["shards"]),
-            "bytes": sum(s["bytes"] for s in m["shards"]), "rows": sum(p["rows"] for p in parts),
-        }
-        m["drops"] = {"images": _sum_counts(p["drops"] for p in parts),
-                      "boxes": _sum_counts(p["box_drops"] for p in parts),
-                      "annotations": _annotation_drops(m.get("source_stats") or {})}
-        write_json_atomic(self.out_dir / MANIFEST_NAME, m, fault_n=len(m["shards"]))
-
-
-def _annotation_drops(stats: dict) -> dict:
-    """Annotations the source could not attach to any row, by reason (dangling: unknown image_id)."""
-    return {"dangling": int(stats["dangling_annotations"])} if stats.get("dangling_annotations") else {}
-
-
-def _new_manifest(opts: BuildOptions, options: dict, source, device: str) -> dict:
-    """A manifest for a build that has not published anything yet."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": {"name": "frcnn-shard", "version": __version__},
-        "complete": False,
-        "split": source.info["split"],
-        "source": source.info,
-        "source_stats": dict(source.stats),
-        "bbox_format": source.bbox_format,
-        "options": options,
-        "build": {"workers": opts.workers, "device": device},
-        "image": {"format": opts.transform.image_format, "size": list(opts.transform.image_size),
-                  "resize": opts.transform.resize, "mode": "RGB"},
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "rule": "float = (uint8 / 255 - mean) / std, per RGB channel"},
-        "classes": list(CLASS_NAMES),
-        "anchors": options["anchors"],  # built once, in output_options
-        "shards": [], "tail": None,
-    }
 
 
 def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str) -> list:
@@ -559,137 +433,423 @@ def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str
     return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
 
 
-def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) -> BuildResult:
-    """Run (or resume) a build and return its summary; raises BuildError with a reason on failure."""
-    validate_options(opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# One part: the shards of a row range, written in order, recorded in the part record.
+
+
+class _PartWriter:
+    """Ordered sample sink of one part: shard i takes the rows of shard i, empty or not."""
+
+    def __init__(self, store, layout: Layout, shards: range, record: dict, progress):
+        self.store, self.layout, self.range, self.record, self.progress = store, layout, shards, record, progress
+        self.cur = shards.start + len(record["shards"])  # the shard being filled
+        self.writer: ShardWriter | None = None
+        self.samples = sum(e["samples"] for e in record["shards"])
+        self.rows_done = sum(e["rows"][1] - e["rows"][0] for e in record["shards"])
+        self.rows_total = sum(b - a for a, b in map(layout.shard_rows, shards))
+        self._reset()
+
+    def _reset(self) -> None:
+        self.drops: Counter = Counter()
+        self.box_drops: Counter = Counter()
+        self.dropped: list[dict] = []
+
+    def _open(self) -> ShardWriter:
+        if self.writer is None:
+            self.writer = ShardWriter(self.store, shard_name(self.record["header"]["split"], self.cur))
+        return self.writer
+
+    def _close(self) -> None:
+        """Publish the current shard (an empty tar when all its rows were dropped) and record it."""
+        info: ShardInfo = self._open().close()
+        self.writer = None
+        fault_point("published", self.cur)
+        start, stop = self.layout.shard_rows(self.cur)
+        self.record["shards"].append({
+            **asdict(info), "index": self.cur, "rows": [start, stop], "drops": dict(sorted(self.drops.items())),
+            "box_drops": dict(sorted(self.box_drops.items())), "dropped": self.dropped})
+        write_record(self.store, self.record, fault_n=self.cur)
+        fault_point("shard_done", self.cur)
+        self._reset()
+        self.cur += 1
+
+    def _to(self, row: int) -> None:
+        """Close every shard before the one holding ``row``."""
+        target = self.layout.shard_of(row)
+        while self.cur < target:
+            self._close()
+
+    def drop(self, item: Dropped) -> None:
+        """Count and record a dropped row."""
+        self._to(item.index)
+        self.drops[item.reason] += 1
+        self.box_drops.update(item.box_drops)
+        self.dropped.append(item.to_dict())
+        self._step(item.index)
+
+    def add(self, sample: Sample, targets: bytes) -> None:
+        """Write one sample into its shard."""
+        row = sample.record.source_index
+        self._to(row)
+        self.box_drops.update(sample.record.box_drops)
+        w = self._open()
+        w.add(sample.key, sample_members(sample.image_ext, sample.image_bytes, sample.record.to_json(), targets))
+        if w.samples == 1:
+            fault_point("mid_shard", self.cur)
+        self.samples += 1
+        self._step(row)
+
+    def _step(self, row: int) -> None:
+        self.rows_done += 1
+        if row + 1 == self.layout.shard_rows(self.cur)[1]:
+            self._close()  # the shard's last row: publish it now, not when the next row arrives
+        if self.progress is not None:
+            self.progress({"rows": self.rows_done, "rows_total": self.rows_total, "samples": self.samples,
+                           "shards": self.cur - self.range.start, "shards_total": len(self.range)})
+
+    def finish(self) -> None:
+        """Publish the part's remaining shards and mark the part complete."""
+        while self.cur < self.range.stop:
+            self._close()
+        self.record["complete"] = True
+        self.record["run"]["finished"] = _now()
+        write_record(self.store, self.record)
+
+    def abort(self) -> None:
+        """Drop the open shard; the part record lists exactly the published ones."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _header(opts: BuildOptions, source, options: dict, layout: Layout) -> dict:
+    """What every part of a build computes identically: the manifest apart from shards, totals and run."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "frcnn-shard", "version": __version__},
+        "split": source.info["split"],
+        "source": source.info,
+        "source_fingerprint": source.fingerprint,
+        "source_stats": dict(source.stats),
+        "bbox_format": source.bbox_format,
+        "options": options,
+        "layout": {"rows": layout.rows, "rows_per_shard": layout.rows_per_shard, "shards": layout.shards},
+        "image": {"format": opts.transform.image_format, "size": list(opts.transform.image_size),
+                  "resize": opts.transform.resize, "mode": "RGB"},
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "rule": "float = (uint8 / 255 - mean) / std, per RGB channel"},
+        "classes": list(CLASS_NAMES),
+        "anchors": options["anchors"],  # built once, in output_options
+    }
+
+
+def _differing(a: dict, b: dict) -> str:
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+
+
+def _prepare_part(store, header: dict, part: tuple[int, int], shards: range, opts: BuildOptions) -> dict | None:
+    """The part record to continue from (a fresh one when there is none); None when the split is already complete.
+
+    Refuses (BuildError) a split built with other options or split another way, unless overwrite.
+    """
+    whole = opts.part is None
+    if opts.overwrite:
+        _clean(store, header["split"], shards if not whole else None, part)
+    elif store.exists(MANIFEST_NAME):
+        built = read_manifest(store)
+        if {k: v for k, v in built.items() if k in header} != header:
+            raise BuildError(f"{store.url} was built with different options or source (differing: "
+                             f"{_differing({k: built.get(k) for k in header}, header)}); re-run with the same "
+                             "options, or build with the overwrite option to start again")
+        if whole:
+            return None
+    name = record_name(*part)
+    records = read_records(store)
+    foreign = [n for n in records if n != name and (whole or not n.endswith(f"-of-{part[1]:06d}.json"))]
+    if foreign:
+        raise BuildError(f"{store.url} holds part records of a build split another way ({foreign[0]}, ...); "
+                         "finish that build (same parts, then merge), or build with the overwrite option")
+    record = records.get(name)
+    if record is None:
+        return {"part": list(part), "shard_range": [shards.start, shards.stop], "header": header, "shards": [],
+                "complete": False, "run": {}}
+    if record["header"] != header:
+        raise BuildError(f"{store.url}: part {part[0]} of {part[1]} was built with different options or source "
+                         f"(differing: {_differing(record['header'], header)}); re-run with the same options, or "
+                         "build with the overwrite option")
+    _verify_listed(store, record)
+    return record
+
+
+def _verify_listed(store, record: dict) -> None:
+    """Every shard a part record lists is there, with its size (and, on local disk, its sha256)."""
+    for e in record["shards"]:
+        ok = store.exists(e["name"]) and store.size(e["name"]) == e["bytes"]
+        if ok and store.is_local:
+            ok = file_sha256(store.path / e["name"]) == e["sha256"]
+        if not ok:
+            raise BuildError(f"{store.location(e['name'])}: listed in {PARTS_DIR}/{record_name(*record['part'])} but "
+                             "missing or changed since; build with the overwrite option to rebuild")
+
+
+def _clean(store, split: str, shards: range | None, part: tuple[int, int]) -> None:
+    """Remove what an earlier build left: everything of the split, or (for one part) its shards and record."""
+    store.remove(MANIFEST_NAME)
+    store.remove(DROPS_NAME)
+    names = store.names()
+    for n in names:
+        m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
+        if m and (shards is None or int(m.group("index")) in shards):
+            store.remove(n)
+    records = store.sub(PARTS_DIR)
+    for n in records.names():
+        if n.endswith(".json") and (shards is None or n == record_name(*part)):
+            records.remove(n)
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM stop the build like Ctrl-C (the open shard dropped, a resume hint); returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the build was (the handler of _interrupt_on_sigterm)."""
+
+
+def build_part(opts: BuildOptions, part: tuple[int, int], progress: Callable[[dict], None] | None = None,
+               match_batch: Callable | None = None) -> BuildResult:
+    """Build (or resume) part I of N of a split: its shards and its part record; returns what it did.
+
+    ``match_batch(boxes_list, crowd_list)``, when given, matches the anchors of a batch elsewhere (the
+    Ray engine's GPU actors); otherwise matching runs in the workers, or batched on this machine's GPU.
+    """
     t0 = time.perf_counter()
-    device = resolve_device(opts.device)
+    device = "cuda" if match_batch is not None else resolve_device(opts.device)
     spec = anchor_spec(opts)
-    match_in_workers = device != "cuda"
+    batched = device == "cuda"
     pool = None
+    old_term = _interrupt_on_sigterm()
     try:
         if opts.workers > 0:
             # Fork before the source is opened, so no reader thread exists yet in the parent.
             pool = multiprocessing.get_context("fork").Pool(
-                opts.workers, initializer=_init_worker,
-                initargs=(opts.transform, spec, opts.matching, match_in_workers),
-            )
+                opts.workers, initializer=_init_worker, initargs=(opts.transform, spec, opts.matching, not batched))
         else:
-            _init_worker(opts.transform, spec, opts.matching, match_in_workers, ignore_sigint=False)
-        return _build(opts, progress, device, spec, pool, t0)
-    except KeyboardInterrupt:  # before the first row (opening the source, ...): nothing was written yet
-        raise BuildInterrupted(
-            "interrupted before any row was processed; nothing new was written. "
-            "Run the same command again to resume."
-        ) from None
+            _init_worker(opts.transform, spec, opts.matching, not batched, ignore_sigint=False)
+        if batched and match_batch is None:
+            anchors = anc.make_anchors(spec)
+
+            def match_batch(boxes, crowd):
+                return anc.match_batch_torch(anchors, boxes, crowd, opts.matching, opts.transform.image_size, device=device)
+        return _build_part(opts, part, progress, device, spec, pool, match_batch, t0)
+    except KeyboardInterrupt as e:  # before the first row (opening the source, ...): nothing was written yet
+        raise BuildInterrupted("interrupted before any row was processed; nothing new was written. "
+                               "Run the same command again to resume.", signum(e)) from None
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
-def _build(opts: BuildOptions, progress, device: str, spec: anc.AnchorSpec, pool, t0: float) -> BuildResult:
-    """The body of build(), with the worker pool already running."""
-    source = open_source(opts.source, opts.split, revision=opts.revision,
-                         bbox_format=opts.bbox_format, detect_rows=opts.detect_rows)
+def signum(e: BaseException) -> int:
+    """The signal behind an interruption: SIGTERM or SIGINT."""
+    return signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+
+
+def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> BuildResult:
+    """The body of build_part, with the worker pool running."""
+    source = open_source(opts.source, opts.split, revision=opts.revision, bbox_format=opts.bbox_format,
+                         detect_rows=opts.detect_rows)
     split = source.info["split"]
-    out_dir = Path(opts.out) / split
-    options = output_options(opts, split, spec)
-    manifest = _prepare_resume(out_dir, options, opts.overwrite)
-    resumed = manifest is not None
-    if manifest is None:
-        manifest = _new_manifest(opts, options, source, device)
-    else:
-        # A resume keeps the recorded decision; a different one would change what the rows mean.
-        recorded, now = manifest["bbox_format"]["decision"], source.bbox_format["decision"]
-        if recorded != now:
-            raise BuildError(f"bbox format decided now ({now}) differs from the recorded one ({recorded})")
-    resumed_shards = len(manifest["shards"])  # a fresh manifest lists none
-    w = _Writer(out_dir, split, opts, manifest)
-    if manifest.get("complete"):
-        status = "already complete"
-    else:
-        status = "resumed" if resumed else "built"
-        _run(opts, source, spec, device, pool, w, progress)
-    m = w.manifest
-    rows = m["totals"]["rows"]
-    bad = sum(m["drops"]["images"].get(r, 0) for r in BAD_INPUT_REASONS)
-    result = BuildResult(
-        out_dir=out_dir, status=status, samples=m["totals"]["samples"], shards=m["totals"]["shards"],
-        bytes=m["totals"]["bytes"], rows=rows, drops=m["drops"]["images"], box_drops=m["drops"]["boxes"],
-        bbox_format=m["bbox_format"], device=device, seconds=time.perf_counter() - t0,
-        resumed_shards=resumed_shards, bad_fraction=bad / rows if rows else 0.0,
-    )
-    if result.bad_fraction > opts.max_bad_fraction:
-        raise BuildError(
-            f"{bad} of {rows} rows were skipped as bad input ({result.bad_fraction:.2%} > "
-            f"max_bad_fraction {opts.max_bad_fraction:.2%}); by reason: {result.drops}. "
-            f"The {result.samples} samples written in {out_dir} are kept."
-        )
-    return result
+    store = open_store(opts.out, opts.storage_options).sub(split)
+    store.makedirs()
+    layout = Layout(min(source.num_rows, opts.max_rows or source.num_rows), opts.rows_per_shard)
+    header = _header(opts, source, output_options(opts, split, spec), layout)
+    shards = layout.part_shards(*part)
+    lock = acquire_lock(store, *part)
+    try:
+        record = _prepare_part(store, header, part, shards, opts)
+        if record is None:
+            return _result(store, read_manifest(store), "already complete", device, t0)
+        was_complete = record["complete"]
+        resumed = len(record["shards"])
+        record["run"] = {**holder(), "workers": opts.workers, "device": device, "engine": opts.engine, "started": _now()}
+        w = _PartWriter(store, layout, shards, record, progress)
+        if not was_complete:
+            if store.is_local:  # interrupted writes: this part's own (or, for the whole build, any)
+                for n in store.names():
+                    m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
+                    if n.endswith(PARTIAL_SUFFIX) and m and (opts.part is None or int(m.group("index")) in shards):
+                        store.remove(n)
+            _run(opts, source, w, pool, match_batch, layout)
+        if was_complete and opts.part is not None:
+            status = "already complete"
+        else:
+            status = "resumed" if resumed else "built"
+        return _part_result(store, record, status, device, t0, resumed)
+    finally:
+        release_lock(store, lock)
 
 
-def _run(opts: BuildOptions, source, spec, device: str, pool, w: _Writer, progress) -> None:
-    """Stream rows through the workers into the writer; on any failure, drop only the open shard."""
-    on_gpu = device == "cuda"
-    anchors_t = anc.make_anchors(spec) if on_gpu else None
+def _run(opts: BuildOptions, source, w: _PartWriter, pool, match_batch, layout: Layout) -> None:
+    """Stream the part's remaining rows through the workers into the writer; on failure drop only the open shard."""
+    start = layout.shard_rows(w.cur)[0] if w.cur < w.range.stop else layout.rows
+    stop = layout.shard_rows(w.range.stop - 1)[1] if len(w.range) else start
     fmt = source.bbox_format["decision"]
-    rows = resilient_rows(source, w.rows_done, opts)
+    rows = resilient_rows(source, start, stop, opts)
     jobs = ((fmt, chunk) for chunk in _chunks(rows, opts.chunk_size))
     if pool is not None:
         results = _ordered_results(pool, jobs, max_inflight=4 * opts.workers)
     else:
         results = (r for job in jobs for r in _process_chunk(job))
+    kept = f"the shards published so far are kept in {w.store.url}"
     try:
         buffer: list = []
-        for item, targets in results:
-            if on_gpu:
-                buffer.append((item, targets))
-                if sum(isinstance(i, Sample) for i, _ in buffer) < opts.gpu_batch:
-                    continue
-                batch, buffer = _match_on_device(buffer, anchors_t, opts, device), []
-            else:
-                batch = [(item, targets)]
-            if _write_items(batch, w, opts, progress):
-                break
-        else:
-            if buffer:
-                _write_items(_match_on_device(buffer, anchors_t, opts, device), w, opts, progress)
+        for item in results:
+            buffer.append(item)
+            if match_batch is not None and sum(isinstance(i, Sample) for i, _ in buffer) < opts.gpu_batch:
+                continue
+            _write_items(_match_buffer(buffer, match_batch, opts) if match_batch else buffer, w)
+            buffer = []
+        _write_items(_match_buffer(buffer, match_batch, opts) if match_batch else buffer, w)
         w.finish()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         w.abort()
-        raise BuildInterrupted(
-            f"interrupted; {len(w.manifest['shards'])} complete shards are kept in {w.out_dir}. "
-            "Run the same command again to resume after the last complete shard."
-        ) from None
+        raise BuildInterrupted(f"interrupted; {kept}. Run the same command again to resume after the last "
+                               "complete shard.", signum(e)) from None
     except BuildError as e:  # the source failed, a worker died
         w.abort()
-        raise type(e)(
-            f"{e}. The unfinished shard was removed; {len(w.manifest['shards'])} complete shards are kept in "
-            f"{w.out_dir}. Run the same command again to resume after the last complete shard."
-        ) from e.__cause__
+        raise type(e)(f"{e}. The unfinished shard was removed; {kept}. Run the same command again to resume "
+                      "after the last complete shard.") from e.__cause__
     except OSError as e:
         w.abort()
-        raise BuildError(
-            f"write failed in {w.out_dir}: {e}. The unfinished shard was removed; the manifest lists "
-            f"the {len(w.manifest['shards'])} complete shards. Free space and run the same command to resume."
-        ) from e
+        raise BuildError(f"write failed in {w.store.url}: {e}. The unfinished shard was removed; {kept}. "
+                         "Fix the cause (space, permissions, the storage service) and run the same command "
+                         "again to resume.") from e
     except BaseException:
         w.abort()
         raise
 
 
-def _write_items(batch: list, w: _Writer, opts: BuildOptions, progress) -> bool:
-    """Hand processed items to the writer in order; True once max_samples is reached."""
+def _match_buffer(buffer: list, match_batch: Callable, opts: BuildOptions) -> list:
+    """Match the anchors of the buffered samples in one batched call (a GPU, here or in a Ray actor)."""
+    samples = [item for item, _ in buffer if isinstance(item, Sample)]
+    if not samples:
+        return buffer
+    results = match_batch([s.record.boxes for s in samples], [s.record.crowd_boxes for s in samples])
+    packed = iter([_pack(s, lab, m) for s, (lab, m) in zip(samples, results)])
+    return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
+
+
+def _write_items(batch: list, w: _PartWriter) -> None:
+    """Hand processed items to the writer in order."""
     for item, targets in batch:
         if isinstance(item, Dropped):
             if item.reason == DROP_PROCESSING_ERROR:
                 log.warning("row %d (image id %d) dropped: %s", item.index, item.image_id, item.detail)
-            w.drop(item.index, item.reason, item.box_drops)
+            w.drop(item)
         else:
-            w.add(item, targets, item.record.source_index)
-        if progress is not None:
-            progress({"rows": w.consumed, "samples": w.samples, "shards": len(w.manifest["shards"])})
-        if opts.max_samples is not None and w.samples >= opts.max_samples:
-            return True
-    return False
+            w.add(item, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, the whole build, merge.
+
+DROPS_SHOWN = 5  # dropped rows named in a result (all of them are in drops.jsonl)
+
+
+def _bad_fraction(drops: dict, rows: int) -> tuple[int, float]:
+    bad = sum(drops.get(r, 0) for r in BAD_INPUT_REASONS)
+    return bad, bad / rows if rows else 0.0
+
+
+def _part_result(store, record: dict, status: str, device: str, t0: float, resumed: int) -> BuildResult:
+    """What one part did, from its record."""
+    entries = record["shards"]
+    drops = sum_counts(e["drops"] for e in entries)
+    rows = sum(e["rows"][1] - e["rows"][0] for e in entries)
+    bad, frac = _bad_fraction(drops, rows)
+    return BuildResult(
+        out_dir=store.path if store.is_local else store.url, status=status,
+        samples=sum(e["samples"] for e in entries), shards=len(entries), bytes=sum(e["bytes"] for e in entries),
+        rows=rows, drops=drops, box_drops=sum_counts(e["box_drops"] for e in entries),
+        bbox_format=record["header"]["bbox_format"], device=device, seconds=time.perf_counter() - t0,
+        resumed_shards=resumed, bad_fraction=frac, part=tuple(record["part"]),
+        dropped=[d for e in entries for d in e["dropped"]][:DROPS_SHOWN],
+        drops_file=store.sub(PARTS_DIR).location(record_name(*record["part"])))
+
+
+def _result(store, manifest: dict, status: str, device: str, t0: float, resumed: int = 0) -> BuildResult:
+    """What the whole build did, from its manifest (and the first lines of drops.jsonl)."""
+    totals, drops = manifest["totals"], manifest["drops"]
+    _, frac = _bad_fraction(drops["images"], totals["rows"])
+    first = store.read_bytes(DROPS_NAME).splitlines()[:DROPS_SHOWN] if drops.get("rows") else []
+    return BuildResult(
+        out_dir=store.path if store.is_local else store.url, status=status, samples=totals["samples"],
+        shards=totals["shards"], bytes=totals["bytes"], rows=totals["rows"], drops=drops["images"],
+        box_drops=drops["boxes"], bbox_format=manifest["bbox_format"], device=device,
+        seconds=time.perf_counter() - t0, resumed_shards=resumed, bad_fraction=frac,
+        dropped=[json.loads(line) for line in first], drops_file=store.location(DROPS_NAME))
+
+
+def check_bad_fraction(res: BuildResult, max_bad_fraction: float) -> None:
+    """Raise BuildError when more rows than allowed were bad input (everything written is kept)."""
+    if res.bad_fraction > max_bad_fraction:
+        bad = sum(res.drops.get(r, 0) for r in BAD_INPUT_REASONS)
+        named = "; ".join(f"row {d['row']} (image id {d['image_id']}): {d['reason']}" for d in res.dropped)
+        raise BuildError(
+            f"{bad} of {res.rows} rows were skipped as bad input ({res.bad_fraction:.2%} > max_bad_fraction "
+            f"{max_bad_fraction:.2%}); by reason: {res.drops}. First dropped: {named}. Every dropped row is listed in "
+            f"{res.drops_file}. The {res.samples} samples written in {res.out_dir} are kept.")
+
+
+def merge_split(location, storage_options: dict | None = None, max_bad_fraction: float | None = None) -> BuildResult:
+    """Merge the parts of a built split (``<out>/<split>``): checks them, writes drops.jsonl and the manifest."""
+    t0 = time.perf_counter()
+    store = open_store(location, storage_options)
+    manifest = merge(store)
+    res = _result(store, manifest, "merged", "-", t0)
+    limit = manifest["options"]["max_bad_fraction"] if max_bad_fraction is None else max_bad_fraction
+    check_bad_fraction(res, limit)
+    return res
+
+
+def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) -> BuildResult:
+    """Run (or resume) a build, or one part of it; raises BuildError with a reason on failure.
+
+    The whole build (no ``part``) runs its one part here, or every part on Ray (engine "ray"), then
+    merges: the manifest appears last. A part build writes its shards and part record only.
+    """
+    validate_options(opts)
+    if opts.engine == "ray":
+        from .ray_engine import build_on_ray
+
+        res = build_on_ray(opts, progress)
+    elif opts.part is not None:
+        return build_part(opts, opts.part, progress)
+    else:
+        part_res = build_part(opts, (0, 1), progress)
+        store = open_store(part_res.out_dir, opts.storage_options)
+        if part_res.status != "already complete" or not store.exists(MANIFEST_NAME):
+            merge(store)
+        res = _result(store, read_manifest(store), part_res.status, part_res.device, 0.0, part_res.resumed_shards)
+        res.seconds = part_res.seconds
+    check_bad_fraction(res, opts.max_bad_fraction)
+    return res
+

@@ -78,7 +78,7 @@ def _values(cls, kw: dict) -> dict:
             try:
                 value = f.metadata["parse"](value)
             except ValueError as e:
-                raise ValueError(f"{f.name}: {e}") from None
+                raise ValueError(f"{_flag(f.name)}: {e}") from None
         out[f.name] = value
     return out
 
@@ -110,15 +110,31 @@ def build(no_low_quality: bool, **kw) -> None:
         _fail(f"{_flag(e.option)} {_cli_words(e.reason)}", 2)
     except (ValueError, TypeError, BuildError) as e:
         _fail(_cli_words(str(e)), 2)
-    bar = _Bar("build", "img")
+    bar = _Bar("build", "row")
     try:
-        res = run_build(opts, progress=lambda c: bar.update(c["rows"], samples=c["samples"], shards=c["shards"]))
+        res = run_build(opts, progress=lambda c: bar.update(c["rows"], total=c["rows_total"], samples=c["samples"],
+                                                            shards=f"{c['shards']}/{c['shards_total']}"))
     except BuildInterrupted as e:
-        _fail(_cli_words(str(e)), 130)
+        bar.close()
+        _fail(_cli_words(str(e)), 128 + e.signum)
+    except (BuildError, ValueError, OSError) as e:
+        bar.close()
+        _fail(_cli_words(str(e)), 1)
+    bar.close()
+    _print_build_summary(res)
+
+
+@main.command()
+@click.argument("split_dir")
+@click.option("--storage-options", default=None, help="JSON object of fsspec options for SPLIT_DIR.")
+def merge(split_dir: str, storage_options: str | None) -> None:
+    """Once every part of a build is done: check the parts, then write drops.jsonl and the manifest."""
+    from .build import BuildError, merge_split, parse_storage_options
+
+    try:
+        res = merge_split(split_dir, parse_storage_options(storage_options) if storage_options else None)
     except (BuildError, ValueError, OSError) as e:
         _fail(_cli_words(str(e)), 1)
-    finally:
-        bar.close()
     _print_build_summary(res)
 
 
@@ -128,13 +144,13 @@ class _Bar:
     def __init__(self, desc: str, unit: str, total: int | None = None):
         self.desc, self.unit, self.total, self.bar = desc, unit, total, None
 
-    def update(self, done: int, **postfix) -> None:
-        """Show ``done`` (a running total) and the postfix counters."""
+    def update(self, done: int, total: int | None = None, **postfix) -> None:
+        """Show ``done`` of ``total`` (running totals) and the postfix counters."""
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(unit=self.unit, desc=self.desc, total=self.total, dynamic_ncols=True, file=sys.stderr,
-                            initial=max(done - 1, 0))
+            self.bar = tqdm(unit=self.unit, desc=self.desc, total=total or self.total, dynamic_ncols=True,
+                            file=sys.stderr, initial=max(done - 1, 0))
         self.bar.update(done - self.bar.n)
         if postfix:
             self.bar.set_postfix(**postfix, refresh=False)
@@ -147,15 +163,23 @@ class _Bar:
 
 def _print_build_summary(res) -> None:
     rate = res.rows / res.seconds if res.seconds > 0 else 0.0
-    click.echo(f"{res.status}: {res.out_dir}")
+    what = f"part {res.part[0]} of {res.part[1]}" if res.part else "split"
+    click.echo(f"{res.status} ({what}): {res.out_dir}")
     click.echo(f"  samples {res.samples} in {res.shards} shards, {res.bytes / 1e6:.1f} MB"
                + (f" (resumed after {res.resumed_shards} shards)" if res.resumed_shards else ""))
     click.echo(f"  rows read {res.rows}, {rate:.1f} rows/s, {res.seconds:.1f} s, anchors matched on {res.device}")
     bf = res.bbox_format
     click.echo(f"  bbox format: {bf.get('decision')} (requested {bf.get('requested')}; evidence {bf.get('evidence')})")
     click.echo(f"  images dropped: {res.drops or 'none'}")
+    for d in res.dropped:
+        click.echo(f"    row {d['row']} (image id {d['image_id']}, {d['origin'] or 'no origin'}): {d['reason']}: {d['detail']}")
+    if res.dropped:
+        click.echo(f"    every dropped row: {res.drops_file}")
     click.echo(f"  boxes dropped:  {res.box_drops or 'none'}")
-    click.echo(f"  check it with:  frcnn-shard check {res.out_dir}")
+    if res.part:
+        click.echo(f"  when every part is done:  frcnn-shard merge {res.out_dir}")
+    else:
+        click.echo(f"  check it with:  frcnn-shard check {res.out_dir}")
 
 
 @main.command()

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import warnings
 import tarfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlparse
 
 import braceexpand
 import numpy as np
@@ -33,7 +33,7 @@ from .format.members import (
 )
 from .format.record import Record
 from .format.targets import SparseTargets, unpack_targets
-from .shards import MANIFEST_NAME, read_manifest, sample_error, tar_members
+from .shards import MANIFEST_NAME, read_manifest, sample_error, store_of, tar_members
 from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 ON_ERROR_CHOICES = ("raise", "skip")
@@ -82,6 +82,7 @@ class LoaderOptions:
     pin_memory: bool = False
     prefetch_factor: int | None = 2
     timeout: float = 0
+    strict: bool = False  # fewer shards than streams is an error (else fewer workers, with a warning)
 
     def __post_init__(self) -> None:
         rules = [
@@ -149,14 +150,18 @@ def _norm_coeffs(mean: Sequence[float] | None, std: Sequence[float] | None) -> t
 # -------------------------------------------------------------------------------------- sources
 
 
-def _is_local(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+_PASSTHROUGH_SCHEMES = ("pipe", "http", "https")  # opened by WebDataset's gopen, as WebDataset users expect
 
 
-def _local_path(url: str) -> Path:
-    pr = urlparse(url)
-    return Path(pr.path) if pr.scheme == "file" else Path(url)
+def _scheme(url: str) -> str:
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
+    return m.group(1).lower() if m and len(m.group(1)) > 1 else ""
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(folder, name) of a shard URL or path."""
+    folder, _, name = url.rstrip("/").rpartition("/")
+    return folder or ".", name
 
 
 def expand_urls(source: str | Sequence[str]) -> list[str]:
@@ -169,13 +174,13 @@ def expand_urls(source: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _load_manifest(manifest: dict | str | os.PathLike) -> tuple[dict, Path | None]:
-    """A manifest given as a dict, a shard directory or a manifest.json path; returns (manifest, dir)."""
+def _load_manifest(manifest: dict | str | os.PathLike, storage_options: dict | None) -> tuple[dict, str | None]:
+    """A manifest given as a dict, a shard directory or a manifest.json path / URL; returns (manifest, folder)."""
     if isinstance(manifest, dict):
         return manifest, None
-    p = Path(manifest)
-    d = p.parent if p.name == MANIFEST_NAME or p.is_file() else p
-    return read_manifest(d), d
+    text = os.fspath(manifest)
+    folder = _split_url(text)[0] if text.rstrip("/").endswith(MANIFEST_NAME) else text
+    return read_manifest(store_of(folder, storage_options)), folder
 
 
 @dataclass
@@ -187,38 +192,58 @@ class _Source:
     manifest: dict | None
 
 
+def _is_folder_source(text: str) -> bool:
+    """A shard folder (or its manifest.json), as opposed to shard files and patterns."""
+    return not text.endswith(".tar") and "{" not in text and _scheme(text) not in _PASSTHROUGH_SCHEMES
+
+
+def _folder_source(text: str, storage_options: dict | None, allow_incomplete: bool) -> _Source:
+    """The shards of a split folder, local or remote, from its manifest; errors that say what the folder is."""
+    folder = _split_url(text)[0] if text.rstrip("/").endswith(MANIFEST_NAME) else text
+    store = store_of(folder, storage_options)
+    if store.is_local and not store.path.is_dir():
+        what = "not a folder" if store.path.exists() else "no such folder"
+        raise LoaderError(f"{what}: {folder} (give the split folder a build wrote, e.g. shards/train)")
+    if not store.exists(MANIFEST_NAME):
+        splits = [n for n in store.names() if not n.startswith("_") and store.sub(n).exists(MANIFEST_NAME)]
+        if splits:
+            raise LoaderError(f"{folder} is a build's output root, not a split folder; its splits are "
+                              f"{', '.join(splits)}: pass {store.sub(splits[0]).url}")
+    man = read_manifest(store)  # ManifestError says why there is none (an unfinished build, ...)
+    _check_complete(man, store.url, allow_incomplete)
+    shards = man.get("shards") or []
+    return _Source([store.location(s["name"]) for s in shards], [int(s["samples"]) for s in shards], man)
+
+
 def resolve_source(
     source: str | os.PathLike | Sequence[str],
     manifest: dict | str | os.PathLike | None = None,
     allow_incomplete: bool = False,
+    storage_options: dict | None = None,
 ) -> _Source:
-    """Turn a shard directory, URL list or brace pattern into URLs, per-shard counts and the manifest."""
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        man, _ = _load_manifest(manifest if manifest is not None else source)
-        _check_complete(man, Path(source), allow_incomplete)
-        shards = man.get("shards") or []
-        urls = [str(Path(source) / s["name"]) for s in shards]
-        return _Source(urls, [int(s["samples"]) for s in shards], man)
-
+    """Turn a split folder (local or a URL), its manifest.json, a URL list or a brace pattern into URLs,
+    per-shard counts and the manifest."""
+    if isinstance(source, (str, os.PathLike)) and _is_folder_source(os.fspath(source)) and manifest is None:
+        return _folder_source(os.fspath(source), storage_options, allow_incomplete)
     urls = expand_urls(source)
     if not urls:
         raise LoaderError(f"no shard URLs in source {source!r}")
-    man = None
-    where = None
+    man, where = None, None
     if manifest is not None:
-        man, where = _load_manifest(manifest)
-    elif all(_is_local(u) for u in urls):
-        parents = {_local_path(u).resolve().parent for u in urls}
-        if len(parents) == 1 and (next(iter(parents)) / MANIFEST_NAME).exists():
-            where = next(iter(parents))
-            man = read_manifest(where)
+        man, where = _load_manifest(manifest, storage_options)
+    else:
+        folders = {_split_url(u)[0] for u in urls}
+        if len(folders) == 1 and _scheme(urls[0]) not in _PASSTHROUGH_SCHEMES:
+            store = store_of(next(iter(folders)), storage_options)
+            if store.exists(MANIFEST_NAME):
+                man, where = read_manifest(store), store.url
     if man is None:
         return _Source(urls, None, None)
     _check_complete(man, where, allow_incomplete)
     listed = {s["name"]: int(s["samples"]) for s in man.get("shards") or []}
     counts = []
     for u in urls:
-        name = os.path.basename(urlparse(u).path if not _is_local(u) else str(_local_path(u)))
+        name = _split_url(u)[1]
         if name not in listed:
             raise LoaderError(
                 f"shard {u!r} is not listed in the manifest{f' in {where}' if where else ''}; "
@@ -228,7 +253,7 @@ def resolve_source(
     return _Source(urls, counts, man)
 
 
-def _check_complete(man: dict, where: Path | None, allow_incomplete: bool) -> None:
+def _check_complete(man: dict, where: str | None, allow_incomplete: bool) -> None:
     if not man.get("complete") and not allow_incomplete:
         raise LoaderError(
             f"the manifest{f' in {where}' if where else ''} is not complete (the build was interrupted "
@@ -248,18 +273,27 @@ class EpochPlan:
     quotas: tuple[int, ...] | None  # resampled mode: exact samples per slot; None otherwise
 
 
+def feedable_workers(n_shards: int, world_size: int, workers: int, strict: bool) -> int:
+    """The workers per rank that whole shards can feed (each stream reads whole shards).
+
+    With strict, fewer shards than streams is a LoaderError; otherwise the count drops to what the
+    shards can feed (at least 1), and a rank may get no shard at all when there are fewer shards than ranks.
+    """
+    if n_shards >= world_size * workers:
+        return workers
+    if strict:
+        raise LoaderError(
+            f"{n_shards} shard(s) cannot feed {world_size} rank(s) x {workers} worker(s) = {world_size * workers} "
+            "streams (each stream reads whole shards); use fewer workers, or rebuild with a smaller rows_per_shard")
+    return max(1, n_shards // world_size)
+
+
 def plan_epoch(
     n_shards: int, counts: Sequence[int] | None, *, seed: int, epoch: int, shuffle: bool,
     world_size: int, workers: int, resampled: bool,
 ) -> EpochPlan:
     """Permute the shards with an rng from (seed, epoch) and deal them round-robin to the slots."""
     slots_n = world_size * workers
-    if n_shards < slots_n:
-        raise LoaderError(
-            f"{n_shards} shard(s) cannot feed {world_size} rank(s) x {workers} worker(s) = {slots_n} "
-            "streams (each stream reads whole shards); use fewer workers, or rebuild with smaller "
-            "samples_per_shard"
-        )
     order = list(range(n_shards))
     if shuffle:
         order = [int(i) for i in _rng(_TAG_SHARDS, seed, epoch).permutation(n_shards)]
@@ -292,51 +326,57 @@ def _batches(n: int, batch_size: int, drop_last: bool) -> int:
 # ---------------------------------------------------------------------------------- raw reading
 
 
-def _open_url(url: str):
-    if _is_local(url):
-        return open(_local_path(url), "rb", buffering=_READ_BUFSIZE)
-    from webdataset.gopen import gopen
+def _open_url(url: str, storage_options: dict | None = None):
+    """A streaming reader of one shard: a local file, an object (retried reads), or a pipe:/http URL."""
+    if _scheme(url) in _PASSTHROUGH_SCHEMES:
+        from webdataset.gopen import gopen
 
-    return gopen(url, "rb", bufsize=_READ_BUFSIZE)
+        return gopen(url, "rb", bufsize=_READ_BUFSIZE)
+    folder, name = _split_url(url)
+    return store_of(folder, storage_options).open_read(name, _READ_BUFSIZE)
 
 
-def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None) -> Iterator[tuple[str, RawSample]]:
+def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None, expected: int | None = None,
+                     storage_options: dict | None = None) -> Iterator[tuple[str, RawSample]]:
     """Yield (url, encoded sample) for one shard URL; never unpickles, never uses a member name as a path.
 
     A sample breaking a member rule (pickle-type extension, traversal name, non-file, oversized,
     duplicate) raises ShardFormatError naming the URL and key, or with on_error="skip" is yielded
     with its problems (decode_sample then refuses it). A broken stream raises, or is skipped from
-    that point on (recorded in ``skips``).
+    that point on: ``skips`` gets (samples lost, message), the samples lost being what the manifest's
+    count (``expected``) says never arrived, or 1 when the count is unknown.
     """
-    key = None
+    key, got = None, 0
     try:
-        stream = _open_url(url)
+        stream = _open_url(url, storage_options)
     except OSError as e:
-        _fail(on_error, skips, f"{url}: cannot open shard: {e}")
+        _fail(on_error, skips, f"{url}: cannot open shard: {e}", expected if expected else 1)
         return
     finished = False
     try:
         for raw in group_by_key(tar_members(stream), where=url if on_error == "raise" else None):
             key = raw.key or key
+            got += 1
             yield url, raw
         finished = True
     except (tarfile.TarError, OSError, EOFError) as e:
         after = f" after key {key!r}" if key is not None else ""
-        _fail(on_error, skips, f"{url}: unreadable shard{after}: {type(e).__name__}: {e}")
+        lost = max(expected - got, 1) if expected is not None else 1
+        _fail(on_error, skips, f"{url}: unreadable shard{after}, {lost} sample(s) lost: {type(e).__name__}: {e}", lost)
     finally:
         try:
             stream.close()  # a pipe: stream raises here when its command failed
         except Exception as e:  # noqa: BLE001 - any failure of the producer means a broken shard
             # Only a stream read to its end can be blamed; one closed early may see SIGPIPE.
             if finished:
-                _fail(on_error, skips, f"{url}: shard stream failed on close: {e}")
+                _fail(on_error, skips, f"{url}: shard stream failed on close: {e}", 1)
 
 
-def _fail(on_error: str, skips: list | None, message: str) -> None:
+def _fail(on_error: str, skips: list | None, message: str, lost: int) -> None:
     if on_error == "raise":
         raise ShardFormatError(message)
     if skips is not None:
-        skips.append(message)
+        skips.append((lost, message))
 
 
 def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -539,10 +579,17 @@ class _StreamConfig:
     """Everything one (rank, worker) stream needs; pickled into each DataLoader worker."""
 
     urls: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard, when the manifest says
     plan: EpochPlan
     opts: LoaderOptions  # rank, world_size and num_workers resolved
     dataset: _Dataset
     epoch: int
+    storage_options: dict | None = None  # for shards on object storage (not recorded anywhere)
+
+    def shard(self, i: int, skips: list) -> Iterator[tuple[str, RawSample]]:
+        """The encoded samples of shard i."""
+        return iter_raw_samples(self.urls[i], self.opts.on_error, skips, self.counts[i] if self.counts else None,
+                                self.storage_options)
 
     @property
     def workers(self) -> int:
@@ -566,10 +613,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
 def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iterator[tuple[str, RawSample]]:
     """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
-    own, on_error = cfg.plan.slots[slot], cfg.opts.on_error
+    own = cfg.plan.slots[slot]
     if cfg.plan.quotas is None:
         for i in own:
-            yield from iter_raw_samples(cfg.urls[i], on_error, skips)
+            yield from cfg.shard(i, skips)
         return
     # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
     rng = _rng(_TAG_RESAMPLE, cfg.opts.seed, cfg.epoch, cfg.opts.rank, worker)
@@ -580,7 +627,7 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
         if i is None:
             i = int(rng.integers(len(cfg.urls)))
         got = 0
-        for item in iter_raw_samples(cfg.urls[i], on_error, skips):
+        for item in cfg.shard(i, skips):
             yield item
             got += 1
             n += 1
@@ -588,7 +635,7 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
                 return
         empty_in_a_row = 0 if got else empty_in_a_row + 1
         if empty_in_a_row > 2 * len(cfg.urls) + 8:  # every shard empty or unreadable: never loop forever
-            last = f": {skips[-1]}" if skips else ""
+            last = f": {skips[-1][1]}" if skips else ""
             raise ShardFormatError(f"resampled stream found no readable samples in {empty_in_a_row} shard draws{last}")
 
 
@@ -597,7 +644,7 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
     opts, ds = cfg.opts, cfg.dataset
     slot = worker * opts.world_size + opts.rank
     shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
-    skips: list[str] = []
+    skips: list[tuple[int, str]] = []  # (samples lost, why)
     raws: Iterator = _raw_stream(cfg, slot, worker, skips)
     if opts.shuffle and opts.shuffle_buffer > 1:
         raws = shuffle_buffer(raws, opts.shuffle_buffer, _rng(_TAG_BUFFER, opts.seed, cfg.epoch, opts.rank, worker))
@@ -607,7 +654,8 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
         # Each item carries the skips since the previous one; None makes a stats-only item.
         nonlocal reported
         batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared)
-        batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
+        new = skips[reported:]
+        batch.skipped, batch.skip_log, reported = sum(n for n, _ in new), [m for _, m in new], len(skips)
         return batch
 
     pending: list[Decoded] = []
@@ -617,7 +665,7 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
         except ShardFormatError as e:
             if opts.on_error == "raise":
                 raise
-            skips.append(str(e))
+            skips.append((1, str(e)))
         if len(pending) == opts.batch_size:
             yield emit(pending)
             pending = []
@@ -638,7 +686,8 @@ def _passthrough(item):
 class ShardLoader:
     """Iterable of (images, targets) over frcnn-shard shards; ``options`` holds what make_loader was given."""
 
-    def __init__(self, src: _Source, options: LoaderOptions, dataset: _Dataset):
+    def __init__(self, src: _Source, options: LoaderOptions, dataset: _Dataset, storage_options: dict | None = None):
+        self.storage_options = storage_options
         self.urls = list(src.urls)
         self.counts = src.counts
         self.manifest = src.manifest
@@ -715,7 +764,9 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
         o = self.options
-        stream = _ShardStream(_StreamConfig(tuple(self.urls), self._plan(), o, self.dataset, self.epoch))
+        counts = tuple(self.counts) if self.counts is not None else None
+        stream = _ShardStream(_StreamConfig(tuple(self.urls), counts, self._plan(), o, self.dataset, self.epoch,
+                                            self.storage_options))
         self.skipped, self.skip_log = 0, []
         if o.num_workers == 0:
             items = iter(stream)
@@ -778,24 +829,42 @@ def make_loader(
     manifest: dict | str | os.PathLike | None = None,
     num_anchors: int | None = None,
     allow_incomplete: bool = False,
+    storage_options: dict | None = None,
     **options: Any,
 ) -> ShardLoader:
-    """A loader of (images [B,3,H,W], targets) from a shard directory, URL list or brace pattern.
+    """A loader of (images [B,3,H,W], targets) from a split folder (local or a URL such as s3://...), its
+    manifest.json, a URL list or a brace pattern.
 
     ``options`` are the fields of LoaderOptions (shuffle, num_workers, seed, epoch, rpn_batch_size,
     positive_fraction, normalize, rank, world_size, resampled, shuffle_buffer, on_error, drop_last,
-    pin_memory, prefetch_factor, timeout). ``manifest`` describes shards given as URLs;
-    ``num_anchors`` lets shards without a manifest be read at all.
+    pin_memory, prefetch_factor, timeout, strict). ``manifest`` describes shards given as URLs;
+    ``num_anchors`` lets shards without a manifest be read at all; ``storage_options`` go to fsspec.
     """
     try:
         opts = LoaderOptions(batch_size=batch_size, **options)
     except TypeError as e:  # an unknown keyword
         raise LoaderError(f"make_loader: {e}") from None
     rank, world_size = _dist_defaults(opts.rank, opts.world_size)
-    src = resolve_source(source, manifest, allow_incomplete)
+    src = resolve_source(source, manifest, allow_incomplete, storage_options)
     dataset = _dataset(src, source, num_anchors)
     workers = opts.num_workers
     if workers is None:
         workers = max(0, min(4, os.cpu_count() or 1, len(src.urls) // world_size))
         workers = 0 if workers == 1 else workers  # one worker only adds IPC
-    return ShardLoader(src, replace(opts, rank=rank, world_size=world_size, num_workers=int(workers)), dataset)
+    elif workers > 0:
+        fed = feedable_workers(len(src.urls), world_size, workers, opts.strict)
+        if fed != workers:
+            warnings.warn(f"{len(src.urls)} shard(s) feed {fed} worker(s) per rank, not the {workers} asked for "
+                          f"(each stream reads whole shards); using {fed}. Pass strict=True to make this an error.",
+                          LoaderWarning, stacklevel=2)
+            workers = fed
+    if len(src.urls) < world_size and not opts.resampled:
+        feedable_workers(len(src.urls), world_size, 1, opts.strict)  # raises when strict
+        warnings.warn(f"{len(src.urls)} shard(s) for {world_size} ranks: rank(s) {len(src.urls)}..{world_size - 1} get "
+                      "no samples this epoch (pass resampled=True for equal ranks)", LoaderWarning, stacklevel=2)
+    opts = replace(opts, rank=rank, world_size=world_size, num_workers=int(workers))
+    return ShardLoader(src, opts, dataset, storage_options)
+
+
+class LoaderWarning(UserWarning):
+    """The loader changed what was asked for to something it can do (it says what and why)."""

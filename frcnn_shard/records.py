@@ -29,6 +29,7 @@ class SourceRow:
     bboxes: np.ndarray  # float64 [N, 4], raw
     iscrowd: np.ndarray  # bool [N]
     origin: str = ""  # where the row came from, for error messages (file, row number)
+    duplicate_of: int | None = None  # the earlier row with the same image id (set by Source.rows)
 
 
 @dataclass
@@ -54,3 +55,9 @@ class Dropped:
     reason: str
     detail: str = ""
     box_drops: dict[str, int] = field(default_factory=dict)
+    origin: str = ""  # the source row's origin (file, or dataset and row)
+
+    def to_dict(self) -> dict:
+        """The line of drops.jsonl that names this row."""
+        return {"row": self.index, "image_id": self.image_id, "origin": self.origin, "reason": self.reason,
+                "detail": self.detail, "box_drops": dict(self.box_drops)}

@@ -4,52 +4,27 @@ What a sample is (its members and their rules) is ``frcnn_shard.format``; this m
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
-import signal
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
 from .format import FORMAT_VERSION
+from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the build and the tests
 from .format.members import MAX_MEMBER_BYTES, Member, RawSample, ShardFormatError, group_by_key
+from .storage import PARTIAL_SUFFIX, FsspecStore, LocalStore, open_store  # noqa: F401 - PARTIAL_SUFFIX is re-exported
 
 MANIFEST_NAME = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
+PARTS_DIR = "_parts"  # part records and locks of a build in progress (see parts.py)
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
-FAULT_ENV = "FRCNN_SHARD_FAULT"  # test-only fault injection (see fault_point); unset in normal use
 
 
 class ManifestError(ValueError):
     """The manifest is missing, unreadable or of an unknown format version."""
-
-
-def fault_point(name: str, n: int) -> None:
-    """Test-only hook: a no-op unless $FRCNN_SHARD_FAULT names this point.
-
-    ``FRCNN_SHARD_FAULT="NAME:N"`` SIGKILLs this process at point NAME number N (a crash at a chosen
-    moment); ``"NAME:N:sleep=S"`` sleeps S seconds there (so a test can send a signal at a known
-    moment); ``"NAME:N:enospc"`` raises the OSError of a full disk there. The points are listed in
-    docs/RELIABILITY.md. Off by default; never set it in real use.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    point, _, rest = spec.partition(":")
-    num, _, action = rest.partition(":")
-    if point != name or num != str(n):
-        return
-    if action.startswith("sleep="):
-        time.sleep(float(action[len("sleep="):]))
-    elif action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    else:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -121,28 +96,21 @@ def member_header(name: str, size: int) -> bytes:
                      b"%06o\0 " % chksum, _HDR_TAIL))
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
-    """Write one shard as ``<name>.partial``; ``close()`` publishes it under its final name atomically.
+    """Write one shard; ``close()`` publishes it under its final name at once, whole (see storage.Upload).
 
     Tars are reproducible: USTAR headers with mtime 0, uid/gid 0, empty owner names, mode 0644, and
     members written in the order given, so equal samples give byte-identical shards. The bytes are
     exactly what ``tarfile`` (USTAR format) writes for these members; the headers come from a template.
+    ``target`` is a local path, or a store with ``name``.
     """
 
-    def __init__(self, final_path: str | os.PathLike):
-        self.final_path = Path(final_path)
-        self.partial_path = self.final_path.with_name(self.final_path.name + PARTIAL_SUFFIX)
-        self._raw = open(self.partial_path, "wb")
-        self._out = _HashingFile(self._raw)
+    def __init__(self, target: str | os.PathLike | LocalStore | FsspecStore, name: str | None = None):
+        if name is None:
+            target, name = LocalStore(Path(target).parent), Path(target).name
+        self.name = name
+        self._up = target.open_upload(name)
+        self._out = _HashingFile(self._up.file)
         self.samples = 0
         self.first_key: str | None = None
         self.last_key: str | None = None
@@ -166,72 +134,53 @@ class ShardWriter:
         self.last_key = key
 
     def close(self) -> ShardInfo:
-        """Finish the archive, flush and fsync it, then rename it to its final name."""
+        """Finish the archive and publish it (local: fsync and rename; object storage: upload it whole)."""
         # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
         end = 2 * _BLOCK
         end += -(self._out.size + end) % _RECORD
         self._out.write(bytes(end))
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.partial_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
-        return ShardInfo(
-            self.final_path.name, self.samples, self._out.size, self._out.sha.hexdigest(),
-            self.first_key, self.last_key,
-        )
+        self._up.publish()
+        return ShardInfo(self.name, self.samples, self._out.size, self._out.sha.hexdigest(), self.first_key, self.last_key)
 
     def abort(self) -> None:
         """Drop the unfinished shard: nothing partial is left behind."""
-        try:
-            self._raw.close()
-        except OSError:
-            pass  # flushing the buffer onto a full disk fails again; the file goes anyway
-        finally:
-            self.partial_path.unlink(missing_ok=True)
+        self._up.abort()
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict, fault_n: int | None = None) -> None:
-    """Write JSON to ``path`` through a fsync'ed temporary file and an atomic rename.
-
-    On any failure (a full disk, say) the temporary file is removed and ``path`` is left as it was.
-    ``fault_n`` numbers the write for the test-only fault point "manifest_write" (half the bytes written).
-    """
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    """Write JSON to a local ``path`` atomically (fsync'ed temporary file, rename); the old file stays on failure."""
     path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-    try:
-        with open(tmp, "wb") as f:
-            if fault_n is not None:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                fault_point("manifest_write", fault_n)
-                data = data[len(data) // 2:]
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    LocalStore(path.parent).write_atomic(path.name, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Read and validate ``shard_dir/manifest.json`` (raises ManifestError naming the problem)."""
-    path = Path(shard_dir) / MANIFEST_NAME
+def store_of(location: str | os.PathLike | LocalStore | FsspecStore, storage_options: dict | None = None):
+    """A store from a path, a URL or a store."""
+    if isinstance(location, (LocalStore, FsspecStore)):
+        return location
+    return open_store(location, storage_options)
+
+
+def read_manifest(location, storage_options: dict | None = None) -> dict:
+    """Read and validate ``<location>/manifest.json`` (local or a URL); ManifestError names the problem."""
+    store = store_of(location, storage_options)
+    where = store.location(MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(store.read_bytes(MANIFEST_NAME))
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest (is this a frcnn-shard output directory?)") from None
+        parts = [n for n in store.sub(PARTS_DIR).names() if n.endswith(".json")]
+        if parts:
+            raise ManifestError(f"{where}: no manifest yet: the build is not finished ({len(parts)} part record(s) in "
+                                f"{PARTS_DIR}/). Resume it with the same command, or, for a build run in parts, "
+                                f"run `frcnn-shard merge {store.url}` once every part is done") from None
+        raise ManifestError(f"{where}: no manifest (is this a frcnn-shard output directory?)") from None
     except (OSError, ValueError) as e:
-        raise ManifestError(f"{path}: unreadable manifest: {e}") from None
+        raise ManifestError(f"{where}: unreadable manifest: {e}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise ManifestError(f"{path}: not a frcnn-shard manifest (no format_version)")
+        raise ManifestError(f"{where}: not a frcnn-shard manifest (no format_version)")
     major = str(manifest["format_version"]).split(".")[0]
     if major != FORMAT_VERSION.split(".")[0]:
         raise ManifestError(
-            f"{path}: format version {manifest['format_version']} is not readable by this version "
+            f"{where}: format version {manifest['format_version']} is not readable by this version "
             f"(reads {FORMAT_VERSION.split('.')[0]}.x)"
         )
     return manifest

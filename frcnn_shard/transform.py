@@ -337,7 +337,7 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
 
     def dropped(reason: str, detail: str, box_drops: dict | None = None) -> Dropped:
         where = f" ({row.origin})" if row.origin else ""
-        return Dropped(row.index, int(row.image_id), reason, detail + where, dict(box_drops or {}))
+        return Dropped(row.index, int(row.image_id), reason, detail + where, dict(box_drops or {}), row.origin)
 
     if row.image is None:
         return dropped(DROP_MISSING_IMAGE, "source provided no image bytes")

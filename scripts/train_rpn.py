@@ -163,7 +163,7 @@ def build_tiny_shards(out: Path) -> Path:
     if not (TINY_COCO / "annotations" / "instances_train2017.json").exists():
         raise SystemExit(f"no --shards given and no tiny_coco at {TINY_COCO}")
     res = build(BuildOptions(source=f"coco:{TINY_COCO}", split="train2017", out=str(out), workers=0,
-                             samples_per_shard=16, device="cpu"))
+                             rows_per_shard=16, device="cpu"))
     return res.out_dir
 
 

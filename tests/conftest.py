@@ -30,7 +30,7 @@ def build_shards(out: Path, source: str, split: str, **kw):
     from frcnn_shard.build import BuildOptions, build
 
     kw.setdefault("workers", 0)
-    kw.setdefault("samples_per_shard", 16)
+    kw.setdefault("rows_per_shard", 16)
     kw.setdefault("device", "cpu")
     return build(BuildOptions(source=source, split=split, out=str(out), **kw))
 
@@ -55,4 +55,4 @@ def sample_hub(tmp_path_factory) -> Path:
 def sample_shards(tmp_path_factory, sample_hub) -> Path:
     """The synthetic sample built through the Hub code path, shards of 8 samples."""
     out = tmp_path_factory.mktemp("sample_shards")
-    return build_shards(out, str(sample_hub), "train", samples_per_shard=8).out_dir
+    return build_shards(out, str(sample_hub), "train", rows_per_shard=8).out_dir

@@ -75,7 +75,9 @@ def test_coco_source_equals_annotations(tiny_shards, tiny_coco):
     assert m["totals"]["samples"] + sum(m["drops"]["images"].values()) == 50
     crowd = sum(len(e["crowd"]) for e in expected.values())
     assert crowd == 5 and sum(len(s["crowd_boxes"]) for s in read_all(tiny_shards).values()) == crowd
-    assert [s["samples"] for s in m["shards"]][:-1] == [16] * (len(m["shards"]) - 1)
+    # Shard i holds the rows [16 i, 16 (i + 1)): the no_boxes row 46 leaves shard 2 one sample short.
+    assert [s["rows"] for s in m["shards"]] == [[0, 16], [16, 32], [32, 48], [48, 50]]
+    assert [s["samples"] for s in m["shards"]] == [16, 16, 15, 2]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,11 @@ def test_worker_count_does_not_change_a_byte(hub_folders, tmp_path):
     for workers in (0, 1, 2):
         res = build_shards(tmp_path / f"w{workers}", str(hub_folders["xywh"]), "train", workers=workers)
         shas.append([s["sha256"] for s in read_manifest(res.out_dir)["shards"]])
-    assert shas[0] == shas[1] == shas[2] and len(shas[0]) == -(-res.samples // 16) > 1
+    assert shas[0] == shas[1] == shas[2] and len(shas[0]) == -(-res.rows // 16) > 1
+
+
+def _part_record(out_dir: Path, part: int = 0, parts: int = 1) -> dict:
+    return json.loads((out_dir / "_parts" / f"part-{part:06d}-of-{parts:06d}.json").read_text())
 
 
 def test_interrupted_build_resumes_to_identical_shards(hub_folders, tmp_path):
@@ -122,34 +128,36 @@ def test_interrupted_build_resumes_to_identical_shards(hub_folders, tmp_path):
         if counts["rows"] >= 40:
             raise KeyboardInterrupt
 
-    opts = BuildOptions(source=src, split="train", out=str(tmp_path / "run"), workers=0,
-                        samples_per_shard=16, device="cpu")
+    opts = BuildOptions(source=src, split="train", out=str(tmp_path / "run"), workers=0, rows_per_shard=16,
+                        device="cpu")
     with pytest.raises(BuildInterrupted, match="resume"):
         build(opts, progress=stop_after_40_rows)
     out_dir = tmp_path / "run" / "train"
-    m = read_manifest(out_dir)
-    assert not m["complete"] and 1 <= len(m["shards"]) < len(ref_shards)
+    assert not (out_dir / MANIFEST_NAME).exists()  # the manifest is written last, once the build is whole
+    done = _part_record(out_dir)["shards"]
+    assert not _part_record(out_dir)["complete"] and 1 <= len(done) < len(ref_shards)
     assert not list(out_dir.glob("*.partial"))
-    # A shard published just before the crash, which the manifest never listed, is rebuilt identically.
-    shutil.copy(ref.out_dir / ref_shards[len(m["shards"])]["name"], out_dir)
+    # A shard published just before the crash, which the record never listed, is rebuilt identically.
+    shutil.copy(ref.out_dir / ref_shards[len(done)]["name"], out_dir)
     (out_dir / "train-000009.tar.partial").write_bytes(b"junk")
     res = build(opts)
-    assert res.status == "resumed" and res.resumed_shards == len(m["shards"])
+    assert res.status == "resumed" and res.resumed_shards == len(done)
     got = read_manifest(out_dir)
     assert [(s["name"], s["sha256"], s["rows"]) for s in got["shards"]] == \
         [(s["name"], s["sha256"], s["rows"]) for s in ref_shards]
     assert got["drops"] == read_manifest(ref.out_dir)["drops"]
+    assert (out_dir / "drops.jsonl").read_bytes() == (ref.out_dir / "drops.jsonl").read_bytes()
     assert not list(out_dir.glob("*.partial"))
     assert build(opts).status == "already complete"
 
 
 def test_different_options_refused_unless_overwrite(hub_folders, tmp_path):
     src = str(hub_folders["xywh"])
-    build_shards(tmp_path, src, "train", max_samples=10)
-    with pytest.raises(BuildError, match="different options.*max_samples"):
-        build_shards(tmp_path, src, "train", max_samples=12)
-    res = build_shards(tmp_path, src, "train", max_samples=12, overwrite=True)
-    assert res.samples == 12 and read_manifest(res.out_dir)["totals"]["samples"] == 12
+    build_shards(tmp_path, src, "train", max_rows=10)
+    with pytest.raises(BuildError, match="different options.*options"):
+        build_shards(tmp_path, src, "train", max_rows=12)
+    res = build_shards(tmp_path, src, "train", max_rows=12, overwrite=True)
+    assert res.rows == 12 and read_manifest(res.out_dir)["totals"]["rows"] == 12
 
 
 def test_split_alias_and_unknown_split(hub_folders, tmp_path):
@@ -163,8 +171,8 @@ def test_bad_options_refused_before_work(tmp_path, hub_folders):
     (tmp_path / "file").write_text("x")
     with pytest.raises(BuildError, match="not a directory"):
         build_shards(tmp_path / "file", str(hub_folders["xywh"]), "train")
-    with pytest.raises(BuildError, match="samples_per_shard"):
-        build_shards(tmp_path, str(hub_folders["xywh"]), "train", samples_per_shard=0)
+    with pytest.raises(BuildError, match="rows_per_shard"):
+        build_shards(tmp_path, str(hub_folders["xywh"]), "train", rows_per_shard=0)
     assert not (tmp_path / "train").exists()
 
 
@@ -195,7 +203,7 @@ def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monke
         kw["device"] = "cpu"
         return real(*args, **kw)
 
-    monkeypatch.setattr(fb, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(fb, "resolve_device", lambda device: "cuda")  # the batched path, run on the CPU
     monkeypatch.setattr(anc, "match_batch_torch", on_cpu)
     for workers in (0, 2):
         dev = build_shards(tmp_path / f"dev{workers}", src, "train", workers=workers, gpu_batch=7)

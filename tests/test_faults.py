@@ -36,14 +36,15 @@ from frcnn_shard.cli import main
 from frcnn_shard.labels import COCO_CLASSES
 from frcnn_shard.sources.fixtures import make_sample_hub_folder
 from frcnn_shard.shards import (
-    FAULT_ENV, MANIFEST_NAME, SHARD_RE, ShardFormatError, file_sha256, iter_shard, list_shard_keys, read_manifest,
+    FAULT_ENV, MANIFEST_NAME, SHARD_RE, ManifestError, ShardFormatError, file_sha256, iter_shard, list_shard_keys,
+    read_manifest,
 )
 from frcnn_shard.sources.fixtures import write_hub_folder
 from frcnn_shard.transform import TransformConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
-SPP = 4  # samples per shard
+SPP = 4  # rows per shard
 N_TRAIN = 24  # -> 6 shards
 
 
@@ -53,13 +54,13 @@ N_TRAIN = 24  # -> 6 shards
 def opts_for(source, out, **kw) -> BuildOptions:
     kw.setdefault("workers", 0)
     kw.setdefault("device", "cpu")
-    kw.setdefault("samples_per_shard", SPP)
+    kw.setdefault("rows_per_shard", SPP)
     kw.setdefault("retry_backoff", 0.001)
     kw.setdefault("transform", TransformConfig(image_size=(SIZE, SIZE)))
     return BuildOptions(source=str(source), split="train", out=str(out), **kw)
 
 
-CLI_ARGS = ["--split", "train", "--image-size", str(SIZE), "--samples-per-shard", str(SPP), "--device", "cpu"]
+CLI_ARGS = ["--split", "train", "--image-size", str(SIZE), "--rows-per-shard", str(SPP), "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,18 @@ def all_keys(d: Path) -> list[str]:
     return [k for s in read_manifest(d)["shards"] for k in list_shard_keys(d / s["name"])]
 
 
+def part_record(out_dir: Path) -> dict | None:
+    """The one part record of a whole build (None before the first shard was recorded)."""
+    p = out_dir / "_parts" / "part-000000-of-000001.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def listed(out_dir: Path) -> list[str]:
+    """The shards the part record lists."""
+    rec = part_record(out_dir)
+    return [s["name"] for s in rec["shards"]] if rec else []
+
+
 def assert_crash_consistent(out_dir: Path, ref_dir: Path) -> None:
     """What a crash may leave: *.partial files, and under final names only complete, correct files."""
     ref_sha = {n: sha for n, sha, _, _ in entries(ref_dir)}
@@ -90,9 +103,11 @@ def assert_crash_consistent(out_dir: Path, ref_dir: Path) -> None:
     for p in out_dir.iterdir():
         if p.name.endswith(fs.PARTIAL_SUFFIX):
             continue
-        if p.name == MANIFEST_NAME:
-            listed = [s["name"] for s in read_manifest(out_dir)["shards"]]  # parses: never half-written
-            assert listed == ref_names[: len(listed)]
+        if p.name == "_parts":
+            names = listed(out_dir)  # the record parses: never half-written
+            assert names == ref_names[: len(names)]
+        elif p.name in (MANIFEST_NAME, "drops.jsonl"):
+            assert p.read_bytes() == (ref_dir / p.name).read_bytes(), f"{p.name} is not the finished one"
         else:
             assert SHARD_RE.match(p.name), p
             assert file_sha256(p) == ref_sha[p.name], f"{p.name} under its final name is not the complete shard"
@@ -103,7 +118,8 @@ def assert_same_as_ref(out_dir: Path, ref_dir: Path) -> None:
     assert all_keys(out_dir) == all_keys(ref_dir)
     m, r = read_manifest(out_dir), read_manifest(ref_dir)
     assert m["complete"] and m["drops"] == r["drops"] and m["totals"] == r["totals"]
-    assert not list(out_dir.glob("*" + fs.PARTIAL_SUFFIX))
+    assert (out_dir / "drops.jsonl").read_bytes() == (ref_dir / "drops.jsonl").read_bytes()
+    assert not list(out_dir.glob("*" + fs.PARTIAL_SUFFIX)) and not list((out_dir / "_parts").glob("*.partial"))
     report = check_shards(out_dir, workers=0)
     assert report.ok, report.problems
 
@@ -173,26 +189,29 @@ def wait_for(cond, timeout: float = 60.0, proc: subprocess.Popen | None = None) 
 
 @pytest.mark.parametrize("fault,workers,left", [
     ("mid_shard:1", 0, "partial"),  # a sample of shard 1 written, shard 1 still .partial
-    ("published:2", 2, "unlisted"),  # shard 2 renamed to its final name, manifest not yet rewritten
-    ("manifest_write:3", 0, "manifest_partial"),  # half of manifest.json.partial written
-    ("shard_done:1", 2, "between"),  # between shards: shard 1 published and listed, nothing else open
-    ("manifest_write:6", 0, "manifest_partial"),  # the last shard listed, the build never marked complete
+    ("published:2", 2, "unlisted"),  # shard 2 renamed to its final name, the part record not yet rewritten
+    ("record_write:3", 0, "record_partial"),  # half of the part record's .partial written
+    ("shard_done:1", 2, "between"),  # between shards: shard 1 published and recorded, nothing else open
+    ("merge:0", 0, "unmerged"),  # every shard recorded, drops.jsonl written, the manifest not yet
 ])
 def test_sigkill_at_named_points_then_resume_is_identical(hub, ref, tmp_path, fault, workers, left):
     opts = opts_for(hub, tmp_path, workers=workers)
     run_forked_until_killed(opts, fault)
     out_dir = tmp_path / "train"
     assert_crash_consistent(out_dir, ref)
-    listed = read_manifest(out_dir)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
-    partials = {p.name for p in out_dir.glob("*.partial")}
+    assert not (out_dir / MANIFEST_NAME).exists()  # the manifest is written last
+    names = listed(out_dir)
+    partials = {p.name for p in out_dir.glob("*.partial")} | {p.name for p in (out_dir / "_parts").glob("*.partial")}
     if left == "partial":
-        assert partials == {"train-000001.tar.partial"} and len(listed) == 1
+        assert partials == {"train-000001.tar.partial"} and len(names) == 1
     elif left == "unlisted":
-        assert (out_dir / "train-000002.tar").exists() and len(listed) == 2
-    elif left == "manifest_partial":
-        assert "manifest.json.partial" in partials
+        assert (out_dir / "train-000002.tar").exists() and len(names) == 2
+    elif left == "record_partial":
+        assert "part-000000-of-000001.json.partial" in partials and len(names) == 3
+    elif left == "unmerged":
+        assert part_record(out_dir)["complete"] and (out_dir / "drops.jsonl").exists()
     else:
-        assert not partials and len(listed) == 2
+        assert not partials and len(names) == 2
     res = build(opts)  # the same command again
     assert res.status == "resumed"
     assert_same_as_ref(out_dir, ref)
@@ -248,7 +267,7 @@ def test_ctrl_c_stops_within_seconds_and_resumes(hub, ref, tmp_path, fault, read
         time.sleep(0.05)
     assert all(gone(p) for p in workers), "worker processes outlived the build"
     assert not list(out_dir.glob("*.partial"))
-    assert not read_manifest(out_dir)["complete"]
+    assert not (out_dir / MANIFEST_NAME).exists() and not part_record(out_dir)["complete"]
     assert build(opts_for(hub, tmp_path, workers=2)).status == "resumed"
     assert_same_as_ref(out_dir, ref)
 
@@ -288,10 +307,11 @@ class FlakySource:
     def __init__(self, inner, fail_at: dict[int, int], exc: Exception):
         self._inner, self.fail_at, self.exc, self.calls = inner, dict(fail_at), exc, []
         self.info, self.bbox_format, self.stats = inner.info, inner.bbox_format, inner.stats
+        self.num_rows, self.fingerprint = inner.num_rows, inner.fingerprint
 
-    def rows(self, skip: int = 0):
-        self.calls.append(skip)
-        for row in self._inner.rows(skip=skip):
+    def rows(self, start: int = 0, stop: int | None = None):
+        self.calls.append(start)
+        for row in self._inner.rows(start, stop):
             if self.fail_at.get(row.index, 0) > 0:
                 self.fail_at[row.index] -= 1
                 raise self.exc
@@ -325,7 +345,7 @@ def test_retry_backoff_doubles_and_is_bounded():
         def __init__(self):
             self.n = 0
 
-        def rows(self, skip=0):
+        def rows(self, start=0, stop=None):
             self.n += 1
             raise TimeoutError("read timed out")
             yield  # pragma: no cover
@@ -334,11 +354,11 @@ def test_retry_backoff_doubles_and_is_bounded():
     src = Src()
     opts = BuildOptions(retries=4, retry_backoff=0.5)
     with pytest.raises(SourceError, match=r"row 3 after 4 retries.*TimeoutError"):
-        list(fb.resilient_rows(src, 3, opts, sleep=delays.append))
+        list(fb.resilient_rows(src, 3, 10, opts, sleep=delays.append))
     assert delays == [0.5, 1.0, 2.0, 4.0] and src.n == 5
     delays.clear()
     with pytest.raises(SourceError):
-        list(fb.resilient_rows(Src(), 0, BuildOptions(retries=3, retry_backoff=50.0), sleep=delays.append))
+        list(fb.resilient_rows(Src(), 0, 10, BuildOptions(retries=3, retry_backoff=50.0), sleep=delays.append))
     assert delays == [50.0, fb.MAX_RETRY_DELAY_S, fb.MAX_RETRY_DELAY_S]
 
 
@@ -362,11 +382,10 @@ def test_source_failing_for_good_stops_resumably(hub, ref, tmp_path, monkeypatch
         build(opts)
     assert made[0].calls == [0, 9, 9]
     out_dir = tmp_path / "train"
-    m = read_manifest(out_dir)
-    assert not m["complete"] and [s["name"] for s in m["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    assert listed(out_dir) == ["train-000000.tar", "train-000001.tar"] and not part_record(out_dir)["complete"]
     assert not list(out_dir.glob("*.partial"))
-    report = check_shards(out_dir, workers=0)
-    assert [p.rule for p in report.problems] == ["manifest_incomplete"]
+    with pytest.raises(ManifestError, match="not finished"):
+        check_shards(out_dir, workers=0)
     monkeypatch.undo()
     assert build(opts).status == "resumed"
     assert_same_as_ref(out_dir, ref)
@@ -399,23 +418,24 @@ def test_enospc_mid_shard_removes_the_partial_and_resumes(hub, ref, tmp_path, mo
     out_dir = tmp_path / "train"
     assert not list(out_dir.glob("*.partial"))
     assert_crash_consistent(out_dir, ref)
-    assert len(read_manifest(out_dir)["shards"]) == 2
-    assert [p.rule for p in check_shards(out_dir, workers=0).problems] == ["manifest_incomplete"]
+    assert len(listed(out_dir)) == 2
+    with pytest.raises(ManifestError, match="not finished"):
+        check_shards(out_dir, workers=0)
     monkeypatch.undo()
     assert build(opts).status == "resumed"
     assert_same_as_ref(out_dir, ref)
 
 
-def test_enospc_writing_the_manifest_keeps_the_old_one(hub, ref, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_ENV, "manifest_write:3:enospc")  # half of the third manifest is written, then the disk is full
+def test_enospc_writing_the_part_record_keeps_the_old_one(hub, ref, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "record_write:2:enospc")  # half of the record listing shard 2, then the disk is full
     opts = opts_for(hub, tmp_path)
     with pytest.raises(BuildError, match="No space left on device"):
         build(opts)
     out_dir = tmp_path / "train"
-    assert not list(out_dir.glob("*.partial"))  # manifest.json.partial removed too
+    assert not list(out_dir.glob("*.partial")) and not list((out_dir / "_parts").glob("*.partial"))
     assert_crash_consistent(out_dir, ref)
-    # The manifest still lists the two shards it listed before; shard 2 was published but is not listed.
-    assert [s["name"] for s in read_manifest(out_dir)["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    # The record still lists the two shards it listed before; shard 2 was published but is not listed.
+    assert listed(out_dir) == ["train-000000.tar", "train-000001.tar"]
     monkeypatch.undo()
     assert build(opts).status == "resumed"
     assert_same_as_ref(out_dir, ref)
@@ -540,6 +560,12 @@ def test_max_bad_fraction_fails_the_build_but_keeps_what_was_written(bad_hub, tm
     assert "--max-bad-fraction" in r.output and "corrupt_image" in r.output and "kept" in r.output
     m = read_manifest(out / "train")
     assert m["complete"] and m["totals"]["samples"] == 8
+    # The rows that were skipped are named: in the output, and one JSON line each in drops.jsonl.
+    assert "row 1 (image id 2): corrupt_image" in r.output and "drops.jsonl" in r.output
+    lines = [json.loads(line) for line in (out / "train" / "drops.jsonl").read_text().splitlines()]
+    assert [(d["row"], d["reason"]) for d in lines] == [
+        (i, what) for i, (_, what) in enumerate(BAD_ROWS) if what != "sample"]
+    assert all({"row", "image_id", "origin", "reason", "detail"} <= set(d) for d in lines)
     assert check_shards(out / "train", workers=0).ok
     # Within the limit (9 bad of 18 = 50%), the same build succeeds.
     res = build(opts_for(bad_hub, tmp_path / "ok", bbox_format="xywh", max_bad_fraction=0.5))
@@ -597,7 +623,7 @@ def write_coco(root: Path) -> Path:
 def test_coco_folder_faults_are_counted_in_the_manifest(tmp_path):
     coco = write_coco(tmp_path / "coco")
     opts = BuildOptions(source=f"coco:{coco}", split="train2017", out=str(tmp_path / "out"), workers=0,
-                        device="cpu", samples_per_shard=SPP, max_bad_fraction=1.0,
+                        device="cpu", rows_per_shard=SPP, max_bad_fraction=1.0,
                         transform=TransformConfig(image_size=(SIZE, SIZE)))
     res = build(opts)
     m = read_manifest(res.out_dir)
@@ -723,10 +749,13 @@ def test_hostile_shards_fail_safely_in_show(ref, tmp_path, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--samples-per-shard", "0"], "samples-per-shard"),
-    (["--samples-per-shard", "-5"], "samples-per-shard"),
-    (["--max-shard-bytes", "-1"], "max-shard-bytes"),
-    (["--max-samples", "0"], "max-samples"),
+    (["--rows-per-shard", "0"], "--rows-per-shard must be >= 1"),
+    (["--rows-per-shard", "-5"], "--rows-per-shard must be >= 1"),
+    (["--max-rows", "0"], "--max-rows must be >= 1"),
+    (["--part", "3/2"], "--part: must be I/N with 0 <= I < N"),
+    (["--part", "x"], "--part: must be I/N"),
+    (["--storage-options", "[1]"], "--storage-options: must be a JSON object"),
+    (["--out", "nosuch://bucket/c"], "no storage here understands nosuch://"),
     (["--workers", "-1"], "workers"),
     (["--image-size", "-5"], "image size"),
     (["--image-size", "0"], "image size"),

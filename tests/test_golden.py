@@ -25,14 +25,14 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "digests.json"
 # name -> (source kind, build options). "coco" builds tiny_coco's train2017; "sample" the embedded
 # synthetic sample (Hub layout, 24 rows).
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "coco-default": ("coco", {"samples_per_shard": 16}),
+    "coco-default": ("coco", {"rows_per_shard": 16}),
     "coco-letterbox-png-torchvision": ("coco", {
-        "samples_per_shard": 20, "anchor_preset": "torchvision-fpn",
+        "rows_per_shard": 20, "anchor_preset": "torchvision-fpn",
         "transform": {"image_size": (320, 480), "resize": "letterbox", "image_format": "png", "min_box_size": 2.0},
         "matching": {"low_quality": "argmax", "crowd_ignore": True, "ignore_cross_boundary": True},
     }),
     "sample-c4-keep-empty": ("sample", {
-        "samples_per_shard": 8, "anchor_preset": "c4",
+        "rows_per_shard": 8, "anchor_preset": "c4",
         "transform": {"keep_empty": True, "quality": 75},
     }),
 }

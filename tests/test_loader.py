@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from frcnn_shard import anchors as anc
-from frcnn_shard.loader import LoaderError, make_loader, normalize_batch
+from frcnn_shard.loader import LoaderError, LoaderWarning, make_loader, normalize_batch
 from frcnn_shard.shards import ShardFormatError, ShardWriter, iter_shard, list_shard_keys, read_manifest
 from frcnn_shard.format.members import TARGETS_EXT
 
@@ -177,9 +177,16 @@ def test_resampled_gives_equal_lengths_per_rank(tiny_shards):
         assert len(set(lens)) == 1
 
 
-def test_fewer_shards_than_streams_is_a_clear_error(tiny_shards):
+def test_fewer_shards_than_streams_uses_fewer_workers_or_is_an_error_when_strict(tiny_shards):
     with pytest.raises(ValueError, match=r"4 shard\(s\) cannot feed 2 rank\(s\) x 3 worker\(s\)"):
-        make_loader(tiny_shards, BATCH, num_workers=3, rank=0, world_size=2)
+        make_loader(tiny_shards, BATCH, num_workers=3, rank=0, world_size=2, strict=True)
+    seen = []
+    for rank in range(2):
+        with pytest.warns(LoaderWarning, match=r"4 shard\(s\) feed 2 worker\(s\) per rank, not the 3"):
+            loader = make_loader(tiny_shards, BATCH, num_workers=3, rank=rank, world_size=2)
+        assert loader.num_workers == 2
+        seen += [k for k, _, _ in collect(loader)]
+    assert sorted(seen) == sorted(shard_keys(tiny_shards))  # every sample exactly once per epoch
     with pytest.raises(ValueError, match="rank"):
         make_loader(tiny_shards, BATCH, num_workers=0, rank=2, world_size=2)
 

@@ -164,7 +164,7 @@ def test_hub_folder_round_trip(tmp_path):
         assert f"{folder} train row {r.index}" == r.origin
     assert src.info == {
         "kind": "hub", "id": str(folder), "local": True, "revision": None, "split": "train",
-        "requested_split": "train", "num_rows": 5,
+        "requested_split": "train", "num_rows": 5, "files": ["train-00000-of-00001.parquet"],
     }
     assert src.bbox_format["decision"] == "xywh" and src.bbox_format["rows_examined"] == 5
     json.dumps([src.info, src.bbox_format, src.stats])  # JSON-able, for the manifest

@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -33,7 +32,8 @@ from ..format.members import (
 from ..format.record import REQUIRED_FIELDS, RecordError, box_array, key_of, parse_json
 from ..format.targets import SparseTargets, unpack_targets
 from ..labels import NUM_CLASSES
-from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest
+from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest, store_of
+from ..storage import LocalStore
 from .info import human_bytes
 
 # Rule names, as printed in reports and matched by tests; docs/INSPECT.md explains each one.
@@ -534,28 +534,27 @@ class _ShardResult:
     deep_samples: int = 0
 
 
-def _read_shard(path: Path) -> tuple[bytes, str] | OSError:
-    """One shard file read once, read-only, and the sha256 of those bytes; or the error reading it.
+def _read_shard(store, name: str) -> tuple[bytes, str] | OSError:
+    """One shard read once, read-only (from disk or object storage), and the sha256 of those bytes; or the error.
 
     Both steps release the GIL, so _shard_results runs this in a thread for the next shard while the
     current one is walked: the read and the hash overlap the per-sample work.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = store.read_bytes(name)
     except OSError as e:
         return e
     return data, hashlib.sha256(data).hexdigest()
 
 
-def _check_shard(path: Path, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None,
+def _check_shard(store, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None,
                  loaded: tuple[bytes, str] | OSError | None = None) -> _ShardResult:
     """Apply every file-, tar- and sample-level rule to one shard (``loaded``: _read_shard(path), done ahead)."""
     name = entry["name"]
     res = _ShardResult(name)
     problems = res.problems
     if loaded is None:
-        loaded = _read_shard(path)
+        loaded = _read_shard(store, name)
     if isinstance(loaded, OSError):
         problems.append(Problem(name, "", RULE_SHARD_UNREADABLE, str(loaded)))
         return res
@@ -616,8 +615,8 @@ def _init_worker(manifest: dict, deep: bool, fraction: float, seed: int) -> None
 
 def _check_shard_job(job: tuple[str, dict]) -> _ShardResult:
     """Pool task: check one shard file in a worker."""
-    path, entry = job
-    return _check_shard(Path(path), entry, _WORKER_CTX["ctx"])
+    folder, entry = job
+    return _check_shard(LocalStore(folder), entry, _WORKER_CTX["ctx"])
 
 
 def _default_workers(manifest: dict, n_shards: int) -> int:
@@ -627,25 +626,25 @@ def _default_workers(manifest: dict, n_shards: int) -> int:
     return workers if workers > 1 and total >= PARALLEL_MIN_BYTES else 0
 
 
-def _shard_results(shard_dir: Path, manifest: dict, ctx: _Context, entries: list[dict], workers: int,
+def _shard_results(store, manifest: dict, ctx: _Context, entries: list[dict], workers: int,
                    progress: Callable[[int], None] | None) -> Iterator[_ShardResult]:
-    """Check the given shards in order, in this process or in a pool of worker processes."""
-    if workers <= 0:
+    """Check the given shards in order, in this process or (local disk) in a pool of worker processes."""
+    if workers <= 0 or not store.is_local:
         # One reader thread stays a shard ahead (read + sha256); this thread walks the shard before it.
         # At most two shards are in memory at once.
         with ThreadPoolExecutor(1, thread_name_prefix="check-read") as reader:
-            paths = [shard_dir / e["name"] for e in entries]
-            ahead = reader.submit(_read_shard, paths[0]) if paths else None
+            names = [e["name"] for e in entries]
+            ahead = reader.submit(_read_shard, store, names[0]) if names else None
             for i, entry in enumerate(entries):
                 loaded = ahead.result()
-                ahead = reader.submit(_read_shard, paths[i + 1]) if i + 1 < len(paths) else None
-                yield _check_shard(paths[i], entry, ctx, progress, loaded)
+                ahead = reader.submit(_read_shard, store, names[i + 1]) if i + 1 < len(names) else None
+                yield _check_shard(store, entry, ctx, progress, loaded)
                 del loaded
         return
     import multiprocessing as mp
 
     # spawn, not fork: the caller may run threads (a progress bar's monitor, a loader) that fork would copy.
-    jobs = [(str(shard_dir / e["name"]), e) for e in entries]
+    jobs = [(str(store.path), e) for e in entries]
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker,
                                       initargs=(manifest, ctx.deep, ctx.fraction, ctx.seed)) as pool:
         for res in pool.imap(_check_shard_job, jobs):
@@ -654,10 +653,9 @@ def _shard_results(shard_dir: Path, manifest: dict, ctx: _Context, entries: list
             yield res
 
 
-def _check_directory(shard_dir: Path, manifest: dict) -> list[Problem]:
+def _check_directory(on_disk: set[str], manifest: dict) -> list[Problem]:
     """Files vs manifest: listed shards present, nothing unlisted or partial next to them."""
     listed = [s["name"] for s in manifest["shards"]]
-    on_disk = {p.name for p in shard_dir.iterdir()}
     out = [Problem(n, "", RULE_SHARD_MISSING, "listed in the manifest but not on disk")
            for n in listed if n not in on_disk]
     for n in sorted(on_disk - set(listed)):
@@ -685,29 +683,32 @@ def _check_totals(manifest: dict) -> list[Problem]:
 
 
 def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: int = 0,
-                 progress: Callable[[int], None] | None = None, workers: int | None = None) -> CheckReport:
-    """Verify a shard directory against its manifest; raises ManifestError / OSError when it cannot run.
+                 progress: Callable[[int], None] | None = None, workers: int | None = None,
+                 storage_options: dict | None = None) -> CheckReport:
+    """Verify a shard directory (local, or a URL such as s3://...) against its manifest.
 
-    ``workers``: processes checking shards in parallel (0: in this process; None: automatic, i.e.
-    in-process below PARALLEL_MIN_BYTES, else one per CPU). The report is the same either way.
+    Raises ManifestError / OSError when it cannot run. ``workers``: processes checking local shards
+    in parallel (0: in this process; None: automatic, i.e. in-process below PARALLEL_MIN_BYTES, else
+    one per CPU); object storage is read in this process, one shard ahead. The report is the same either way.
     """
     t0 = time.perf_counter()
-    shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    store = store_of(shard_dir, storage_options)
+    manifest = read_manifest(store)
     ctx = _make_context(manifest, deep, fraction, seed)
-    report = CheckReport(str(shard_dir), deep=deep, fraction=fraction)
+    report = CheckReport(store.url, deep=deep, fraction=fraction)
     problems = report.problems
     if not manifest.get("complete"):
         problems.append(Problem(MANIFEST_NAME, "", RULE_MANIFEST_INCOMPLETE,
                                 "the build did not finish (resume it with the same command); "
                                 "only the listed shards were checked"))
     problems.extend(_check_totals(manifest))
-    problems.extend(_check_directory(shard_dir, manifest))
-    entries = [e for e in manifest["shards"] if (shard_dir / e["name"]).exists()]  # missing ones are reported above
+    on_store = set(store.names())
+    problems.extend(_check_directory(on_store, manifest))
+    entries = [e for e in manifest["shards"] if e["name"] in on_store]  # missing ones are reported above
     if workers is None:
         workers = _default_workers(manifest, len(entries))
     seen: dict[str, str] = {}
-    for res in _shard_results(shard_dir, manifest, ctx, entries, workers, progress):
+    for res in _shard_results(store, manifest, ctx, entries, workers, progress):
         report.shards += 1
         report.samples += len(res.keys)
         report.bytes += res.bytes

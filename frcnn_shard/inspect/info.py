@@ -74,7 +74,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
         ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
         ("rows read", str(totals.get("rows", "?"))),
-        ("images dropped", _counts_text(drops.get("images"))),
+        ("images dropped", _counts_text(drops.get("images"))
+         + (f" (each row in {drops['file']}: {drops.get('rows', '?')} line{'' if drops.get('rows') == 1 else 's'})" if drops.get("file") else "")),
         ("boxes dropped", _counts_text(drops.get("boxes"))),
         ("bbox format", bbox_text),
         ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),

@@ -23,19 +23,43 @@ def resolve_split(requested: str, available: Iterable[str], where: str = "source
 
 
 class Source:
-    """An opened source: metadata, the bbox-format decision, stats, and a resumable row stream."""
+    """An opened source: metadata, the bbox-format decision, stats, its size, and rows by range.
 
-    def __init__(self, info: dict, bbox_format: dict, stats: dict, rows_fn: Callable[[int], Iterator[SourceRow]]):
+    ``num_rows`` is the split's row count, known before any row is read; ``fingerprint`` identifies
+    the split's content (every part of a build must see the same one); ``rows(start, stop)`` reads
+    only that slice. A row whose image id already appeared at an earlier row of the split carries
+    ``duplicate_of`` (the build drops it), decided from all the split's ids, so every part agrees.
+    """
+
+    def __init__(self, info: dict, bbox_format: dict, stats: dict, num_rows: int, fingerprint: str,
+                 rows_fn: Callable[[int, int], Iterator[SourceRow]], image_ids: Iterable[int]):
         self.info = info
         self.bbox_format = bbox_format
         self.stats = stats
+        self.num_rows = int(num_rows)
+        self.fingerprint = fingerprint
         self._rows_fn = rows_fn
+        self.duplicates = first_occurrences(image_ids)
 
-    def rows(self, skip: int = 0) -> Iterator[SourceRow]:
-        """Yield rows from position ``skip`` on; ``SourceRow.index`` is the position in the full stream."""
-        if int(skip) != skip or skip < 0:
-            raise ValueError(f"rows(skip={skip!r}): skip must be an integer >= 0")
-        return self._rows_fn(int(skip))
+    def rows(self, start: int = 0, stop: int | None = None) -> Iterator[SourceRow]:
+        """Yield rows start..stop-1 (stop None: to the end); ``SourceRow.index`` is the row's position in the split."""
+        stop = self.num_rows if stop is None else min(int(stop), self.num_rows)
+        if int(start) != start or start < 0:
+            raise ValueError(f"rows(start={start!r}): start must be an integer >= 0")
+        for row in self._rows_fn(int(start), stop):
+            row.duplicate_of = self.duplicates.get(row.index)
+            yield row
 
     def __repr__(self) -> str:
         return f"Source({self.info!r}, bbox_format={self.bbox_format.get('decision')!r})"
+
+
+def first_occurrences(image_ids: Iterable[int]) -> dict[int, int]:
+    """{row: the earlier row with the same image id} for every repeated id."""
+    first: dict[int, int] = {}
+    repeated: dict[int, int] = {}
+    for row, image_id in enumerate(image_ids):
+        at = first.setdefault(int(image_id), row)
+        if at != row:
+            repeated[row] = at
+    return repeated

@@ -3,6 +3,7 @@ folder ``<split>/``; category ids 1..90 become labels 1..80.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -27,16 +28,17 @@ def coco_split_files(coco_dir: Path, split: str) -> tuple[str, Path]:
     return resolved, ann_dir / f"instances_{resolved}.json"
 
 
-def load_coco(ann_file: Path) -> dict:
+def load_coco(ann_file: Path) -> tuple[dict, str]:
+    """The parsed annotation file and the sha256 of its bytes (the split's fingerprint)."""
+    raw = ann_file.read_bytes()
     try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
+        data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{ann_file}: not valid JSON ({e})") from e
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ValueError(f"{ann_file}: missing list {key!r}; not a COCO instances file")
-    return data
+    return data, "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def group_annotations(data: dict) -> tuple[dict[int, list[dict]], int]:
@@ -85,12 +87,15 @@ def _coco_row(image: Mapping, anns: list[dict], catmap: dict[int, int], index: i
 
 
 def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> Source:
-    coco_dir = Path(source[len(COCO_PREFIX) :])
+    """Open one split of an official COCO folder (``coco:DIR``)."""
+    coco_dir = Path(source[len(COCO_PREFIX) :]).expanduser()
+    if not coco_dir.is_dir():
+        raise FileNotFoundError(f"no such folder: {coco_dir} (source {source!r})")
     resolved, ann_file = coco_split_files(coco_dir, split)
     # Refused before the annotation file (hundreds of MB for train) is parsed.
     if bbox_format == "xyxy":
         raise ValueError(f"{ann_file}: official COCO annotations are [x, y, w, h]; bbox format xyxy does not apply")
-    data = load_coco(ann_file)
+    data, fingerprint = load_coco(ann_file)
     catmap = coco_category_map(data["categories"])
     by_image, dangling = group_annotations(data)
     images = data["images"]
@@ -107,8 +112,8 @@ def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> So
     ]
     record = bbox_format_record(bbox_format, examined, str(ann_file), fixed="xywh")
 
-    def rows_fn(skip: int) -> Iterator[SourceRow]:
-        for i in range(skip, len(images)):
+    def rows_fn(start: int, stop: int) -> Iterator[SourceRow]:
+        for i in range(start, stop):
             yield row(i)
 
     stats = {
@@ -130,4 +135,4 @@ def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> So
         "num_rows": len(images),
         "annotation_file": str(ann_file),
     }
-    return Source(info, record, stats, rows_fn)
+    return Source(info, record, stats, len(images), fingerprint, rows_fn, (int(im["id"]) for im in images))

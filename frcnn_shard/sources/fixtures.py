@@ -91,7 +91,7 @@ def coco_to_hub_rows(coco_dir: str | os.PathLike, split: str, *, bbox_format: st
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
     root = Path(coco_dir)
     resolved, ann_file = coco_split_files(root, split)
-    data = load_coco(ann_file)
+    data, _ = load_coco(ann_file)
     catmap = coco_category_map(data["categories"])
     by_image, _ = group_annotations(data)
     for im in data["images"]:

@@ -1,14 +1,17 @@
 """Hub sources: a dataset id on the Hugging Face Hub, or a local folder in the Hub's layout, read through
-one code path (``datasets.load_dataset(streaming=True)``), images left encoded.
+one code path: ``datasets`` resolves the split's parquet files, pyarrow reads the row groups a range
+of rows needs (``open_hub``); images stay encoded.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from itertools import islice
-from typing import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 
 from ..labels import COCO_CLASSES, check_class_names, hub_category_to_label
 from ..records import SourceRow
@@ -97,53 +100,111 @@ def hub_row_to_source_row(row: Mapping, index: int, origin: str) -> SourceRow:
     )
 
 
-def open_hub(source: str, split: str, revision: str | None, bbox_format: str, detect_rows: int) -> Source:
+@dataclass(frozen=True)
+class _ParquetFile:
+    """One data file of a split: where it is, and its row groups' sizes (from the footer alone)."""
+
+    url: str
+    group_rows: tuple[int, ...]
+    footer_sha256: str
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.group_rows)
+
+
+def _open_file(url: str):
+    """A binary file object for a local path or any fsspec URL (hf:// for the Hub)."""
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _footer(url: str) -> _ParquetFile:
+    """Row-group sizes and a digest of the footer (schema, row groups, statistics): no row is read."""
+    with _open_file(url) as f:
+        meta = pq.ParquetFile(f).metadata
+        f.seek(-8, os.SEEK_END)
+        length = int.from_bytes(f.read(4), "little")
+        f.seek(-8 - length, os.SEEK_END)
+        footer = f.read(length)
+    return _ParquetFile(url, tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+                        hashlib.sha256(footer).hexdigest())
+
+
+def split_files(source: str, split: str, revision: str | None) -> tuple[str, list[str], datasets.Features | None]:
+    """(resolved split, its data files in the order the Hub's own loader reads them, the features)."""
+    where = _where(source, revision)
+    try:
+        builder = datasets.load_dataset_builder(source, revision=revision)
+    except (ConnectionError, TimeoutError, OSError) as e:
+        raise ConnectionError(
+            f"{where}: cannot reach the Hugging Face Hub ({type(e).__name__}: {e}). To build without the network, "
+            "point the source at a local folder in the Hub's layout (data/<split>-*.parquet + README.md), or at an "
+            "official COCO folder as coco:DIR") from e
+    files = builder.config.data_files or {}
+    resolved = resolve_split(split, list(files), where)
+    return resolved, [str(f) for f in files[resolved]], builder.info.features
+
+
+def _where(source: str, revision: str | None) -> str:
     local = os.path.isdir(source)
-    where = f"{'local folder' if local else 'Hub dataset'} {source!r}" + (f" @ {revision}" if revision else "")
-    available = datasets.get_dataset_split_names(source, revision=revision)
-    resolved = resolve_split(split, available, where)
-    # One code path for the Hub and for local folders: streaming load_dataset.
-    ds = datasets.load_dataset(source, split=resolved, streaming=True, revision=revision)
-    check_hub_features(ds.features, where)
-    ds = ds.cast_column("image", datasets.Image(decode=False))  # decode in our workers, not here
-    num_rows = None
-    splits = ds.info.splits
-    if splits and resolved in splits and splits[resolved].num_examples:
-        num_rows = int(splits[resolved].num_examples)
+    return f"{'local folder' if local else 'Hub dataset'} {source!r}" + (f" @ {revision}" if revision else "")
+
+
+def _rows_of(files: list[_ParquetFile], start: int, stop: int, columns: list[str] | None = None) -> Iterator[dict]:
+    """Rows start..stop-1 of the split as Hub-shaped dicts, reading only the row groups that hold them."""
+    base = 0
+    for pf in files:
+        if base >= stop:
+            return
+        if base + pf.num_rows <= start:
+            base += pf.num_rows
+            continue
+        with _open_file(pf.url) as f:
+            reader = pq.ParquetFile(f)
+            for g, n in enumerate(pf.group_rows):
+                if base + n > start and base < stop:
+                    table = reader.read_row_group(g, columns=columns)
+                    lo, hi = max(start - base, 0), min(stop - base, n)
+                    yield from table.slice(lo, hi - lo).to_pylist()
+                base += n
+                if base >= stop:
+                    return
+
+
+def _image_ids(files: list[_ParquetFile]) -> Iterator[int]:
+    for pf in files:
+        with _open_file(pf.url) as f:
+            yield from pq.ParquetFile(f).read(columns=["image_id"]).column("image_id").to_pylist()
+
+
+def open_hub(source: str, split: str, revision: str | None, bbox_format: str, detect_rows: int) -> Source:
+    """Open one split of a Hub dataset id or a local Hub-layout folder, by its parquet files.
+
+    One code path for both: ``datasets`` resolves the data files (the Hub's, pinned at the resolved
+    revision, or the folder's), and pyarrow reads only the row groups a range of rows needs, so a part
+    of a build never streams the rows of other parts.
+    """
+    where = _where(source, revision)
+    resolved, urls, features = split_files(source, split, revision)
+    check_hub_features(features, where)
+    files = [_footer(u) for u in urls]
+    num_rows = sum(f.num_rows for f in files)
 
     def origin(i: int) -> str:
         return f"{source} {resolved} row {i}"
 
-    def convert(stream: Iterable[Mapping], start: int) -> Iterator[SourceRow]:
-        for i, r in enumerate(stream, start):
+    def rows_fn(start: int, stop: int) -> Iterator[SourceRow]:
+        for i, r in enumerate(_rows_of(files, start, stop), start):
             yield hub_row_to_source_row(r, i, origin(i))
 
-    # Rows examined for the bbox format are buffered and replayed, so they are streamed once.
-    live = iter(ds)
-    head = list(convert(islice(live, detect_rows), 0))
+    head = [hub_row_to_source_row({"image_id": 0, **r}, i, origin(i))
+            for i, r in enumerate(_rows_of(files, 0, min(detect_rows, num_rows), ["objects", "width", "height"]))]
     record = bbox_format_record(bbox_format, [(r.bboxes, r.width, r.height) for r in head], f"{where} split {resolved!r}")
-    state = {"live": live}
-
-    def rows_fn(skip: int) -> Iterator[SourceRow]:
-        live_it = state.pop("live", None)
-        if live_it is not None and skip <= len(head):
-            # First pass: continue the stream the detection started.
-            yield from head[skip:]
-            yield from convert(live_it, len(head))
-            return
-        start = max(skip, len(head))
-        yield from head[skip:]
-        if len(head) < detect_rows:
-            return  # the buffer already holds the whole split
-        yield from convert(ds.skip(start), start)
-
-    info = {
-        "kind": "hub",
-        "id": source,
-        "local": local,
-        "revision": revision,
-        "split": resolved,
-        "requested_split": split,
-        "num_rows": num_rows,
-    }
-    return Source(info, record, {}, rows_fn)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.url.rsplit('/', 1)[-1]}:{f.num_rows}:{f.footer_sha256}\n".encode())
+    info = {"kind": "hub", "id": source, "local": os.path.isdir(source), "revision": revision, "split": resolved,
+            "requested_split": split, "num_rows": num_rows, "files": [f.url.rsplit("/", 1)[-1] for f in files]}
+    return Source(info, record, {}, num_rows, "sha256:" + digest.hexdigest(), rows_fn, _image_ids(files))

@@ -1,0 +1,34 @@
+"""The build's exceptions, shared by the build, its parts and the engines that run them."""
+from __future__ import annotations
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or cannot go on; the message says why and what is kept."""
+
+
+class OptionError(BuildError):
+    """An option value that makes no sense; ``option`` is the BuildOptions field it concerns."""
+
+    def __init__(self, option: str, reason: str):
+        super().__init__(f"{option} {reason}")
+        self.option, self.reason = option, reason
+
+
+class BuildInterrupted(BuildError):
+    """Stopped by the user or a signal; everything published so far is intact and resumable."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum  # SIGINT (Ctrl-C) or SIGTERM: the CLI exits with 128 + signum
+
+
+class SourceError(BuildError):
+    """The source failed mid-stream (after the retries allowed for transient errors)."""
+
+
+class LockedError(BuildError):
+    """Another build holds the lock on this output (the message names the holder)."""
+
+
+class MergeError(BuildError):
+    """The parts of a build cannot be merged yet: one is missing, unfinished or inconsistent (named)."""

@@ -1,0 +1,455 @@
+"""Where shards live: a local directory, or any fsspec URL (s3://, gs://, memory://, ...).
+
+A ``Store`` is one directory. Both kinds give the guarantees the build and the loader rely on:
+
+- nothing partial under a final name: a local file is written as ``<name>.partial``, fsync'ed and
+  renamed; an object is spooled to a local file while it is written and uploaded once whole (one PUT,
+  or a multipart upload completed only at its end), so an interrupted upload leaves no object;
+- small records (manifest, part records, drops) are replaced atomically (rename, or one PUT);
+- reads stream, and a remote read that fails mid-way reopens at the same offset (bounded retries).
+
+Credentials never pass through here as text that could be logged: fsspec and botocore read the
+standard settings (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL), and
+``storage_options`` go straight to the filesystem; ``Store.url`` is the location only.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable
+
+from .faults import fault_point
+
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
+PARTIAL_SUFFIX = ".partial"
+READ_RETRIES = 5  # consecutive failures of one remote request before it gives up
+READ_BACKOFF_S = 0.5  # first wait; doubles per consecutive failure
+REMOTE_READ_BYTES = 8 << 20  # bytes per GET of a streaming read (memory: about two of these)
+UPLOAD_PART_BYTES = 8 << 20  # multipart part size of an upload
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+_INSTALL_HINT = {"s3": "s3fs (pip install 'frcnn-shard[s3]')", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
+                 "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+class StorageError(ValueError):
+    """A location that cannot be used: an unknown scheme, a package missing, bad storage options."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (file:// included); False for plain local paths."""
+    return bool(_URL.match(os.fspath(location)))
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Upload:
+    """One file being written; ``publish()`` makes it appear under its final name at once, whole."""
+
+    def __init__(self, spool: IO[bytes], publish: Callable[[], None], abort: Callable[[], None]):
+        self.file = spool
+        self._publish, self._abort = publish, abort
+
+    def write(self, data: bytes) -> int:
+        """Append bytes (to the local spool)."""
+        return self.file.write(data)
+
+    def publish(self) -> None:
+        """Flush and make the file appear under its final name."""
+        self._publish()
+
+    def abort(self) -> None:
+        """Drop the unfinished file: nothing is left behind under any name."""
+        self._abort()
+
+
+class LocalStore:
+    """A directory on this machine's disk."""
+
+    is_local = True
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.url = str(self.path)
+
+    def sub(self, name: str) -> "LocalStore":
+        """The store of a subdirectory."""
+        return LocalStore(self.path / name)
+
+    def location(self, name: str) -> str:
+        """What to call a file of this store in messages and URL lists."""
+        return str(self.path / name)
+
+    def exists(self, name: str = "") -> bool:
+        """Whether the file (or, with no name, this directory) exists."""
+        return (self.path / name).exists() if name else self.path.is_dir()
+
+    def names(self) -> list[str]:
+        """The names in this directory, sorted ([] when it does not exist)."""
+        return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+
+    def size(self, name: str) -> int:
+        """Size in bytes."""
+        return (self.path / name).stat().st_size
+
+    def makedirs(self) -> None:
+        """Create this directory (and its parents)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def open_read(self, name: str, bufsize: int = 1 << 20) -> IO[bytes]:
+        """A streaming binary reader."""
+        return open(self.path / name, "rb", buffering=bufsize)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file."""
+        return (self.path / name).read_bytes()
+
+    def remove(self, name: str) -> None:
+        """Delete a file (no error when it is already gone)."""
+        (self.path / name).unlink(missing_ok=True)
+
+    def open_upload(self, name: str) -> Upload:
+        """Write ``<name>.partial`` here; publish = fsync + rename + fsync of the directory."""
+        final = self.path / name
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        f = open(partial, "wb")
+
+        def publish() -> None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(partial, final)
+            _fsync_dir(self.path)
+
+        def abort() -> None:
+            try:
+                f.close()
+            except OSError:
+                pass  # flushing the buffer onto a full disk fails again; the file goes anyway
+            finally:
+                partial.unlink(missing_ok=True)
+
+        return Upload(f, publish, abort)
+
+    def write_atomic(self, name: str, data: bytes, before_rest: Callable[[], None] | None = None) -> None:
+        """Replace a file with ``data`` atomically; on any failure the old file stays and no partial remains.
+
+        ``before_rest`` runs with half of the bytes written (the test-only fault point uses it).
+        """
+        up = self.open_upload(name)
+        try:
+            if before_rest is not None:
+                up.write(data[: len(data) // 2])
+                up.file.flush()
+                before_rest()
+                data = data[len(data) // 2:]
+            up.write(data)
+            up.publish()
+        except BaseException:
+            up.abort()
+            raise
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create a file only if it does not exist (atomically); False when it already exists."""
+        try:
+            fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+
+class FsspecStore:
+    """A directory of an fsspec filesystem (object storage above all)."""
+
+    is_local = False
+
+    def __init__(self, fs: Any, root: str, scheme: str):
+        self.fs, self.root, self.scheme = fs, root.rstrip("/"), scheme
+        self.url = f"{scheme}://{self.root}"
+
+    def sub(self, name: str) -> "FsspecStore":
+        """The store of a subdirectory (a key prefix)."""
+        return FsspecStore(self.fs, f"{self.root}/{name}", self.scheme)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def location(self, name: str) -> str:
+        """The URL of an object of this store."""
+        return f"{self.scheme}://{self._path(name)}"
+
+    def exists(self, name: str = "") -> bool:
+        """Whether the object (or, with no name, any object under this prefix) exists."""
+        self.fs.invalidate_cache(self.root)  # other machines write here: never trust a cached listing
+        return bool(_retry(lambda: self.fs.exists(self._path(name)), f"a look at {self.location(name)}")) if name \
+            else bool(self.names())
+
+    def names(self) -> list[str]:
+        """The names directly under this prefix, sorted ([] when there are none)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = _retry(lambda: self.fs.ls(self.root, detail=False), f"a listing of {self.url}")
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def size(self, name: str) -> int:
+        """Size in bytes."""
+        return int(_retry(lambda: self.fs.size(self._path(name)), f"a look at {self.location(name)}"))
+
+    def makedirs(self) -> None:
+        """Create the prefix where the filesystem has directories (object stores create them with their objects)."""
+        if self.scheme not in _OBJECT_STORES:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def open_read(self, name: str, bufsize: int = REMOTE_READ_BYTES) -> IO[bytes]:
+        """A streaming reader that reopens at the same offset after a transient error (bounded retries)."""
+        return RetryingReader(self.fs, self._path(name), max(bufsize, REMOTE_READ_BYTES))
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole object, with the reader's retries."""
+        with self.open_read(name) as f:
+            return f.read()
+
+    def remove(self, name: str) -> None:
+        """Delete an object (no error when it is already gone)."""
+        try:
+            _retry(lambda: self.fs.rm_file(self._path(name)), f"removal of {self.location(name)}")
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.root)
+
+    def open_upload(self, name: str) -> Upload:
+        """Spool to a local temporary file; publish uploads it whole (retried), so nothing appears before that."""
+        spool = tempfile.NamedTemporaryFile(prefix="frcnn-shard-", suffix=".part", delete=False)
+
+        def publish() -> None:
+            spool.flush()
+            spool.close()
+            try:
+                _retry(lambda: self._upload_file(spool.name, name), f"upload of {self.location(name)}")
+            finally:
+                os.unlink(spool.name)
+
+        def abort() -> None:
+            spool.close()
+            Path(spool.name).unlink(missing_ok=True)
+
+        return Upload(spool, publish, abort)
+
+    def _upload_file(self, local: str, name: str) -> None:
+        """One attempt to upload a whole file: completed at its end, aborted on any failure (s3: multipart)."""
+        path = self._path(name)
+        if self.scheme not in ("s3", "s3a"):
+            self.fs.put_file(local, path)
+            return
+        f = self.fs.open(path, "wb", block_size=UPLOAD_PART_BYTES, autocommit=False)
+        try:
+            with open(local, "rb") as src:
+                part = 0
+                while chunk := src.read(UPLOAD_PART_BYTES):
+                    f.write(chunk)
+                    part += 1
+                    fault_point("upload", part)  # test-only: a crash with parts uploaded, none completed
+            f.close()
+            f.commit()  # CompleteMultipartUpload: the object appears now, whole
+        except BaseException:
+            f.discard()  # AbortMultipartUpload: nothing is left behind, not even invisible parts
+            f.closed = True  # a discarded s3fs file must not be closed again by its __del__
+            raise
+        finally:
+            self.fs.invalidate_cache(self.root)
+
+    def abort_uploads(self, names: Iterable[str]) -> int:
+        """Abort unfinished multipart uploads to these names (left by a process killed mid-upload); returns how many."""
+        if self.scheme not in ("s3", "s3a"):
+            return 0
+        wanted = {self._path(n) for n in names}
+        bucket = self.root.split("/", 1)[0]
+        pending = _retry(lambda: self.fs.call_s3("list_multipart_uploads", Bucket=bucket,
+                                                 Prefix=self.root.split("/", 1)[1] if "/" in self.root else ""),
+                         f"a listing of the uploads of {self.url}")
+        aborted = 0
+        for up in pending.get("Uploads", []):
+            if f"{bucket}/{up['Key']}" in wanted:
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                aborted += 1
+        return aborted
+
+    def write_atomic(self, name: str, data: bytes, before_rest: Callable[[], None] | None = None) -> None:
+        """Replace an object with one PUT: readers see the old object or the new one, never a part."""
+        if before_rest is not None:
+            before_rest()
+        _retry(lambda: self.fs.pipe_file(self._path(name), data), f"write of {self.location(name)}")
+        self.fs.invalidate_cache(self.root)
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create an object only if none exists: a conditional PUT (If-None-Match) on S3."""
+        path = self._path(name)
+        self.fs.invalidate_cache(self.root)
+        if self.scheme not in ("s3", "s3a"):
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, IfNoneMatch="*")
+        except OSError as e:
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if isinstance(e, FileExistsError) or code == "PreconditionFailed":
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self.root)
+        return True
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors of the network or the server worth a retry (not missing objects or denied access)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    return type(exc).__module__.split(".")[0] in ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests",
+                                                    "httpx", "fsspec", "s3fs", "gcsfs")
+
+
+def _retry(fn: Callable[[], Any], what: str, retries: int = READ_RETRIES, backoff: float = READ_BACKOFF_S):
+    """fn(), retried with doubling waits on transient errors; the last error is raised as OSError naming ``what``."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified by _transient
+            if not _transient(e) or attempt == retries:
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(f"{what} failed: {type(e).__name__}: {e}") from e
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RetryingReader:
+    """A sequential binary reader of one remote object that survives dropped connections.
+
+    It fetches ``bufsize`` bytes per request (an fsspec file opened without a cache, so memory stays
+    within two buffers) and hands out what was asked for; on a transient error the object is reopened
+    at the first byte not yet fetched, up to READ_RETRIES consecutive times.
+    """
+
+    def __init__(self, fs: Any, path: str, bufsize: int = REMOTE_READ_BYTES):
+        self.fs, self.path, self.bufsize = fs, path, bufsize
+        self.offset = 0  # bytes handed out so far
+        self._buf, self._pos, self._eof = b"", 0, False
+        self._f = None
+
+    def _fetch(self) -> None:
+        """Append the next block of the object to the buffer."""
+        at = self.offset + len(self._buf) - self._pos  # the first byte not fetched yet
+
+        def attempt() -> bytes:
+            if self._f is None:
+                self._f = self.fs.open(self.path, "rb", block_size=self.bufsize, cache_type="none")
+                if at:
+                    self._f.seek(at)
+            try:
+                return self._f.read(self.bufsize)
+            except BaseException:
+                self._drop()
+                raise
+
+        data = _retry(attempt, f"read of {self.path} at byte {at}")
+        self._eof = not data
+        self._buf, self._pos = self._buf[self._pos:] + data, 0
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - the connection is already broken
+            pass
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all the rest for n < 0)."""
+        if n is None or n < 0:
+            chunks = []
+            while chunk := self.read(self.bufsize):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        while len(self._buf) - self._pos < n and not self._eof:
+            self._fetch()
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += len(out)
+        self.offset += len(out)
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        if self._f is not None:
+            self._drop()
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_store(location: str | os.PathLike, storage_options: dict | None = None) -> LocalStore | FsspecStore:
+    """The store of a local path or an fsspec URL; StorageError when the URL's scheme cannot be served here."""
+    text = os.fspath(location)
+    m = _URL.match(text)
+    if m is None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/?[^/]", text):
+        raise StorageError(f"{text!r} looks like a URL but is not one (a URL is scheme://bucket/path); "
+                           "for a local path, start it with ./ or /")
+    if m is None or m.group("scheme") == "file":
+        if storage_options:
+            raise StorageError(f"storage options apply to URLs such as s3://..., not to the local path {text!r}")
+        return LocalStore(m.group("rest") if m else text)
+    scheme = m.group("scheme")
+    import fsspec
+
+    if scheme not in fsspec.available_protocols():
+        raise StorageError(f"{text}: no storage here understands {scheme}:// (fsspec knows no such protocol; "
+                           "schemes are lower case, e.g. s3://bucket/path)")
+    try:
+        fs = _filesystem(scheme, storage_options or {})
+    except ImportError as e:
+        need = _INSTALL_HINT.get(scheme, f"the fsspec package for {scheme}://")
+        raise StorageError(f"{text}: {scheme}:// needs {need}; install it to use this location ({e.msg})") from None
+    except TypeError as e:  # an unknown option: the message names it, never a value
+        raise StorageError(f"{text}: the storage options were refused ({e})") from None
+    return FsspecStore(fs, fs._strip_protocol(text), scheme)
+
+
+_FILESYSTEMS: dict = {}  # (pid, scheme, options) -> filesystem made in this process
+
+
+def _filesystem(scheme: str, options: dict):
+    """This process's filesystem for a scheme and options (fsspec's own instances are not fork-safe)."""
+    import json
+
+    import fsspec
+
+    key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str))
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+    return _FILESYSTEMS[key]
