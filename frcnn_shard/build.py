@@ -553,22 +553,33 @@ def _differing(a: dict, b: dict) -> str:
     return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
 
 
+def split_state(store, header: dict, opts: BuildOptions, shards: range | None, part: tuple[int, int]) -> bool:
+    """Clean up for overwrite, or check what an earlier build left; True when the split is complete already.
+
+    Refuses (BuildError) a split whose manifest was built with other options or source.
+    ``shards``: the part's shards, whose files (with its record) overwrite removes; None: the whole split.
+    """
+    if opts.overwrite:
+        _clean(store, shards, part)
+        return False
+    if not store.exists(MANIFEST_NAME):
+        return False
+    built = read_manifest(store)
+    if {k: v for k, v in built.items() if k in header} != header:
+        raise BuildError(f"{store.url} was built with different options or source (differing: "
+                         f"{_differing({k: built.get(k) for k in header}, header)}); re-run with the same "
+                         "options, or build with the overwrite option to start again")
+    return True
+
+
 def _prepare_part(store, header: dict, part: tuple[int, int], shards: range, opts: BuildOptions) -> dict | None:
     """The part record to continue from (a fresh one when there is none); None when the split is already complete.
 
     Refuses (BuildError) a split built with other options or split another way, unless overwrite.
     """
     whole = opts.part is None
-    if opts.overwrite:
-        _clean(store, header["split"], shards if not whole else None, part)
-    elif store.exists(MANIFEST_NAME):
-        built = read_manifest(store)
-        if {k: v for k, v in built.items() if k in header} != header:
-            raise BuildError(f"{store.url} was built with different options or source (differing: "
-                             f"{_differing({k: built.get(k) for k in header}, header)}); re-run with the same "
-                             "options, or build with the overwrite option to start again")
-        if whole:
-            return None
+    if split_state(store, header, opts, None if whole else shards, part) and whole:
+        return None
     name = record_name(*part)
     records = read_records(store)
     foreign = [n for n in records if n != name and (whole or not n.endswith(f"-of-{part[1]:06d}.json"))]
@@ -598,7 +609,7 @@ def _verify_listed(store, record: dict) -> None:
                              "missing or changed since; build with the overwrite option to rebuild")
 
 
-def _clean(store, split: str, shards: range | None, part: tuple[int, int]) -> None:
+def _clean(store, shards: range | None, part: tuple[int, int]) -> None:
     """Remove what an earlier build left: everything of the split, or (for one part) its shards and record."""
     store.remove(MANIFEST_NAME)
     store.remove(DROPS_NAME)
@@ -684,6 +695,8 @@ def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> Bu
     shards = layout.part_shards(*part)
     lock = acquire_lock(store, *part)
     try:
+        if not store.is_local:  # uploads a killed run left unfinished (invisible, but they hold storage)
+            store.abort_uploads(shard_name(split, i) for i in shards)
         record = _prepare_part(store, header, part, shards, opts)
         if record is None:
             return _result(store, read_manifest(store), "already complete", device, t0)
