@@ -56,6 +56,7 @@ DEVICES = ("auto", "cpu", "cuda")  # where anchor targets are matched
 ENGINES = ("local", "ray")  # what runs the parts
 MAX_RETRY_DELAY_S = 60.0  # the backoff doubles per consecutive failure, up to this
 _POLL_S = 0.5  # how often a wait on the worker pool checks that no worker died
+_TEARDOWN_S = 3.0  # the longest a stopped build waits for its worker pool to wind down before killing it
 log = logging.getLogger("frcnn_shard.build")
 
 
@@ -175,30 +176,10 @@ _W: dict = {}
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
                  ignore_sigint: bool = True) -> None:
     """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
-    if ignore_sigint:  # the parent handles Ctrl-C and SIGTERM and tears the pool down
+    if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, _worker_sigterm)
     _W["tcfg"] = tcfg
     _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
-
-
-def _holds(queue, attr: str) -> bool:
-    lock = getattr(queue, attr, None)
-    sem = getattr(lock, "_semlock", None)
-    return bool(sem is not None and sem._is_mine())
-
-
-def _worker_sigterm(signum, frame) -> None:
-    """A worker's SIGTERM (the pool's teardown, or a SIGTERM to the whole process group): exit quietly.
-
-    Except while the worker holds a lock of the pool's queues (waiting for a task, or sending a
-    result): a worker dying there would leave the lock taken and the pool's teardown waiting for it
-    forever. Then it carries on, and the teardown's end-of-work sentinel ends it a moment later.
-    """
-    args = getattr(multiprocessing.current_process(), "_args", ())
-    if len(args) >= 2 and (_holds(args[0], "_rlock") or _holds(args[1], "_wlock")):
-        return
-    os._exit(0)  # no traceback, no atexit handlers: the parent reports the interruption
 
 
 def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
@@ -652,30 +633,54 @@ def build_part(opts: BuildOptions, part: tuple[int, int], progress: Callable[[di
     device = "cuda" if match_batch is not None else resolve_device(opts.device)
     spec = anchor_spec(opts)
     batched = device == "cuda"
-    pool = None
-    old_term = _interrupt_on_sigterm()
+    pool, old_term, finished = None, None, False
     try:
         if opts.workers > 0:
-            # Fork before the source is opened, so no reader thread exists yet in the parent.
+            # Fork before the source is opened, so no reader thread exists yet in the parent; the
+            # workers keep the default SIGTERM (a quiet death), the parent catches it below.
             pool = multiprocessing.get_context("fork").Pool(
                 opts.workers, initializer=_init_worker, initargs=(opts.transform, spec, opts.matching, not batched))
         else:
             _init_worker(opts.transform, spec, opts.matching, not batched, ignore_sigint=False)
+        old_term = _interrupt_on_sigterm()
         if batched and match_batch is None:
             anchors = anc.make_anchors(spec)
 
             def match_batch(boxes, crowd):
                 return anc.match_batch_torch(anchors, boxes, crowd, opts.matching, opts.transform.image_size, device=device)
-        return _build_part(opts, part, progress, device, spec, pool, match_batch, t0)
+        res = _build_part(opts, part, progress, device, spec, pool, match_batch, t0)
+        finished = True
+        return res
     except KeyboardInterrupt as e:  # before the first row (opening the source, ...): nothing was written yet
         raise BuildInterrupted("interrupted before any row was processed; nothing new was written. "
                                "Run the same command again to resume.", signum(e)) from None
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if pool is not None:
+            _stop_pool(pool, finished)
+
+
+def _stop_pool(pool, finished: bool) -> None:
+    """Wind the worker pool down: gently after a finished build, at once (and never hanging) otherwise.
+
+    A worker killed by a signal sent to the whole process group (Slurm, timeout) may die holding a
+    lock of the pool's task queue, and Pool.terminate() then waits for that lock forever: it gets
+    _TEARDOWN_S, then the workers are killed and the build goes on with its report.
+    """
+    if finished:
+        pool.close()
+        pool.join()
+        return
+    import threading
+
+    stopper = threading.Thread(target=pool.terminate, daemon=True, name="frcnn-shard-pool-stop")
+    stopper.start()
+    stopper.join(_TEARDOWN_S)
+    if stopper.is_alive():
+        for p in list(getattr(pool, "_pool", ())):
+            if p.exitcode is None:
+                p.kill()
 
 
 def signum(e: BaseException) -> int:

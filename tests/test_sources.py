@@ -228,16 +228,16 @@ def test_auto_without_evidence_fails_at_open(tmp_path):
 @pytest.mark.parametrize("detect_rows", [4, 200])
 def test_hub_resume_matches_tail(sample_hub, detect_rows):
     src = S.open_source(str(sample_hub), "train", detect_rows=detect_rows)
-    full = [(r.index, r.image_id, r.image) for r in src.rows()]  # first call: continues the detection stream
+    full = [(r.index, r.image_id, r.image) for r in src.rows()]
     assert [i for i, _, _ in full] == list(range(12))
     for k in (0, 1, 4, 5, 11, 12, 20):
-        tail = [(r.index, r.image_id, r.image) for r in src.rows(skip=k)]
+        tail = [(r.index, r.image_id, r.image) for r in src.rows(k)]
         assert tail == full[k:], k
-    # A fresh source resumed directly (the detection stream is discarded, the rest restreamed).
+    # A fresh source read from the middle directly.
     fresh = S.open_source(str(sample_hub), "train", detect_rows=detect_rows)
-    assert [(r.index, r.image_id, r.image) for r in fresh.rows(skip=7)] == full[7:]
+    assert [(r.index, r.image_id, r.image) for r in fresh.rows(7)] == full[7:]
     with pytest.raises(ValueError):
-        src.rows(skip=-1)
+        src.rows(-1)
 
 
 def test_sample_folder_is_deterministic_and_boxes_match_pixels(tmp_path, sample_hub):
@@ -301,7 +301,7 @@ def test_coco_source_on_tiny_coco(tiny_coco):
 def test_coco_resume_matches_tail(tiny_coco):
     src = S.open_source(f"coco:{tiny_coco}", "train2017")
     full = [(r.index, r.image_id) for r in src.rows()]
-    assert [(r.index, r.image_id) for r in src.rows(skip=17)] == full[17:]
+    assert [(r.index, r.image_id) for r in src.rows(17)] == full[17:]
 
 
 def _write_coco(root: Path, split: str, images, annotations, files) -> None:

@@ -46,7 +46,10 @@ class Source:
         stop = self.num_rows if stop is None else min(int(stop), self.num_rows)
         if int(start) != start or start < 0:
             raise ValueError(f"rows(start={start!r}): start must be an integer >= 0")
-        for row in self._rows_fn(int(start), stop):
+        return self._marked(self._rows_fn(int(start), stop))
+
+    def _marked(self, rows: Iterator[SourceRow]) -> Iterator[SourceRow]:
+        for row in rows:
             row.duplicate_of = self.duplicates.get(row.index)
             yield row
 
