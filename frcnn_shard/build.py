@@ -313,7 +313,8 @@ def resolve_device(device: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":
-        raise OptionError("device", "is cuda, but torch sees no CUDA device")
+        raise OptionError("device", f"is cuda, but torch {torch.__version__} sees no CUDA device "
+                          "(use auto or cpu to match anchors on the CPU)")
     return "cpu"
 
 
@@ -355,8 +356,8 @@ def validate_options(opts: BuildOptions) -> None:
         raise OptionError("max_bad_fraction", f"must be within 0..1 (got {opts.max_bad_fraction})")
     if not (math.isfinite(opts.retry_backoff) and opts.retry_backoff >= 0):
         raise OptionError("retry_backoff", f"must be a finite number >= 0 (got {opts.retry_backoff})")
-    if opts.device not in DEVICES:
-        raise OptionError("device", f"must be one of {', '.join(DEVICES)} (got {opts.device!r})")
+    if opts.device != "auto":  # auto falls back to the CPU; cuda imports torch to ask, cpu needs nothing
+        resolve_device(opts.device)
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise OptionError("out", f"{out} exists and is not a directory")
