@@ -331,7 +331,8 @@ def resolve_device(device: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     if device == "cuda":
-        raise OptionError("device", "is cuda, but torch sees no CUDA device")
+        raise OptionError("device", f"is cuda, but torch {torch.__version__} sees no CUDA device "
+                          "(use auto or cpu to match anchors on the CPU)")
     return "cpu"
 
 
@@ -385,6 +386,8 @@ def validate_options(opts: BuildOptions) -> None:
         raise OptionError("retry_backoff", f"must be a finite number >= 0 (got {opts.retry_backoff})")
     if opts.device not in DEVICES:
         raise OptionError("device", f"must be one of {', '.join(DEVICES)} (got {opts.device!r})")
+    if opts.device != "auto" and opts.engine != "ray":  # auto falls back to the CPU; cuda asks torch (Ray: the cluster)
+        resolve_device(opts.device)
     if opts.part is not None and not (len(opts.part) == 2 and 0 <= opts.part[0] < opts.part[1]):
         raise OptionError("part", f"must be (I, N) with 0 <= I < N (got {opts.part!r})")
     if opts.engine not in ENGINES:

@@ -83,14 +83,18 @@ def _values(cls, kw: dict) -> dict:
     return out
 
 
-# The library names options by their Python names; on the command line they read as flags.
-_OPTION_NAMES = re.compile(r"\b(?:TransformConfig\.|MatchConfig\.|BuildOptions\.)?(" + "|".join(
-    f.name for cls in _OPTION_CLASSES for f in fields(cls) if "_" in f.name) + r")\b")
+# The library names options by their Python names; on the command line they read as flags. A bare
+# word is taken for an option only when it has an underscore ("quality" alone may be prose).
+_OPTION_NAMES = re.compile(
+    r"\b(?:(?:TransformConfig|MatchConfig|BuildOptions)\.(" + "|".join(
+        f.name for cls in _OPTION_CLASSES for f in _option_fields(cls)) + r")|(" + "|".join(
+        f.name for cls in _OPTION_CLASSES for f in fields(cls) if "_" in f.name) + r"))\b")
 
 
 def _cli_words(message: str) -> str:
     """A library message with its option names written as the flags that set them."""
-    return _OPTION_NAMES.sub(lambda m: _flag(m.group(1)), message).replace("the overwrite option", "--overwrite")
+    return (_OPTION_NAMES.sub(lambda m: _flag(m.group(1) or m.group(2)), message)
+            .replace("the overwrite option", "--overwrite"))
 
 
 @main.command()
@@ -145,12 +149,16 @@ class _Bar:
         self.desc, self.unit, self.total, self.bar = desc, unit, total, None
 
     def update(self, done: int, total: int | None = None, **postfix) -> None:
-        """Show ``done`` of ``total`` (running totals) and the postfix counters."""
+        """Show ``done`` (a running total) of ``total`` (when known: then tqdm shows the rate and an ETA)."""
         from tqdm import tqdm
 
+        if total is not None:
+            self.total = total
         if self.bar is None:
-            self.bar = tqdm(unit=self.unit, desc=self.desc, total=total or self.total, dynamic_ncols=True,
-                            file=sys.stderr, initial=max(done - 1, 0))
+            self.bar = tqdm(unit=self.unit, desc=self.desc, total=self.total, dynamic_ncols=True, file=sys.stderr,
+                            initial=max(done - 1, 0))
+        elif self.bar.total != self.total:
+            self.bar.total = self.total
         self.bar.update(done - self.bar.n)
         if postfix:
             self.bar.set_postfix(**postfix, refresh=False)
@@ -162,17 +170,20 @@ class _Bar:
 
 
 def _print_build_summary(res) -> None:
+    from .inspect.info import bbox_format_text
+    from .words import human_bytes, plural
+
     rate = res.rows / res.seconds if res.seconds > 0 else 0.0
     what = f"part {res.part[0]} of {res.part[1]}" if res.part else "split"
     click.echo(f"{res.status} ({what}): {res.out_dir}")
-    click.echo(f"  samples {res.samples} in {res.shards} shards, {res.bytes / 1e6:.1f} MB"
-               + (f" (resumed after {res.resumed_shards} shards)" if res.resumed_shards else ""))
-    click.echo(f"  rows read {res.rows}, {rate:.1f} rows/s, {res.seconds:.1f} s, anchors matched on {res.device}")
-    bf = res.bbox_format
-    click.echo(f"  bbox format: {bf.get('decision')} (requested {bf.get('requested')}; evidence {bf.get('evidence')})")
+    click.echo(f"  {plural(res.samples, 'sample')} in {plural(res.shards, 'shard')}, {human_bytes(res.bytes)}"
+               + (f" (resumed after {plural(res.resumed_shards, 'shard')})" if res.resumed_shards else ""))
+    click.echo(f"  {plural(res.rows, 'row')} read, {rate:.1f} rows/s, {res.seconds:.1f} s, "
+               f"anchors matched on {res.device}")
+    click.echo(f"  bbox format: {bbox_format_text(res.bbox_format)}")
     click.echo(f"  images dropped: {res.drops or 'none'}")
     for d in res.dropped:
-        click.echo(f"    row {d['row']} (image id {d['image_id']}, {d['origin'] or 'no origin'}): {d['reason']}: {d['detail']}")
+        click.echo(f"    row {d['row']} (image id {d['image_id']}): {d['reason']}: {d['detail']}")
     if res.dropped:
         click.echo(f"    every dropped row: {res.drops_file}")
     click.echo(f"  boxes dropped:  {res.box_drops or 'none'}")
@@ -203,24 +214,15 @@ def sample(out_dir: str, n_train: int, n_val: int, seed: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(shard_dir: str, deep: bool, fraction: float, as_json: bool) -> None:
     """Verify shards against their manifest. Exit 0 clean, 1 problems found, 2 could not run."""
-    from tqdm import tqdm
-
     from .inspect.check import check_shards
     from .shards import ManifestError
 
-    bar = None if as_json else tqdm(unit="sample", desc="check", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(n: int) -> None:
-        if bar is not None:
-            bar.update(n)
-
+    bar = _Bar("check", "sample")
     try:
-        report = check_shards(shard_dir, deep=deep, fraction=fraction, progress=progress)
+        report = check_shards(shard_dir, deep=deep, fraction=fraction, progress=None if as_json else bar.update)
     except (ManifestError, OSError) as e:
-        if bar is not None:
-            bar.close()
         _fail(str(e), 2)
-    if bar is not None:
+    finally:
         bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
@@ -266,10 +268,13 @@ def stats(shard_dir: str, out: str, limit: int | None, top: int) -> None:
     from .shards import ManifestError
     from .inspect.stats import compute_stats, plot_stats, stats_table
 
+    bar = _Bar("stats", "sample")
     try:
-        st = compute_stats(shard_dir, limit=limit)
+        st = compute_stats(shard_dir, limit=limit, progress=bar.update)
     except ManifestError as e:
         _fail(str(e), 2)
+    finally:
+        bar.close()
     click.echo(stats_table(st, top=top))
     plot_stats(st, out, top=top)
     click.echo(f"figure: {out}")

@@ -788,6 +788,33 @@ def test_cli_refuses_an_output_path_that_is_a_file(hub, tmp_path):
     assert f.read_text() == "x"
 
 
+def test_cli_refuses_device_cuda_without_cuda_before_creating_anything(hub, ref, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: --device cuda is valid")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["build", "--source", str(hub), "--split", "train", "--out", str(out),
+                                  "--device", "cuda"])
+    assert r.exit_code == 2, r.output
+    assert "--device is cuda, but torch" in r.output and "sees no CUDA device" in r.output
+    assert not out.exists()
+    # Into a folder holding a finished build: refused the same way, and nothing in it touched.
+    before = {p: p.read_bytes() for p in ref.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(main, ["build", "--source", str(hub), "--split", "train", "--out", str(ref.parent),
+                                  "--device", "cuda", "--overwrite"])
+    assert r.exit_code == 2 and "sees no CUDA device" in r.output, r.output
+    assert {p: p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before
+
+
+def test_validating_device_auto_or_cpu_does_not_import_torch(tmp_path):
+    code = ("import sys; from frcnn_shard.build import BuildOptions, validate_options; "
+            f"[validate_options(BuildOptions(source='x', split='train', out={str(tmp_path / 'o')!r}, device=d)) "
+            "for d in ('auto', 'cpu')]; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False"
+
+
 def test_cli_refuses_an_unknown_split_without_creating_anything(hub, tmp_path):
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["build", "--source", str(hub), "--split", "test", "--out", str(out),

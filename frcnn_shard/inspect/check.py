@@ -34,7 +34,8 @@ from ..format.targets import SparseTargets, unpack_targets
 from ..labels import NUM_CLASSES
 from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest, store_of
 from ..storage import LocalStore
-from .info import human_bytes
+from ..words import human_bytes, plural
+from .info import listed_samples
 
 # Rule names, as printed in reports and matched by tests; docs/INSPECT.md explains each one.
 RULE_MANIFEST_INCOMPLETE = "manifest_incomplete"
@@ -119,13 +120,13 @@ class CheckReport:
 
     def summary_line(self) -> str:
         """One line: what was checked and how many problems, by rule."""
-        what = f"checked {self.samples} samples in {self.shards} shards ({human_bytes(self.bytes)})"
+        what = f"checked {plural(self.samples, 'sample')} in {plural(self.shards, 'shard')} ({human_bytes(self.bytes)})"
         if self.deep:
             what += f", {self.deep_samples} deep-checked (fraction {self.fraction:g})"
         if self.ok:
             return f"{what}: 0 problems"
         by_rule = ", ".join(f"{r} {n}" for r, n in self.rule_counts().items())
-        return f"{what}: {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''} ({by_rule})"
+        return f"{what}: {plural(len(self.problems), 'problem')} ({by_rule})"
 
     def to_dict(self) -> dict:
         """JSON-able form (for `check --json`)."""
@@ -673,7 +674,7 @@ def _check_totals(manifest: dict) -> list[Problem]:
     shards = manifest["shards"]
     totals = manifest.get("totals") or {}
     want = {
-        "samples": sum(int(s.get("samples") or 0) for s in shards),
+        "samples": listed_samples(manifest),
         "shards": len(shards),
         "bytes": sum(int(s.get("bytes") or 0) for s in shards),
     }
@@ -682,14 +683,32 @@ def _check_totals(manifest: dict) -> list[Problem]:
             for k, v in want.items() if totals.get(k) != v]
 
 
+def _running_total(progress: Callable[[int, int], None] | None,
+                   entries: list[dict]) -> Callable[[int], None] | None:
+    """The per-shard increments as progress(done, total) calls, total from the manifest entries."""
+    if progress is None:
+        return None
+    total, done = listed_samples({"shards": entries}), 0
+    progress(0, total)  # the bar shows its total before the first shard is read
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    return advance
+
+
 def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: int = 0,
-                 progress: Callable[[int], None] | None = None, workers: int | None = None,
+                 progress: Callable[[int, int], None] | None = None, workers: int | None = None,
                  storage_options: dict | None = None) -> CheckReport:
     """Verify a shard directory (local, or a URL such as s3://...) against its manifest.
 
-    Raises ManifestError / OSError when it cannot run. ``workers``: processes checking local shards
-    in parallel (0: in this process; None: automatic, i.e. in-process below PARALLEL_MIN_BYTES, else
-    one per CPU); object storage is read in this process, one shard ahead. The report is the same either way.
+    Raises ManifestError / OSError when it cannot run. ``progress(done, total)``: samples checked so
+    far, of the samples the manifest lists for the shards present (known before the first one is read,
+    so a bar can show a rate and an ETA). ``workers``: processes checking local shards in parallel (0:
+    in this process; None: automatic, i.e. in-process below PARALLEL_MIN_BYTES, else one per CPU);
+    object storage is read in this process, one shard ahead. The report is the same either way.
     """
     t0 = time.perf_counter()
     store = store_of(shard_dir, storage_options)
@@ -708,7 +727,7 @@ def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: 
     if workers is None:
         workers = _default_workers(manifest, len(entries))
     seen: dict[str, str] = {}
-    for res in _shard_results(store, manifest, ctx, entries, workers, progress):
+    for res in _shard_results(store, manifest, ctx, entries, workers, _running_total(progress, entries)):
         report.shards += 1
         report.samples += len(res.keys)
         report.bytes += res.bytes

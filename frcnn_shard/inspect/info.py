@@ -1,14 +1,7 @@
 """`frcnn-shard info`: a short table describing a build, from its manifest alone."""
 from __future__ import annotations
 
-
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+from ..words import human_bytes, plural
 
 
 def _counts_text(d: dict | None) -> str:
@@ -27,6 +20,25 @@ def _evidence_text(ev) -> str:
     return str(ev)
 
 
+def listed_samples(manifest: dict) -> int:
+    """The samples the manifest's shard entries list (what a full read of the split will meet)."""
+    return sum(int(e.get("samples") or 0) for e in manifest.get("shards") or [])
+
+
+def bbox_format_text(bf: dict | None) -> str:
+    """The bbox-format decision in words, from the manifest's bbox_format record (build summary and info)."""
+    bf = bf or {}
+    text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
+    text += f"; {bf['rule']})" if bf.get("rule") else ")"
+    if bf.get("contradicted_by_evidence"):
+        text += "; CONTRADICTED by the evidence"
+    evidence = bf.get("evidence")
+    if evidence not in (None, "", {}):
+        rows = f" ({plural(bf['rows_examined'], 'row')})" if bf.get("rows_examined") is not None else ""
+        text += f"; evidence{rows}: {_evidence_text(evidence)}"
+    return text
+
+
 def _yes(v) -> str:
     return "yes" if v else "no"
 
@@ -39,7 +51,6 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
     image = manifest.get("image") or {}
     totals = manifest.get("totals") or {}
     drops = manifest.get("drops") or {}
-    bf = manifest.get("bbox_format") or {}
     anc = manifest.get("anchors") or {}
     m = anc.get("matching") or {}
     tool = manifest.get("tool") or {}
@@ -49,15 +60,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
     size = image.get("size") or tf.get("image_size") or ["?", "?"]
     fmt = image.get("format") or tf.get("image_format") or "?"
     fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
-    evidence = bf.get("evidence")
-    bbox_text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
-    bbox_text += f"; {bf['rule']})" if bf.get("rule") else ")"
-    if bf.get("contradicted_by_evidence"):
-        bbox_text += "; CONTRADICTED by the evidence"
-    if evidence not in (None, "", {}):
-        rows = f" ({bf['rows_examined']} rows)" if bf.get("rows_examined") is not None else ""
-        bbox_text += f"; evidence{rows}: {_evidence_text(evidence)}"
     sha = str(anc.get("sha256") or "")
+    anchors = plural(anc["count"], "anchor") if isinstance(anc.get("count"), int) else "? anchors"
     if isinstance(m, dict):
         matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
     else:
@@ -77,8 +81,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("images dropped", _counts_text(drops.get("images"))
          + (f" (each row in {drops['file']}: {drops.get('rows', '?')} line{'' if drops.get('rows') == 1 else 's'})" if drops.get("file") else "")),
         ("boxes dropped", _counts_text(drops.get("boxes"))),
-        ("bbox format", bbox_text),
-        ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),
+        ("bbox format", bbox_format_text(manifest.get("bbox_format"))),
+        ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
         ("matching", matching or "?"),
         ("format version", str(manifest.get("format_version", "?"))),
         ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),

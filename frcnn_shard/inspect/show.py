@@ -17,10 +17,13 @@ from ..format.record import Record, key_of
 from ..format.targets import unpack_targets
 from ..labels import CLASS_NAMES
 from ..shards import iter_shard, read_manifest
+from ..words import plural
+from .info import listed_samples
 from .plot import DPI, new_figure
 
 CELL_INCHES = 5.0  # one sample per cell: show PNGs are (cols x 500) x (rows x 500) px
 MAX_COLS = 3
+LABEL_ROOM = 0.05  # of the image height: a box closer than this to the top or bottom edge gets its label inside
 
 
 def _normalize_key(key) -> str:
@@ -49,14 +52,14 @@ def _locate_key(shard_dir: Path, manifest: dict, key: str) -> tuple[str, dict[st
         got = _scan_shard(shard_dir / entry["name"], lambda i, k: k == key)
         if got is not None:
             return got
-    total = sum(int(e.get("samples") or 0) for e in entries)
-    raise KeyError(f"key {key} not found in {shard_dir} ({total} samples in {len(entries)} shards)")
+    raise KeyError(f"key {key} not found in {shard_dir} "
+                   f"({plural(listed_samples(manifest), 'sample')} in {plural(len(entries), 'shard')})")
 
 
 def _locate_index(shard_dir: Path, manifest: dict, index: int) -> tuple[str, dict[str, bytes]]:
     """The sample at position ``index`` of the split, going straight to its shard via the manifest counts."""
     entries = manifest.get("shards", [])
-    total = sum(int(e.get("samples") or 0) for e in entries)
+    total = listed_samples(manifest)
     if not 0 <= index < total:
         raise IndexError(f"index {index} is out of range: {shard_dir} holds samples 0..{total - 1}")
     start = 0
@@ -79,22 +82,28 @@ def _class_color(label: int):
     return colormaps["tab20"](label % 20)
 
 
-def _draw_boxes(ax, record: Record) -> None:
-    """Ground-truth boxes with their class names; crowd boxes dashed."""
+def _draw_boxes(ax, record: Record, image_h: int) -> None:
+    """Ground-truth boxes with their class names; crowd boxes dashed.
+
+    A name goes above its box (below, for crowd boxes) unless the image edge leaves no room there:
+    then it goes just inside the box, so it is never cut off at the top or bottom of the cell.
+    """
     from matplotlib.patches import Rectangle
 
+    room = LABEL_ROOM * image_h
     for (x1, y1, x2, y2), lab in zip(record.boxes.tolist(), record.labels.tolist()):
         color = _class_color(lab)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.6))
         name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else f"label {lab}"
-        ax.text(x1, y1, name, fontsize=6, color="black", va="bottom",
+        ax.text(x1, y1, name, fontsize=6, color="black", va="bottom" if y1 >= room else "top",
                 bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
     crowd_labels = record.crowd_labels.tolist()
     for i, (x1, y1, x2, y2) in enumerate(record.crowd_boxes.tolist()):
         lab = crowd_labels[i] if i < len(crowd_labels) else 0
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.2, ls="--"))
         name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else ""
-        ax.text(x1, y2, f"crowd {name}".strip(), fontsize=6, color="white", va="top")
+        ax.text(x1, y2, f"crowd {name}".strip(), fontsize=6, color="white",
+                va="top" if y2 <= image_h - room else "bottom")
 
 
 def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int,
@@ -120,10 +129,10 @@ def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | 
         n_pos = len(pos)
         for x1, y1, x2, y2 in pos:  # drawn first, under the ground truth
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", lw=0.4, alpha=0.9))
-    _draw_boxes(ax, record)
-    title = f"{key}: {len(record.boxes)} boxes"
+    _draw_boxes(ax, record, image.shape[0])
+    title = f"{key}: {plural(len(record.boxes), 'box')}"
     if anchors is not None:
-        title += f", {n_pos} positive anchors"
+        title += f", {plural(n_pos, 'positive anchor')}"
     ax.set_title(title, fontsize=8)
 
 
@@ -133,6 +142,14 @@ def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), 
 
     Raises KeyError (unknown key, naming it and the directory) or IndexError (with the valid range).
     """
+    fig, shown = sample_figure(shard_dir, keys=keys, indices=indices, anchors=anchors)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, format="png")
+    return shown
+
+
+def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False):
+    """The figure render_samples writes, and the keys drawn in it (one axes per sample, in order)."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     samples = [_locate_key(shard_dir, manifest, _normalize_key(k)) for k in keys]
@@ -151,6 +168,4 @@ def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), 
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png")
-    return [k for k, _ in samples]
+    return fig, [k for k, _ in samples]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -20,11 +20,14 @@ from ..format.record import Record
 from ..format.targets import unpack_targets
 from ..labels import CLASS_NAMES
 from ..shards import iter_shard, read_manifest
+from ..words import plural
+from .info import listed_samples
 from .plot import DPI, new_figure
 
 STATS_FIGSIZE = (12.0, 9.0)  # inches: stats PNGs are 1200 x 900 px
 SIZE_BINS = 40  # box-size histogram bins over [0, sqrt(H * W)]
 COCO_SMALL, COCO_MEDIUM = 32.0, 96.0  # COCO's area thresholds (sqrt of area, original pixels)
+PROGRESS_EVERY = 64  # samples between progress callbacks
 _PER_IMAGE = ("boxes", "crowd_boxes", "positive", "negative", "ignore", "sampled_positive", "sampled_negative")
 
 
@@ -89,16 +92,23 @@ class _BoxSizes:
 
 
 def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256,
-                  positive_fraction: float = 0.5, seed: int = 0) -> dict:
-    """Class, box and anchor-label statistics over all samples (or the first ``limit``)."""
+                  positive_fraction: float = 0.5, seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None) -> dict:
+    """Class, box and anchor-label statistics over all samples (or the first ``limit``).
+
+    ``progress(done, total)``: samples read so far, of the manifest's count (or ``limit``, if fewer).
+    """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
+    total = listed_samples(manifest) if limit is None else min(limit, listed_samples(manifest))
     num_anchors = int(manifest["anchors"]["count"])
     h, w = (int(v) for v in manifest["image"]["size"])
     classes: Counter = Counter()
     keys: list[str] = []
     per_image: dict[str, list[int]] = {k: [] for k in _PER_IMAGE}
     sizes = _BoxSizes(h, w)
+    if progress is not None:
+        progress(0, total)
     for key, members in _iter_samples(shard_dir, manifest, limit):
         record = Record.from_json(members[JSON_EXT])
         targets = unpack_targets(members[TARGETS_EXT], num_anchors)
@@ -114,6 +124,10 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
                             ("ignore", counts["ignore"]), ("sampled_positive", len(sampled_pos)),
                             ("sampled_negative", len(sampled_neg))):
             per_image[name].append(value)
+        if progress is not None and len(keys) % PROGRESS_EVERY == 0:
+            progress(len(keys), total)
+    if progress is not None:
+        progress(len(keys), total)
     return _stats_dict(shard_dir, manifest, limit, keys, classes, per_image, sizes,
                        {"rpn_batch_size": rpn_batch_size, "positive_fraction": positive_fraction, "seed": seed})
 
@@ -155,7 +169,8 @@ def stats_table(stats: dict, top: int = 20) -> str:
     coco = bs["coco_area"]
     lines = [
         f"samples           {stats['samples']}" + (f" (first {stats['limit']})" if stats.get("limit") else ""),
-        f"boxes             {stats['boxes']} (+{stats['crowd_boxes']} crowd), {len(stats['classes'])} classes present",
+        f"boxes             {stats['boxes']} (+{stats['crowd_boxes']} crowd), {plural(len(stats['classes']), 'class')} "
+        "present",
         f"boxes per image   {_line(stats['boxes_per_image'])}",
         f"box size          sqrt(w*h) in resized px: min {bs['min']:.1f}  mean {bs['mean']:.1f}  max {bs['max']:.1f}",
         f"COCO size         small {coco['small']}  medium {coco['medium']}  large {coco['large']} (original px)",
@@ -163,13 +178,13 @@ def stats_table(stats: dict, top: int = 20) -> str:
         f"  positive        {_line(a['before']['positive'])}",
         f"  negative        {_line(a['before']['negative'])}",
         f"  ignore          {_line(a['before']['ignore'])}",
-        f"  no positive     {a['images_without_positive']} images",
+        f"  no positive     {plural(a['images_without_positive'], 'image')}",
         f"after sampling    batch {smp['rpn_batch_size']}, positive fraction {smp['positive_fraction']:g}, "
         f"seed {smp['seed']}, epoch {smp['epoch']}:",
         f"  positive        {_line(a['after']['positive'])}",
         f"  negative        {_line(a['after']['negative'])}",
         "",
-        f"top {min(top, len(stats['classes']))} classes (by boxes)",
+        f"top {plural(min(top, len(stats['classes'])), 'class')} (by boxes)",
         f"  {'label':>5}  {'name':<16} {'boxes':>7}  {'share':>6}",
     ]
     for row in stats["classes"][:top]:
@@ -179,6 +194,13 @@ def stats_table(stats: dict, top: int = 20) -> str:
 
 def plot_stats(stats: dict, out_png, top: int = 20) -> None:
     """One PNG (STATS_FIGSIZE at DPI): top-N classes, boxes per image, box sizes, anchor labels per image."""
+    stats_figure(stats, top=top).savefig(out_png, dpi=DPI, format="png")
+
+
+def stats_figure(stats: dict, top: int = 20):
+    """The figure plot_stats writes (a matplotlib Figure; count axes carry integer ticks only)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(STATS_FIGSIZE)
     ax_cls, ax_bpi, ax_size, ax_anc = fig.subplots(2, 2).ravel()
 
@@ -186,13 +208,16 @@ def plot_stats(stats: dict, out_png, top: int = 20) -> None:
     ax_cls.barh(range(len(rows)), [r["count"] for r in rows], color="tab:blue")
     ax_cls.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
     ax_cls.invert_yaxis()
-    ax_cls.set_title(f"top {len(rows)} classes (boxes)")
+    ax_cls.set_title(f"top {plural(len(rows), 'class')} (boxes)")
+    ax_cls.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     bpi = stats["per_image"]["boxes"]
     ax_bpi.hist(bpi, bins=np.arange(0, (max(bpi) if bpi else 0) + 2) - 0.5, color="tab:green")
     ax_bpi.set_title("boxes per image")
     ax_bpi.set_xlabel("boxes")
     ax_bpi.set_ylabel("images")
+    ax_bpi.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_bpi.yaxis.set_major_locator(MaxNLocator(integer=True))
 
     bs = stats["box_sizes"]
     edges = np.asarray(bs["edges"])
@@ -200,6 +225,7 @@ def plot_stats(stats: dict, out_png, top: int = 20) -> None:
     ax_size.set_title("box size, sqrt(w*h) (resized px)")
     ax_size.set_xlabel("px")
     ax_size.set_ylabel("boxes")
+    ax_size.yaxis.set_major_locator(MaxNLocator(integer=True))
 
     pi = stats["per_image"]
     series = [("positive\nstored", pi["positive"]), ("ignore\nstored", pi["ignore"]),
@@ -210,8 +236,8 @@ def plot_stats(stats: dict, out_png, top: int = 20) -> None:
     ax_anc.set_title(f"anchor labels per image (of {stats['num_anchors']})")
     ax_anc.tick_params(axis="x", labelsize=7)
 
-    fig.suptitle(f"{stats.get('split') or ''} - {stats['samples']} samples, {stats['boxes']} boxes")
+    fig.suptitle(f"{stats.get('split') or ''} - {plural(stats['samples'], 'sample')}, {plural(stats['boxes'], 'box')}")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=DPI, format="png")
+    return fig
 
 
