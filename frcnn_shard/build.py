@@ -24,6 +24,7 @@ import numpy as np
 from . import __version__, anchors as anc
 from .format import FORMAT_VERSION
 from .format.members import sample_members
+from .format.record import Record
 from .format.targets import label_counts, pack_targets
 from .labels import CLASS_NAMES
 from .records import Dropped, Sample, SourceRow
@@ -114,6 +115,9 @@ class BuildOptions:
     anchor_strides: tuple | None = field(default=None, metadata={
         "help": "Override strides per level, e.g. 4,8,16,32,64.", "parse": anc.parse_numbers})
     matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
+    flip_targets: bool = field(default=True, metadata={
+        "help": "Also store the anchor targets of the horizontally mirrored image, for the loader's hflip "
+                "(about 0.6% more bytes)."})
     samples_per_shard: int = field(default=1000, metadata={"help": "Samples per shard file (the last holds the rest)."})
     max_shard_bytes: int | None = field(default=None, metadata={
         "help": "Also close a shard once it reaches this many bytes.", "type": int})
@@ -161,12 +165,13 @@ _W: dict = {}
 
 
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
-                 ignore_sigint: bool = True) -> None:
+                 flip: bool, ignore_sigint: bool = True) -> None:
     """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
     if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W["tcfg"] = tcfg
     _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
+    _W["flip"] = flip
 
 
 def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
@@ -192,8 +197,7 @@ def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Drop
         for i, (item, _) in enumerate(out):
             if isinstance(item, Sample):
                 try:
-                    labels, matched = matcher.match(item.record.boxes, item.record.crowd_boxes)
-                    out[i] = (item, _pack(item, labels, matched))
+                    out[i] = (item, _pack(item, *_match_orientations(matcher, item.record, _W["flip"])))
                 except Exception as e:  # noqa: BLE001 - as above
                     out[i] = (_processing_error(rows[i], e), None)
     return out
@@ -204,10 +208,19 @@ def _processing_error(row: SourceRow, e: Exception) -> Dropped:
     return Dropped(row.index, int(row.image_id), DROP_PROCESSING_ERROR, f"{type(e).__name__}: {e}{where}")
 
 
-def _pack(sample: Sample, labels: np.ndarray, matched: np.ndarray) -> bytes:
-    """Pack one sample's anchor targets and note their counts in its JSON record."""
-    sample.record.rpn = label_counts(labels)
-    return pack_targets(labels, matched)
+def _match_orientations(matcher: anc.AnchorMatcher, record: Record, flip: bool) -> tuple[tuple, tuple | None]:
+    """(labels, matched) of the image as stored and, with ``flip``, of the mirrored image (Record.hflip's boxes)."""
+    stored = matcher.match(record.boxes, record.crowd_boxes)
+    if not flip:
+        return stored, None
+    mirrored = record.hflip()
+    return stored, matcher.match(mirrored.boxes, mirrored.crowd_boxes)
+
+
+def _pack(sample: Sample, stored: tuple[np.ndarray, np.ndarray], flipped: tuple | None) -> bytes:
+    """Pack one sample's anchor targets (both orientations when given) and note the stored counts in its record."""
+    sample.record.rpn = label_counts(stored[0])
+    return pack_targets(*stored, flipped=flipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +350,8 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
     return _jsonable({
         "source": opts.source, "revision": opts.revision, "split": split,
         "bbox_format": opts.bbox_format, "transform": tdict,
-        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching),
+        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching,
+                                                flip_targets=opts.flip_targets),
         "samples_per_shard": opts.samples_per_shard, "max_shard_bytes": opts.max_shard_bytes,
         "max_samples": opts.max_samples, "max_bad_fraction": opts.max_bad_fraction,
     })
@@ -549,13 +563,16 @@ def _new_manifest(opts: BuildOptions, options: dict, source, device: str) -> dic
 
 
 def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str) -> list:
-    """Match the anchors of the buffered samples in one batched call on the device."""
+    """Match the anchors of the buffered samples in one batched call on the device (mirrored images too)."""
     samples = [item for item, _ in buffer if isinstance(item, Sample)]
+    records = [s.record for s in samples] + ([s.record.hflip() for s in samples] if opts.flip_targets else [])
     results = anc.match_batch_torch(
-        spec_anchors, [s.record.boxes for s in samples], [s.record.crowd_boxes for s in samples],
+        spec_anchors, [r.boxes for r in records], [r.crowd_boxes for r in records],
         opts.matching, opts.transform.image_size, device=device,
     )
-    packed = iter([_pack(s, lab, m) for s, (lab, m) in zip(samples, results)])
+    n = len(samples)
+    flipped = results[n:] if opts.flip_targets else [None] * n
+    packed = iter([_pack(s, stored, f) for s, stored, f in zip(samples, results[:n], flipped)])
     return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
 
 
@@ -572,10 +589,10 @@ def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) ->
             # Fork before the source is opened, so no reader thread exists yet in the parent.
             pool = multiprocessing.get_context("fork").Pool(
                 opts.workers, initializer=_init_worker,
-                initargs=(opts.transform, spec, opts.matching, match_in_workers),
+                initargs=(opts.transform, spec, opts.matching, match_in_workers, opts.flip_targets),
             )
         else:
-            _init_worker(opts.transform, spec, opts.matching, match_in_workers, ignore_sigint=False)
+            _init_worker(opts.transform, spec, opts.matching, match_in_workers, opts.flip_targets, ignore_sigint=False)
         return _build(opts, progress, device, spec, pool, t0)
     except KeyboardInterrupt:  # before the first row (opening the source, ...): nothing was written yet
         raise BuildInterrupted(

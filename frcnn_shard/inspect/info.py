@@ -79,6 +79,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("bbox format", bbox_text),
         ("anchors", f"{anc.get('preset', '?')}, {anc.get('count', '?')} anchors, sha256 {sha[:12] or '?'}"),
         ("matching", matching or "?"),
+        ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if anc.get("flip_targets")
+         else "not stored (built with --no-flip-targets): no hflip in the loader"),
         ("format version", str(manifest.get("format_version", "?"))),
         ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
         ("complete", _yes(manifest.get("complete"))),
