@@ -14,9 +14,11 @@ across runs, and the per-sample targets do not depend on the worker count.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
+import struct
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -408,8 +410,10 @@ def hflip_decision(seed: int, epoch: int, key: str, p: float) -> bool:
         return False
     if p >= 1.0:
         return True
-    # Its own domain tag: turning hflip on never changes the anchor sample (anchors.sample_rng) of any sample.
-    return bool(_rng(_TAG_FLIP, seed, epoch, anc.key_hash(key)).random() < p)
+    # A uniform in [0, 1) from a hash of (tag, seed, epoch, key): a stream of its own (turning hflip on never
+    # changes the anchor sample, anchors.sample_rng, of any sample), and ~10x cheaper than a seeded Generator.
+    digest = hashlib.blake2b(struct.pack("<3Q", _TAG_FLIP, seed, epoch) + key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64 < p
 
 
 def _transformed(image: np.ndarray, transform: Callable, where: str) -> np.ndarray:
