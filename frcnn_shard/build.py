@@ -25,6 +25,7 @@ from . import __version__, anchors as anc
 from .errors import BuildError, BuildInterrupted, LockedError, MergeError, OptionError, SourceError  # noqa: F401
 from .format import FORMAT_VERSION
 from .format.members import sample_members
+from .format.record import Record
 from .format.targets import label_counts, pack_targets
 from .labels import CLASS_NAMES
 from .records import Dropped, Sample, SourceRow
@@ -113,6 +114,9 @@ class BuildOptions:
     anchor_strides: tuple | None = field(default=None, metadata={
         "help": "Override strides per level, e.g. 4,8,16,32,64.", "parse": anc.parse_numbers})
     matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
+    flip_targets: bool = field(default=True, metadata={
+        "help": "Also store the anchor targets of the horizontally mirrored image, for the loader's hflip "
+                "(about 0.6% more bytes)."})
     rows_per_shard: int = field(default=1000, metadata={
         "help": "Source rows per shard: shard i holds the kept samples of rows [i*N, (i+1)*N), so every way of "
                 "running the build writes the same shards."})
@@ -174,12 +178,13 @@ _W: dict = {}
 
 
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
-                 ignore_sigint: bool = True) -> None:
+                 flip: bool, ignore_sigint: bool = True) -> None:
     """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
     if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W["tcfg"] = tcfg
     _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
+    _W["flip"] = flip
 
 
 def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropped, bytes | None]]:
@@ -209,8 +214,7 @@ def _process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Drop
         for i, (item, _) in enumerate(out):
             if isinstance(item, Sample):
                 try:
-                    labels, matched = matcher.match(item.record.boxes, item.record.crowd_boxes)
-                    out[i] = (item, _pack(item, labels, matched))
+                    out[i] = (item, _pack(item, *_match_orientations(matcher, item.record, _W["flip"])))
                 except Exception as e:  # noqa: BLE001 - as above
                     out[i] = (_processing_error(rows[i], e), None)
     return out
@@ -222,10 +226,19 @@ def _processing_error(row: SourceRow, e: Exception) -> Dropped:
                    origin=row.origin)
 
 
-def _pack(sample: Sample, labels: np.ndarray, matched: np.ndarray) -> bytes:
-    """Pack one sample's anchor targets and note their counts in its JSON record."""
-    sample.record.rpn = label_counts(labels)
-    return pack_targets(labels, matched)
+def _match_orientations(matcher: anc.AnchorMatcher, record: Record, flip: bool) -> tuple[tuple, tuple | None]:
+    """(labels, matched) of the image as stored and, with ``flip``, of the mirrored image (Record.hflip's boxes)."""
+    stored = matcher.match(record.boxes, record.crowd_boxes)
+    if not flip:
+        return stored, None
+    mirrored = record.hflip()
+    return stored, matcher.match(mirrored.boxes, mirrored.crowd_boxes)
+
+
+def _pack(sample: Sample, stored: tuple[np.ndarray, np.ndarray], flipped: tuple | None) -> bytes:
+    """Pack one sample's anchor targets (both orientations when given) and note the stored counts in its record."""
+    sample.record.rpn = label_counts(stored[0])
+    return pack_targets(*stored, flipped=flipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +369,8 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
     return _jsonable({
         "source": opts.source, "revision": opts.revision, "split": split,
         "bbox_format": opts.bbox_format, "transform": tdict,
-        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching),
+        "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching,
+                                                flip_targets=opts.flip_targets),
         "rows_per_shard": opts.rows_per_shard, "max_rows": opts.max_rows, "max_bad_fraction": opts.max_bad_fraction,
     })
 
@@ -404,19 +418,6 @@ def validate_options(opts: BuildOptions) -> None:
         anchor_spec(opts)  # an unknown preset or impossible custom anchors
     except (ValueError, TypeError, KeyError) as e:
         raise OptionError("anchor_preset", f"(or the anchor sizes, ratios, strides): {e}") from None
-
-
-def _match_on_device(buffer: list, spec_anchors, opts: BuildOptions, device: str) -> list:
-    """Match the anchors of the buffered samples in one batched call on the device."""
-    samples = [item for item, _ in buffer if isinstance(item, Sample)]
-    results = anc.match_batch_torch(
-        spec_anchors, [s.record.boxes for s in samples], [s.record.crowd_boxes for s in samples],
-        opts.matching, opts.transform.image_size, device=device,
-    )
-    packed = iter([_pack(s, lab, m) for s, (lab, m) in zip(samples, results)])
-    return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,9 +643,9 @@ def build_part(opts: BuildOptions, part: tuple[int, int], progress: Callable[[di
             # Fork before the source is opened, so no reader thread exists yet in the parent; the
             # workers keep the default SIGTERM (a quiet death), the parent catches it below.
             pool = multiprocessing.get_context("fork").Pool(
-                opts.workers, initializer=_init_worker, initargs=(opts.transform, spec, opts.matching, not batched))
+                opts.workers, initializer=_init_worker, initargs=(opts.transform, spec, opts.matching, not batched, opts.flip_targets))
         else:
-            _init_worker(opts.transform, spec, opts.matching, not batched, ignore_sigint=False)
+            _init_worker(opts.transform, spec, opts.matching, not batched, opts.flip_targets, ignore_sigint=False)
         old_term = _interrupt_on_sigterm()
         if batched and match_batch is None:
             anchors = anc.make_anchors(spec)
@@ -773,8 +774,12 @@ def _match_buffer(buffer: list, match_batch: Callable, opts: BuildOptions) -> li
     samples = [item for item, _ in buffer if isinstance(item, Sample)]
     if not samples:
         return buffer
-    results = match_batch([s.record.boxes for s in samples], [s.record.crowd_boxes for s in samples])
-    packed = iter([_pack(s, lab, m) for s, (lab, m) in zip(samples, results)])
+    # The mirrored images ride in the same call: one batch of 2n images, the first n as stored.
+    records = [s.record for s in samples] + ([s.record.hflip() for s in samples] if opts.flip_targets else [])
+    results = match_batch([r.boxes for r in records], [r.crowd_boxes for r in records])
+    n = len(samples)
+    flipped = results[n:] if opts.flip_targets else [None] * n
+    packed = iter([_pack(s, stored, f) for s, stored, f in zip(samples, results[:n], flipped)])
     return [(item, next(packed) if isinstance(item, Sample) else None) for item, _ in buffer]
 
 

@@ -52,7 +52,9 @@ def _click_option(f) -> Callable:
     meta = f.metadata
     default = f.default_factory() if f.default is MISSING else f.default
     if isinstance(default, bool):
-        return click.option(_flag(f.name), is_flag=True, default=default, help=meta["help"])
+        # A switch that is on by default needs its "off" spelling: --flip-targets/--no-flip-targets.
+        flag = _flag(f.name) + (f"/--no-{_flag(f.name)[2:]}" if default else "")
+        return click.option(flag, f.name, is_flag=True, default=default, show_default=default, help=meta["help"])
     if "parse" in meta:  # read as text, parsed into the field's value by _values
         text = _default_text(default)
         return click.option(_flag(f.name), default=text, show_default=text is not None, help=meta["help"])
@@ -285,8 +287,10 @@ def stats(shard_dir: str, out: str, limit: int | None, top: int) -> None:
 @click.option("--key", "keys", multiple=True, help="Sample key (zero-padded image id); repeatable.")
 @click.option("--index", "indices", type=int, multiple=True, help="Sample position in the split; repeatable.")
 @click.option("--anchors", "with_anchors", is_flag=True, help="Also draw the positive anchors.")
+@click.option("--flip", is_flag=True, help="Draw the samples mirrored, as the loader's hflip delivers them "
+                                           "(flipped boxes and the flipped targets' anchors).")
 @click.option("--out", default="sample.png", show_default=True, type=click.Path(), help="PNG to write.")
-def show(shard_dir: str, keys: tuple, indices: tuple, with_anchors: bool, out: str) -> None:
+def show(shard_dir: str, keys: tuple, indices: tuple, with_anchors: bool, flip: bool, out: str) -> None:
     """Draw samples with their boxes and class names (and positive anchors) into one PNG grid."""
     _need_matplotlib()
     from .shards import ManifestError
@@ -299,7 +303,8 @@ def show(shard_dir: str, keys: tuple, indices: tuple, with_anchors: bool, out: s
     from PIL import Image
 
     try:
-        shown = render_samples(shard_dir, keys=list(keys), indices=list(indices), anchors=with_anchors, out=out)
+        shown = render_samples(shard_dir, keys=list(keys), indices=list(indices), anchors=with_anchors, out=out,
+                               flip=flip)
     except (ManifestError, KeyError, IndexError) as e:
         _fail(str(e).strip("'\""), 2)
     except (ValueError, OSError, tarfile.TarError, Image.DecompressionBombError) as e:

@@ -8,19 +8,22 @@ indices and the positives' boxes, and ``_Batch.unpack`` in the training process 
 dense per-anchor tensors the RPN loss takes.
 
 Everything random is derived from (seed, epoch, ...) only: the shard permutation from (seed, epoch),
-the shuffle buffer from (seed, epoch, rank, worker), and the anchor sampling of a sample from
-(seed, epoch, key). Hence an epoch repeats exactly across runs, and the per-sample targets do not
-depend on the worker count.
+the shuffle buffer from (seed, epoch, rank, worker), and the anchor sampling and the horizontal-flip
+decision of a sample from (seed, epoch, key), each its own stream. Hence an epoch repeats exactly
+across runs, and the per-sample targets do not depend on the worker count.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
 import os
 import re
-import warnings
+import struct
 import tarfile
+import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -43,11 +46,15 @@ _READ_BUFSIZE = 1 << 20
 
 # Domain tags keep the random streams independent even for equal (seed, epoch) numbers; the anchor
 # sample's own stream is anchors.sample_rng.
-_TAG_SHARDS, _TAG_BUFFER, _TAG_RESAMPLE = 0x5348, 0x4255, 0x5245
+_TAG_SHARDS, _TAG_BUFFER, _TAG_RESAMPLE, _TAG_FLIP = 0x5348, 0x4255, 0x5245, 0x464C
 
 
 class LoaderError(ValueError):
     """The loader cannot be set up as asked (bad source, options or shard/worker layout)."""
+
+
+class ImageTransformError(LoaderError):
+    """The ``image_transform`` callable failed or changed the image's shape or dtype; names the sample key."""
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -83,6 +90,8 @@ class LoaderOptions:
     prefetch_factor: int | None = 2
     timeout: float = 0
     strict: bool = False  # fewer shards than streams is an error (else fewer workers, with a warning)
+    hflip: float = 0.0  # probability that a sample is mirrored left-right (needs shards with flip targets)
+    image_transform: Callable[[np.ndarray], np.ndarray] | None = None  # uint8 HWC -> same shape and dtype
 
     def __post_init__(self) -> None:
         rules = [
@@ -97,6 +106,10 @@ class LoaderOptions:
             (int(self.shuffle_buffer) >= 0, f"shuffle_buffer must be >= 0 (got {self.shuffle_buffer})"),
             (self.num_workers is None or int(self.num_workers) >= 0,
              f"num_workers must be >= 0 (got {self.num_workers})"),
+            (isinstance(self.hflip, numbers.Real) and not isinstance(self.hflip, bool) and 0.0 <= self.hflip <= 1.0,
+             f"hflip must be a probability within 0..1 (got {self.hflip!r})"),
+            (self.image_transform is None or callable(self.image_transform),
+             f"image_transform must be a callable or None (got {type(self.image_transform).__name__})"),
         ]
         for ok, message in rules:
             if not ok:
@@ -111,6 +124,7 @@ class _Dataset:
     image_hw: tuple[int, int] | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    flip_targets: bool | None = None  # the shards store the mirrored image's targets (None: no manifest says)
 
 
 # ------------------------------------------------------------------------------------ normalisation
@@ -412,6 +426,7 @@ class Decoded:
     ones: np.ndarray  # int64 [P]: positive anchors (sampled, or all stored ones)
     ones_boxes: np.ndarray  # float32 [P, 4]
     others: np.ndarray  # int64: sampled negatives (other_value 0), or stored ignored (other_value -1)
+    flipped: bool = False  # mirrored left-right: image, record boxes and targets are the mirrored ones
 
 
 def _label_values(rpn_batch_size: int | None) -> tuple[int, int]:
@@ -429,8 +444,39 @@ def _sampled(targets: SparseTargets, key: str, ds: _Dataset, opts: LoaderOptions
     return pos, targets.matched[np.searchsorted(targets.positive, pos)], neg
 
 
+def hflip_decision(seed: int, epoch: int, key: str, p: float) -> bool:
+    """Whether sample ``key`` is mirrored in this epoch: a stream of its own from (seed, epoch, key)."""
+    if p <= 0.0:
+        return False
+    if p >= 1.0:
+        return True
+    # A uniform in [0, 1) from a hash of (tag, seed, epoch, key): a stream of its own (turning hflip on never
+    # changes the anchor sample, anchors.sample_rng, of any sample), and ~10x cheaper than a seeded Generator.
+    digest = hashlib.blake2b(struct.pack("<3Q", _TAG_FLIP, seed, epoch) + key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64 < p
+
+
+def _transformed(image: np.ndarray, transform: Callable, where: str) -> np.ndarray:
+    """The user's image_transform applied to a writable uint8 HWC array; it must keep shape and dtype."""
+    if not image.flags.writeable:
+        image = np.array(image)  # PIL's arrays are read-only; the transform may work in place
+    try:
+        out = transform(image)
+    except Exception as e:  # noqa: BLE001 - the user's code: say which sample it failed on
+        raise ImageTransformError(f"{where}: image_transform raised {type(e).__name__}: {e}") from e
+    if not isinstance(out, np.ndarray) or out.shape != image.shape or out.dtype != np.uint8:
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ImageTransformError(
+            f"{where}: image_transform must return a uint8 array of the input's shape {image.shape} "
+            f"(image-only transforms that keep the geometry: the boxes and anchor targets refer to it), got {got}")
+    return out
+
+
 def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int) -> Decoded:
-    """Decode one sample and sample its anchors; any problem raises ShardFormatError naming URL and key."""
+    """Decode one sample (mirrored when its flip decision says so) and sample its anchors.
+
+    A bad sample raises ShardFormatError naming URL and key; a failing image_transform ImageTransformError.
+    """
     error = sample_error(raw, url)
     if error is not None:
         raise error
@@ -439,19 +485,24 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
     if problems:
         raise ShardFormatError(f"{where}: {problems[0]}")
     ext = image_member(raw.members)
+    flip = hflip_decision(opts.seed, epoch, raw.key, opts.hflip)
     stage = "image"
     try:
-        image = decode_stored_image(raw.members[ext], ext, ds.image_hw)
+        image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip)
         stage = "json"
         record = Record.from_json(raw.members[JSON_EXT])
         stage = "anchor targets"
-        targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors)
+        targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors, flipped=flip)
         if len(targets.matched) and targets.matched.max() >= len(record.boxes):
             raise ValueError(f"a positive anchor is matched to a box index outside 0..{len(record.boxes) - 1}")
     except Exception as e:  # noqa: BLE001 - PIL, json, zipfile and numpy raise assorted types on bad bytes
         raise ShardFormatError(f"{where}: corrupt {stage}: {type(e).__name__}: {e}") from e
+    if flip:
+        record = record.hflip()  # the image was decoded mirrored
+    if opts.image_transform is not None:
+        image = _transformed(image, opts.image_transform, where)
     ones, matched, others = _sampled(targets, raw.key, ds, opts, epoch)
-    return Decoded(raw.key, image, record, ones, record.boxes[matched], others)
+    return Decoded(raw.key, image, record, ones, record.boxes[matched], others, flip)
 
 
 # ------------------------------------------------------------------------------------ collation
@@ -524,10 +575,11 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> t
     return proto.new(storage).view(shape)
 
 
-def _meta(r: Record) -> dict:
+def _meta(s: Decoded) -> dict:
     """The per-image fields a target dict carries besides the tensors."""
+    r = s.record
     return {"key": r.key, "image_id": r.image_id, "orig_size": r.orig_size, "size": r.size,
-            "scale": r.scale, "pad": r.pad}
+            "scale": r.scale, "pad": r.pad, "flipped": s.flipped}
 
 
 def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False) -> _Batch:
@@ -561,7 +613,7 @@ def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: b
         np.concatenate([s.others + i * a for i, s in enumerate(samples)]).astype(np.int64),
         np.concatenate([s.record.boxes for s in samples]).astype(np.float32).reshape(-1, 4),
         np.concatenate([s.record.labels for s in samples]).astype(np.int64),
-        [len(s.record.boxes) for s in samples], [_meta(s.record) for s in samples],
+        [len(s.record.boxes) for s in samples], [_meta(s) for s in samples],
     )
 
 
@@ -819,7 +871,8 @@ def _dataset(src: _Source, source: Any, num_anchors: int | None) -> _Dataset:
     if num_anchors is not None and int(num_anchors) != count:
         raise LoaderError(f"num_anchors={num_anchors} but the manifest records {count} anchors")
     norm = man.get("normalization") or {}
-    return _Dataset(count, tuple(int(v) for v in man["image"]["size"]), *_mean_std(norm.get("mean"), norm.get("std")))
+    return _Dataset(count, tuple(int(v) for v in man["image"]["size"]), *_mean_std(norm.get("mean"), norm.get("std")),
+                    flip_targets=anc.has_flip_targets(man))
 
 
 def make_loader(
@@ -837,8 +890,8 @@ def make_loader(
 
     ``options`` are the fields of LoaderOptions (shuffle, num_workers, seed, epoch, rpn_batch_size,
     positive_fraction, normalize, rank, world_size, resampled, shuffle_buffer, on_error, drop_last,
-    pin_memory, prefetch_factor, timeout, strict). ``manifest`` describes shards given as URLs;
-    ``num_anchors`` lets shards without a manifest be read at all; ``storage_options`` go to fsspec.
+    pin_memory, prefetch_factor, timeout, strict, hflip, image_transform). ``manifest`` describes shards
+    given as URLs; ``num_anchors`` lets shards without a manifest be read at all; ``storage_options`` go to fsspec.
     """
     try:
         opts = LoaderOptions(batch_size=batch_size, **options)
@@ -847,6 +900,9 @@ def make_loader(
     rank, world_size = _dist_defaults(opts.rank, opts.world_size)
     src = resolve_source(source, manifest, allow_incomplete, storage_options)
     dataset = _dataset(src, source, num_anchors)
+    if opts.hflip > 0 and dataset.flip_targets is False:
+        raise LoaderError(f"hflip={opts.hflip} needs the mirrored images' anchor targets, but {source!r} was built "
+                          "with --no-flip-targets (flip_targets=False): rebuild without it, or pass hflip=0")
     workers = opts.num_workers
     if workers is None:
         workers = max(0, min(4, os.cpu_count() or 1, len(src.urls) // world_size))

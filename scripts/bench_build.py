@@ -47,10 +47,10 @@ import numpy as np  # noqa: E402
 
 from frcnn_shard import anchors as anc  # noqa: E402
 from frcnn_shard.format.members import TARGETS_EXT  # noqa: E402
-from frcnn_shard.format.targets import pack_targets  # noqa: E402
+from frcnn_shard.format.targets import pack_targets, unpack_all_targets  # noqa: E402
 from frcnn_shard import build as fb  # noqa: E402
 from frcnn_shard.records import Sample  # noqa: E402
-from frcnn_shard.shards import ShardWriter, iter_shard  # noqa: E402
+from frcnn_shard.shards import ShardWriter, iter_shard, read_manifest  # noqa: E402
 from frcnn_shard.sources import open_source  # noqa: E402
 from frcnn_shard.transform import TransformConfig, decode_image, encode_image, process_row, resize_image  # noqa: E402
 
@@ -58,6 +58,7 @@ GOAL_BUILD_VS_FLOOR = 0.9
 GOAL_MATCH_MS = 1.0
 GOAL_MATCH_SPEEDUP = 10.0
 GOAL_TARGET_SHARE = 0.02
+GOAL_FLIP_SHARE = 0.025  # both orientations' targets, of the payload bytes
 GOAL_RSS_BYTES = 2 << 30
 
 
@@ -115,7 +116,7 @@ def run_floor(source: str, workers: int) -> dict:
 def run_build(source: str, out: str, workers: int) -> dict:
     """One real build (default options, all rows) into ``out``."""
     opts = fb.BuildOptions(source=source, split="train", out=out, workers=workers, device="cpu",
-                           samples_per_shard=bc.SAMPLES_PER_SHARD, overwrite=True)
+                           rows_per_shard=bc.SAMPLES_PER_SHARD, overwrite=True)
     res = fb.build(opts)
     return {"seconds": res.seconds, "rows": res.rows, "samples": res.samples, "bytes": res.bytes,
             "shards": res.shards, "out_dir": str(res.out_dir)}
@@ -186,8 +187,9 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     kept = [r for r, it in zip(rows, items) if isinstance(it, Sample)]
     samples = [it for it in items if isinstance(it, Sample)]
     matcher = anc.AnchorMatcher(fb.anchor_spec(opts), opts.matching)
-    results = [matcher.match(s.record.boxes, s.record.crowd_boxes) for s in samples]
-    packed = [pack_targets(l, m) for l, m in results]
+    # Both orientations, as the build does by default (flip_targets): the stored and the mirrored boxes.
+    results = [fb._match_orientations(matcher, s.record, opts.flip_targets) for s in samples]
+    packed = [pack_targets(*stored, flipped=flipped) for stored, flipped in results]
 
     def codec(row):
         img = resize_image(decode_image(row.image), tcfg.image_size, tcfg.resize)
@@ -196,8 +198,9 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     ms = bc.per_item_ms
     transform_ms = ms(lambda r: process_row(r, tcfg), rows, repeats)  # includes dropped rows, as the build
     codec_ms = ms(codec, kept, repeats) * len(kept) / len(rows)
-    match_ms = ms(lambda s: matcher.match(s.record.boxes, s.record.crowd_boxes), samples, repeats) * len(samples) / len(rows)
-    pack_ms = ms(lambda slm: fb._pack(*slm), [(s, l, m) for s, (l, m) in zip(samples, results)],
+    match_ms = ms(lambda s: fb._match_orientations(matcher, s.record, opts.flip_targets), samples,
+                  repeats) * len(samples) / len(rows)
+    pack_ms = ms(lambda sr: fb._pack(sr[0], *sr[1]), list(zip(samples, results)),
                  repeats) * len(samples) / len(rows)  # the worker's _pack: rpn counts + pack_targets
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
     job_ms = ms(lambda c: pickle.loads(pickle.dumps(("xywh", c), protocol=pickle.HIGHEST_PROTOCOL)), chunks,
@@ -225,7 +228,7 @@ def _writer_ms(samples: list[Sample], packed: list[bytes], repeats: int) -> floa
         def write() -> None:
             w = ShardWriter(Path(d) / "bench-000000.tar")
             for s, p in zip(samples, packed):
-                w.add(s.key, fb.sample_members(s, p))
+                w.add(s.key, fb.sample_members(s.image_ext, s.image_bytes, s.record.to_json(), p))
             w.close()
         return 1000 * bc.best_of(write, repeats) / len(samples)
 
@@ -252,7 +255,7 @@ def throughput_section(build: dict, floor: dict, c: Components, workers: int, im
     # Wall-time estimates: worker-side work runs on `workers` processes; main-side work is serial and, on a
     # machine with no spare core, it also takes CPU away from the workers.
     worker_side = [("transform minus codec (box rules, JSON meta, header parse)", c.transform_total - c.codec),
-                   ("anchor matching (AnchorMatcher.match)", c.match),
+                   ("anchor matching (AnchorMatcher.match, stored + mirrored boxes)", c.match),
                    ("target packing (build._pack: rpn counts + pack_targets, npz + deflate)", c.pack)]
     main_side = [("source reading (datasets streaming -> SourceRow)", c.source),
                  ("IPC: pickle rows out + samples back (both ends)", c.job_pickle + c.result_pickle),
@@ -381,7 +384,8 @@ def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
         table, "",
         f"Goals: fast CPU matching <= {GOAL_MATCH_MS} ms/image: {bc.goal(ok_ms)} ({bc.fmt(fast, 3)} ms); "
         f">= {GOAL_MATCH_SPEEDUP:.0f}x the reference: {bc.goal(ok_x)} ({bc.fmt(ref / fast, 1)}x). "
-        f"Packing the targets (pack_targets) adds {bc.fmt(pack, 3)} ms/image. "
+        f"Packing the targets (pack_targets) adds {bc.fmt(pack, 3)} ms/image. These are per orientation: a build "
+        "with flip targets (the default) matches and packs each image's stored and mirrored boxes. "
         "Batched torch pads every image to the batch's largest box count and computes the full float32 IoU "
         "matrix (anchors x boxes), then re-decides near-ties in float64; on a CPU it cannot beat the fast "
         "matcher, which only scores the (anchor, box) pairs whose IoU can reach 0.3, in float64 with the "
@@ -393,19 +397,34 @@ def anchors_section(device: str, batch_sizes: list[int], repeats: int) -> str:
 # ========================================================================= 4. size and RSS
 
 
+def _on_disk(nbytes: int) -> int:
+    """A tar member's bytes on disk: its 512-byte header and its data padded to 512."""
+    return 512 + -(-nbytes // 512) * 512
+
+
 def shard_bytes(shard_dir: Path) -> dict:
-    """Bytes of the shards split by member kind, with each member's tar header + padding."""
+    """Bytes of the shards split by member kind, with each member's tar header + padding.
+
+    ``stored_only``: the targets member as a --no-flip-targets build writes it (the stored orientation
+    alone, repacked), to tell what the mirrored orientation adds.
+    """
     sizes = {"jpg": 0, "png": 0, "json": 0, TARGETS_EXT: 0}
     onDisk = dict.fromkeys(sizes, 0)
+    stored_only = {"payload": 0, "on_disk": 0}
     n = 0
     tars = sorted(shard_dir.glob("*.tar"))
+    num_anchors = read_manifest(shard_dir)["anchors"]["count"]
     for p in tars:
         for _, members in iter_shard(p):
             n += 1
             for ext, data in members.items():
                 sizes[ext] = sizes.get(ext, 0) + len(data)
-                onDisk[ext] = onDisk.get(ext, 0) + 512 + -(-len(data) // 512) * 512
-    return {"samples": n, "total": sum(p.stat().st_size for p in tars), "payload": sizes, "on_disk": onDisk}
+                onDisk[ext] = onDisk.get(ext, 0) + _on_disk(len(data))
+            one = pack_targets(*unpack_all_targets(members[TARGETS_EXT], num_anchors)[0].dense(num_anchors))
+            stored_only["payload"] += len(one)
+            stored_only["on_disk"] += _on_disk(len(one))
+    return {"samples": n, "total": sum(p.stat().st_size for p in tars), "payload": sizes, "on_disk": onDisk,
+            "stored_only": stored_only}
 
 
 def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
@@ -422,6 +441,16 @@ def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
     rows.append(["**shard total**", "-", "-", bc.fmt(total / n, 0), "100%"])
     share = sizes["payload"][TARGETS_EXT] / total
     share_disk = sizes["on_disk"][TARGETS_EXT] / total
+    payload = sum(sizes["payload"].values())  # the sum of the samples' member bytes
+    both, one = sizes["payload"][TARGETS_EXT], sizes["stored_only"]["payload"]
+    flip_line = (
+        f"Flip targets (both orientations in the one member, the default): {bc.fmt(both / n, 0)} B/image against "
+        f"{bc.fmt(one / n, 0)} B for the stored orientation alone (--no-flip-targets), so the mirrored orientation "
+        f"adds {bc.fmt((both - one) / n, 0)} B/image ({bc.fmt(100 * (both - one) / payload, 2)}% of the payload). "
+        f"Both orientations together: {bc.fmt(100 * both / payload, 2)}% of the payload bytes (the sum of the "
+        f"samples' member bytes; goal <= {100 * GOAL_FLIP_SHARE:.1f}%: {bc.goal(both <= GOAL_FLIP_SHARE * payload)}), "
+        f"{bc.fmt(100 * share_disk, 2)}% of the shard bytes on disk against "
+        f"{bc.fmt(100 * sizes['stored_only']['on_disk'] / total, 2)}% for one orientation.")
     size_table = bc.md_table(["member", "payload B/image", "payload share", "on disk B/image (+header, padding)",
                               "on-disk share"], rows)
     mem_rows = []
@@ -446,6 +475,7 @@ def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
         f"Anchor targets' share of shard bytes: {bc.fmt(100 * share, 2)}% of payload bytes, "
         f"{bc.fmt(100 * share_disk, 2)}% counting their tar header and padding; goal <= 2%: "
         f"{bc.goal(share_disk <= GOAL_TARGET_SHARE)}. Shard bytes / image bytes = {bc.fmt(total / img, 3)}x.",
+        "", flip_line,
         "", "Build peak memory, each build in a fresh subprocess (main + workers):", "", mem_table, "",
         "Tree Rss double-counts pages the fork()ed workers share with the parent; Pss splits them and is the "
         "real footprint. " + flat,
@@ -460,7 +490,7 @@ def profile_section(source: Path, n: int) -> str:
     src = open_source(str(source), "train")
     rows = [r for _, r in zip(range(n), src.rows())]
     opts = fb.BuildOptions()
-    fb._init_worker(opts.transform, fb.anchor_spec(opts), opts.matching, True, ignore_sigint=False)
+    fb._init_worker(opts.transform, fb.anchor_spec(opts), opts.matching, True, opts.flip_targets, ignore_sigint=False)
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
     prof = cProfile.Profile()
     prof.enable()
@@ -472,7 +502,7 @@ def profile_section(source: Path, n: int) -> str:
         prof = cProfile.Profile()
         prof.enable()
         fb.build(fb.BuildOptions(source=str(source), out=d, workers=os.cpu_count() or 1, device="cpu",
-                                 samples_per_shard=bc.SAMPLES_PER_SHARD, max_samples=n))
+                                 rows_per_shard=bc.SAMPLES_PER_SHARD, max_rows=n))
         prof.disable()
     main = _top(prof, 14)
     return "\n".join([

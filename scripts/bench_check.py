@@ -50,9 +50,9 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
-from frcnn_shard import check as chk  # noqa: E402
+from frcnn_shard.inspect import check as chk  # noqa: E402
 from frcnn_shard.format.members import group_by_key  # noqa: E402
-from frcnn_shard.format.targets import unpack_targets  # noqa: E402
+from frcnn_shard.format.targets import unpack_all_targets  # noqa: E402
 from frcnn_shard.shards import read_manifest  # noqa: E402
 
 BLOCK = 1 << 20
@@ -224,7 +224,7 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
 
     def unpack_only() -> None:
         for _, m in walked:
-            unpack_targets(m["rpn.npz"], ctx.num_anchors)
+            unpack_all_targets(m["rpn.npz"], ctx.num_anchors)
 
     loaded = (data, entry["sha256"])
     rows = [
@@ -240,7 +240,7 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
         ("JSON decode (json.loads)", per_sample(lambda: [json.loads(m["json"]) for _, m in walked]), "main"),
         ("JSON rules (key, size, boxes, labels)",
          per_sample(lambda: [chk._check_meta(k, meta, ctx) for (k, _), meta in zip(walked, metas)]), "main"),
-        ("anchor targets: format.targets.unpack_targets", per_sample(unpack_only), "main"),
+        ("anchor targets: format.targets.unpack_all_targets", per_sample(unpack_only), "main"),
         ("anchor targets: unpack + rules (counts, matched range)", per_sample(targets_rules), "main"),
         ("all sample rules (_check_sample, incl. the four above)",
          per_sample(lambda: [chk._check_sample(raw, ctx, False) for raw in raws]), "main"),
@@ -255,8 +255,8 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
     bounds = (
         f"\n\nWhat bounds it: the main thread's per-sample Python work, not the bytes. Of its "
         f"{main_total:.0f} us/sample, the anchor-target member takes {targets:.0f} us "
-        f"({100 * targets / main_total:.0f}%: {us['anchor targets: format.targets.unpack_targets']:.0f} us in "
-        f"format.targets.unpack_targets: zip, inflate and the index rules, no dense arrays of the {ctx.num_anchors} "
+        f"({100 * targets / main_total:.0f}%: {us['anchor targets: format.targets.unpack_all_targets']:.0f} us in "
+        f"format.targets.unpack_all_targets: zip, inflate and the index rules, no dense arrays of the {ctx.num_anchors} "
         f"anchors; the rest the count and box-range rules), the image header "
         f"{image:.0f} us, json.loads {jdec:.0f} us and the tar walk {walk:.0f} us; reading and hashing the "
         f"{sample_bytes / 1e3:.0f} kB of a sample costs {sha:.0f} us and runs in the reader thread, overlapped. "

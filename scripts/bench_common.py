@@ -75,15 +75,20 @@ def hub_folder(n_images: int) -> Path:
 def shard_dir(n_images: int, workers: int | None = None) -> Path:
     """Shards (split "train") of hub_folder(n_images) with default build options, built once and cached."""
     from frcnn_shard.build import BuildOptions, build
-    from frcnn_shard.shards import MANIFEST_NAME, read_manifest
+    from frcnn_shard.format import FORMAT_VERSION
+    from frcnn_shard.shards import MANIFEST_NAME, ManifestError, read_manifest
 
     out = BENCH_DATA / f"shards_{n_images}"
     split_dir = out / "train"
-    if (split_dir / MANIFEST_NAME).exists() and read_manifest(split_dir).get("complete"):
+    try:
+        cached = read_manifest(split_dir) if (split_dir / MANIFEST_NAME).exists() else {}
+    except ManifestError:  # another major format version: rebuilt below
+        cached = {}
+    if cached.get("complete") and cached.get("format_version") == FORMAT_VERSION:
         return split_dir
     src = hub_folder(n_images)
     log(f"building shards of {src} into {out} (once; cached)")
-    build(BuildOptions(source=str(src), split="train", out=str(out), samples_per_shard=SAMPLES_PER_SHARD,
+    build(BuildOptions(source=str(src), split="train", out=str(out), rows_per_shard=SAMPLES_PER_SHARD,
                        workers=workers if workers is not None else (os.cpu_count() or 1), device="cpu",
                        overwrite=True))
     return split_dir

@@ -6,7 +6,10 @@ All three run as torch DataLoaders with the same ``--workers`` (default os.cpu_c
 samples built once and cached in the git-ignored bench_data/):
 
 - loader:          make_loader(shards, batch_size, num_workers=W, normalize=True | False, rpn_batch_size=256):
-                   images/s into collated batches (images + anchor labels + matched boxes), in the main process.
+                   images/s into collated batches (images + anchor labels + matched boxes), in the main process;
+                   then without and with hflip=0.5 (half the samples mirrored, with their stored flipped
+                   targets), alternating for ``--flip-rounds`` rounds, for the hflip ratio; and the worker's
+                   pipeline on one core at hflip 0 / 0.5 / 1.
 - decode floor:    the same tars read the same way (tarfile stream, whole shards per worker) and only the
                    stored JPEG bytes decoded with PIL to uint8 arrays; each worker sends back a count per batch.
 - streaming loop:  what users run today: ``datasets.load_dataset(hub_folder, split="train", streaming=True)``
@@ -55,6 +58,7 @@ from frcnn_shard.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 GOAL_VS_FLOOR = 0.85
 GOAL_VS_STREAM = 10.0
+GOAL_HFLIP = 0.95  # the loader with hflip=0.5 against the same loader without it
 IMAGE_HW = (400, 400)
 
 # (x / 255 - mean) / std as one multiply-add, exactly as the loader computes it.
@@ -97,12 +101,14 @@ def time_batches(name: str, batches: Iterable, count: Callable[[object], int]) -
 # ================================================================================ the loader
 
 
-def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool) -> Run:
+def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool, hflip: float = 0.0) -> Run:
     """frcnn_shard.loader.make_loader over the shards, as a user would iterate it."""
     from frcnn_shard.loader import make_loader
 
-    loader = make_loader(str(shards), batch_size, num_workers=workers, normalize=normalize, rpn_batch_size=256)
+    loader = make_loader(str(shards), batch_size, num_workers=workers, normalize=normalize, rpn_batch_size=256,
+                         hflip=hflip)
     label = f"loader, normalize={normalize} ({'float32' if normalize else 'uint8'} images)"
+    label += f", hflip={hflip}" if hflip else ""
     return time_batches(label, loader, lambda b: int(b[0].shape[0]))
 
 
@@ -369,6 +375,95 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
     return stages, nbytes
 
 
+def flip_ab(shards: Path, batch_size: int, workers: int, rounds: int) -> dict[str, Run]:
+    """The loader without and with hflip=0.5, alternating run by run (the machine is noisy), best of each."""
+    best: dict[str, Run] = {}
+    for _ in range(rounds):
+        for normalize, key in ((False, "u8"), (True, "norm")):
+            for hflip, suffix in ((0.0, "_ab"), (0.5, "_flip")):
+                run = run_loader(shards, batch_size, workers, normalize, hflip=hflip)
+                best[key + suffix] = max(best.get(key + suffix, run), run, key=lambda r: r.steady_ips)
+    return best
+
+
+def flip_cpu_cost(shards: Path, batch_size: int, n: int, repeats: int) -> list[tuple[str, float]]:
+    """One core, this process: CPU ms/image (process time, so time lost to other processes on a loaded machine
+    does not count) of the worker's whole pipeline (decode_sample, collate in shared memory, unpack) at
+    hflip 0, 0.5 and 1, alternating, median of ``repeats``: the work hflip adds."""
+    from frcnn_shard import loader as L
+
+    man = read_manifest(shards)
+    tar = str(shards / man["shards"][0]["name"])
+    ds = L._Dataset(int(man["anchors"]["count"]), IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
+    raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
+
+    def pipeline(opts) -> None:
+        decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+        for i in range(0, len(decoded), batch_size):
+            L.collate(decoded[i:i + batch_size], ds, opts, True).unpack()
+
+    times: dict[tuple[bool, float], list[float]] = {}
+    with torch_threads(1):  # the worker's work, on one core: no intra-op threads to count twice
+        for _ in range(repeats):
+            for normalize in (False, True):
+                for hflip in (0.0, 0.5, 1.0):
+                    opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=normalize, rank=0,
+                                           world_size=1, num_workers=0, hflip=hflip)
+                    t0 = time.process_time()
+                    pipeline(opts)
+                    times.setdefault((normalize, hflip), []).append((time.process_time() - t0) * 1000 / len(raws))
+    return [(f"normalize={normalize}, hflip={hflip}", float(np.median(times[(normalize, hflip)])))
+            for normalize in (False, True) for hflip in (0.0, 0.5, 1.0)]
+
+
+class torch_threads:
+    """Temporarily set torch's intra-op thread count."""
+
+    def __init__(self, n: int):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.before)
+
+
+def flip_stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> list[tuple[str, float]]:
+    """ms/image of what hflip adds per mirrored sample, one core: the decision, the flipped targets, the boxes, the copy."""
+    from frcnn_shard import loader as L
+    from frcnn_shard.format.image import decode_stored_image
+    from frcnn_shard.format.record import Record
+
+    man = read_manifest(shards)
+    tar = str(shards / man["shards"][0]["name"])
+    num_anchors = int(man["anchors"]["count"])
+    ds = L._Dataset(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
+    raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
+    records = [Record.from_json(r.members["json"]) for _, r in raws]
+    ms = bc.per_item_ms
+    rows = [
+        ("flip decision (hflip_decision: a hash of tag, seed, epoch, key)",
+         ms(lambda r: L.hflip_decision(0, 0, r[1].key, 0.5), raws, repeats)),
+        ("targets unpack, stored orientation", ms(lambda r: unpack_targets(r[1].members[TARGETS_EXT], num_anchors),
+                                                   raws, repeats)),
+        ("targets unpack, flipped orientation",
+         ms(lambda r: unpack_targets(r[1].members[TARGETS_EXT], num_anchors, flipped=True), raws, repeats)),
+        ("mirrored boxes (Record.hflip)", ms(lambda rec: rec.hflip(), records, repeats)),
+    ]
+    for flip in (0.0, 1.0):
+        opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=False, rank=0, world_size=1,
+                               num_workers=0, hflip=flip)
+        decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+        batches = [decoded[i:i + batch_size] for i in range(0, len(decoded) - batch_size + 1, batch_size)]
+        what = "mirrored images" if flip else "images as stored"
+        rows.append((f"collate, uint8, {what}", ms(lambda b: L.collate(b, ds, opts), batches, repeats) / batch_size))
+    rows.insert(1, ("JPEG decode, mirrored (decode_stored_image(mirror=True)) minus the plain decode",
+                    ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW, mirror=True), raws, repeats)
+                    - ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW), raws, repeats)))
+    return rows
+
+
 def profile_loader(shards: Path, batch_size: int, n: int) -> str:
     """cProfile (tottime) of the loader's per-worker pipeline run in this process (num_workers=0)."""
     from frcnn_shard.loader import make_loader
@@ -392,8 +487,30 @@ def profile_loader(shards: Path, batch_size: int, n: int) -> str:
 # ===================================================================================== report
 
 
+def hflip_report(runs: dict[str, Run], flip_stages: list[tuple[str, float]], flip_cpu: list[tuple[str, float]],
+                 rounds: int) -> list[str]:
+    """The hflip=0.5 runs against the plain ones of the same run, and what a mirrored sample costs."""
+    lines = ["### Horizontal flip (hflip=0.5 against the same loader without it)", "",
+             f"DataLoader throughput, {rounds} rounds alternating the two, best steady state of each:", ""]
+    for plain, flipped in (("u8_ab", "u8_flip"), ("norm_ab", "norm_flip")):
+        a, b = runs[plain], runs[flipped]
+        ratio = b.steady_ips / a.steady_ips
+        lines.append(f"- {a.name}: {bc.fmt(a.steady_ips, 1)} images/s; with hflip=0.5 {bc.fmt(b.steady_ips, 1)} "
+                     f"images/s: {bc.fmt(ratio, 3)}x (goal >= {GOAL_HFLIP}: {bc.goal(ratio >= GOAL_HFLIP)}).")
+    base = {k.split(",")[0]: v for k, v in flip_cpu if k.endswith("hflip=0.0")}
+    cpu_rows = [[k, bc.fmt(v, 3), bc.fmt(base[k.split(",")[0]] / v, 3) + "x"] for k, v in flip_cpu]
+    rows = [[k, bc.fmt(v, 3)] for k, v in flip_stages]
+    return lines + [
+        "", "The worker's whole pipeline on one core (decode_sample + collate in shared memory + unpack), "
+        "alternating, median CPU (process) time of each: the work hflip adds, which time lost to other processes "
+        "on a loaded machine does not blur:",
+        "", bc.md_table(["pipeline", "CPU ms/image", "throughput vs hflip=0"], cpu_rows),
+        "", "What a mirrored sample costs (each step timed alone, one core):", "",
+        bc.md_table(["step (per image)", "ms/image"], rows)]
+
+
 def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, args: argparse.Namespace,
-           prof: str | None, ab: str | None = None) -> str:
+           prof: str | None, ab: str | None = None, flip: tuple[list, list] | None = None) -> str:
     floor, stream = runs["floor"], runs["stream"]
     rows = []
     for key in ("norm", "u8", "floor", "floor_norm", "floor_bare", "stream"):
@@ -442,6 +559,8 @@ def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, 
         f"{bc.fmt(floor_ms / total_u8, 2)}x before any IPC. What one image costs to ship from a worker:", "",
         byte_table,
     ]
+    if "u8_flip" in runs and flip is not None:
+        parts += [""] + hflip_report(runs, *flip, args.flip_rounds)
     if ab:
         parts += ["", ab]
     if prof:
@@ -460,6 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="accepted for symmetry with bench_build.py; batches are measured as the loader yields "
                         "them (on the CPU)")
+    p.add_argument("--flip-rounds", type=int, default=4,
+                   help="interleaved rounds of the loader with and without hflip=0.5 (best of each kept)")
     p.add_argument("--profile", action="store_true", help="append a cProfile of the loader pipeline")
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="also time the loader of the frcnn_shard package in this source tree against this one")
@@ -491,9 +612,13 @@ def main(argv: list[str] | None = None) -> None:
     runs["stream"] = run_stream(hub, args.batch_size, args.workers, args.stream_images)
     bc.log("per-stage timings")
     stages, nbytes = stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
+    flip_stages = flip_stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
+    bc.log(f"hflip A/B ({args.flip_rounds} interleaved rounds)")
+    runs.update(flip_ab(shards, args.batch_size, args.workers, args.flip_rounds))
+    flip_cpu = flip_cpu_cost(shards, args.batch_size, args.stage_images, 2 * args.flip_rounds)
     prof = profile_loader(shards, args.batch_size, 400) if args.profile else None
     ab = compare_trees(args.baseline_tree, shards, args.batch_size, args.workers) if args.baseline_tree else None
-    text = report(runs, stages, nbytes, args, prof, ab)
+    text = report(runs, stages, nbytes, args, prof, ab, (flip_stages, flip_cpu))
     bc.publish("loader", text, args.out_md, args.no_md)
 
 

@@ -13,7 +13,7 @@ import torch
 from frcnn_shard import anchors as anc
 from frcnn_shard.anchors import AnchorSpec, MatchConfig
 from frcnn_shard.format.members import TARGETS_EXT
-from frcnn_shard.format.targets import pack_targets, unpack_targets
+from frcnn_shard.format.targets import pack_targets, unpack_all_targets, unpack_targets
 
 SQ2 = math.sqrt(2.0)
 
@@ -171,8 +171,11 @@ def test_manifest_section_round_trip():
     spec = anc.preset_spec("torchvision-fpn", 400)
     cfg = MatchConfig(low_quality="argmax", crowd_ignore=True)
     section = json.loads(json.dumps(anc.anchors_manifest_section("torchvision-fpn", spec, cfg)))
-    assert set(section) == {"preset", "spec", "count", "sha256", "matching", "member"}
+    assert set(section) == {"preset", "spec", "count", "sha256", "matching", "member", "flip_targets"}
     assert section["count"] == 43242 and section["member"] == TARGETS_EXT == "rpn.npz"
+    assert section["flip_targets"] is True and anc.has_flip_targets({"anchors": section})
+    off = anc.anchors_manifest_section("torchvision-fpn", spec, cfg, flip_targets=False)
+    assert off["flip_targets"] is False and not anc.has_flip_targets(off)
     assert MatchConfig.from_dict(section["matching"]) == cfg
     manifest = {"format_version": 1, "anchors": section}
     a = anc.anchors_from_manifest(manifest)
@@ -255,6 +258,16 @@ def test_pack_round_trip(n, p_pos, p_ign, num_boxes):
     np.testing.assert_array_equal(got_m, matched)
     with np.load(io.BytesIO(data), allow_pickle=False) as z:  # plain npz, one uint8 array
         assert z.files == ["t"] and z["t"].dtype == np.uint8
+    # Both orientations in one member: each reads back as packed, from the same one array.
+    mirrored = random_targets(np.random.default_rng(n + 1), n, p_pos, p_ign, num_boxes)
+    both = pack_targets(labels, matched, flipped=mirrored)
+    for got, want in zip(unpack_all_targets(both, n), ((labels, matched), mirrored), strict=True):
+        np.testing.assert_array_equal(got.dense(n)[0], want[0])
+        np.testing.assert_array_equal(got.dense(n)[1], want[1])
+    np.testing.assert_array_equal(unpack_targets(both, n, flipped=True).dense(n)[0], mirrored[0])
+    np.testing.assert_array_equal(unpack_targets(both, n).dense(n)[0], labels)
+    with np.load(io.BytesIO(both), allow_pickle=False) as z:
+        assert z.files == ["t"] and z["t"].dtype == np.uint8
 
 
 def test_pack_layout_by_hand():
@@ -265,12 +278,22 @@ def test_pack_layout_by_hand():
     matched[[5, 7, 290]] = [2, 0, 1]
     with np.load(io.BytesIO(pack_targets(labels, matched)), allow_pickle=False) as z:
         t = z["t"]
-    assert t[:16].view("<u4").tolist() == [300, 3, 2, 3]  # A, P, I, max box + 1
+    assert t[:20].view("<u4").tolist() == [300, 1, 3, 2, 3]  # A, one orientation: P, I, max box + 1
     # A - 1 = 299 needs uint16: positive gaps 5, 2, 283 as byte planes (low bytes, then high bytes).
     gaps = np.array([5, 2, 283], "<u2").view(np.uint8).reshape(3, 2)
-    assert t[16:22].tolist() == gaps[:, 0].tolist() + gaps[:, 1].tolist()
-    assert t[22:26].tolist() == [6, 94, 0, 0]  # ignored gaps 6, 94
-    assert t[26:].tolist() == [2, 0, 1]  # boxes as uint8
+    assert t[20:26].tolist() == gaps[:, 0].tolist() + gaps[:, 1].tolist()
+    assert t[26:30].tolist() == [6, 94, 0, 0]  # ignored gaps 6, 94
+    assert t[30:].tolist() == [2, 0, 1]  # boxes as uint8
+    # A second orientation (the mirrored image's targets): its counts join the header, its arrays follow.
+    mirrored_labels = np.zeros(300, np.int8)
+    mirrored_labels[299] = 1
+    mirrored_matched = np.where(mirrored_labels == 1, 4, -1).astype(np.int32)
+    with np.load(io.BytesIO(pack_targets(labels, matched, flipped=(mirrored_labels, mirrored_matched))),
+                 allow_pickle=False) as z:
+        t2 = z["t"]
+    assert t2[:32].view("<u4").tolist() == [300, 2, 3, 2, 3, 1, 0, 5]
+    assert t2[32:45].tolist() == t[20:].tolist()  # the stored orientation, unchanged
+    assert t2[45:].tolist() == [299 % 256, 299 // 256, 4]  # one positive gap (uint16 planes), its box
 
 
 def _npz(**arrays) -> bytes:
@@ -279,10 +302,14 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _body(n, pos, ign, box, idt="<u2", bdt="u1"):
-    head = np.array([n, len(pos), len(ign), (max(box) + 1) if len(box) else 0], "<u4").view(np.uint8)
+def _body(n, *blocks, idt="<u2", bdt="u1"):
+    """A member's 't' written by hand: per block (positives, ignored, boxes), uint16 indices, uint8 boxes."""
+    head = [n, len(blocks)] + [v for pos, ign, box in blocks for v in (len(pos), len(ign), (max(box) + 1) if len(box) else 0)]
     gap = lambda v: np.diff(np.asarray(v, np.int64), prepend=0).astype(idt).view(np.uint8).reshape(-1, 2).T.ravel()
-    return np.concatenate([head, gap(pos), gap(ign), np.asarray(box, bdt)]).astype(np.uint8)
+    parts = [np.array(head, "<u4").view(np.uint8)]
+    for pos, ign, box in blocks:
+        parts += [gap(pos), gap(ign), np.asarray(box, bdt)]
+    return np.concatenate(parts).astype(np.uint8)
 
 
 def test_unpack_validation():
@@ -300,19 +327,44 @@ def test_unpack_validation():
         unpack_targets(_npz(t=np.zeros(16, np.uint8), x=np.zeros(1)), 1000)
     with pytest.raises(ValueError, match="1-D uint8"):
         unpack_targets(_npz(t=np.zeros(16, np.int16)), 1000)
-    assert unpack_targets(_npz(t=_body(1000, [3, 9], [4], [0, 1])), 1000).dense(1000)[0][[3, 4, 9]].tolist() == [1, -1, 1]
+    ok = ([3, 9], [4], [0, 1])
+    assert unpack_targets(_npz(t=_body(1000, ok)), 1000).dense(1000)[0][[3, 4, 9]].tolist() == [1, -1, 1]
     with pytest.raises(ValueError, match="header says"):
-        unpack_targets(_npz(t=_body(1000, [3, 9], [4], [0, 1])[:-1]), 1000)
+        unpack_targets(_npz(t=_body(1000, ok)[:-1]), 1000)
     with pytest.raises(ValueError, match="strictly increasing"):  # a zero gap: duplicate index
-        unpack_targets(_npz(t=_body(1000, [3, 3], [4], [0, 1])), 1000)
+        unpack_targets(_npz(t=_body(1000, ([3, 3], [4], [0, 1]))), 1000)
     with pytest.raises(ValueError, match="strictly increasing and < 1000"):
-        unpack_targets(_npz(t=_body(1000, [3, 1000], [4], [0, 1])), 1000)
+        unpack_targets(_npz(t=_body(1000, ([3, 1000], [4], [0, 1]))), 1000)
     with pytest.raises(ValueError, match="both positive and ignored"):
-        unpack_targets(_npz(t=_body(1000, [3, 9], [9], [0, 1])), 1000)
-    body = _body(1000, [3, 9], [4], [0, 1])
-    body[12] = 5  # header NB = 5 but the boxes are 0 and 1
+        unpack_targets(_npz(t=_body(1000, ([3, 9], [9], [0, 1]))), 1000)
+    body = _body(1000, ok)
+    body[16] = 5  # header NB = 5 but the boxes are 0 and 1
     with pytest.raises(ValueError, match="disagree with the header"):
         unpack_targets(_npz(t=body), 1000)
+    body = _body(1000, ok)
+    body[4] = 3  # three orientations
+    with pytest.raises(ValueError, match="3 orientations, expected 1"):
+        unpack_targets(_npz(t=body), 1000)
+    with pytest.raises(ValueError, match="needs 32 bytes"):  # a second orientation announced, its header missing
+        unpack_targets(_npz(t=np.array([1000, 2, 0, 0, 0], "<u4").view(np.uint8)), 1000)
+
+
+def test_unpack_validation_of_the_flipped_orientation():
+    ok, bad = ([3, 9], [4], [0, 1]), ([5, 5], [], [0, 0])
+    data = _npz(t=_body(1000, ok, ([2], [7, 8], [1])))
+    assert unpack_targets(data, 1000, flipped=True).dense(1000)[0][[2, 7, 8]].tolist() == [1, -1, -1]
+    assert [t.positive.tolist() for t in unpack_all_targets(data, 1000)] == [[3, 9], [2]]
+    with pytest.raises(ValueError, match="no flipped"):
+        unpack_targets(_npz(t=_body(1000, ok)), 1000, flipped=True)
+    broken = _npz(t=_body(1000, ok, bad))
+    with pytest.raises(ValueError, match=r"\(hflip\): positive indices must be strictly increasing"):
+        unpack_targets(broken, 1000, flipped=True)
+    with pytest.raises(ValueError, match=r"\(hflip\)"):
+        unpack_all_targets(broken, 1000)
+    # The stored orientation alone reads fine: the loader decodes what it delivers, check reads both.
+    assert unpack_targets(broken, 1000).positive.tolist() == [3, 9]
+    with pytest.raises(ValueError, match="hflip: 1 positives"):  # lengths are checked for every orientation
+        unpack_targets(_npz(t=_body(1000, ok, ([2], [], [1]))[:-1]), 1000)
 
 
 def test_pack_validation():
@@ -324,6 +376,8 @@ def test_pack_validation():
         pack_targets(np.full(10, 2, np.int8), np.zeros(10, np.int32))
     with pytest.raises(ValueError, match="same length"):
         pack_targets(labels, np.zeros(9, np.int32))
+    with pytest.raises(ValueError, match="flipped labels have shape"):
+        pack_targets(labels, np.zeros(10, np.int32), flipped=(labels[:9], np.zeros(9, np.int32)))
 
 
 # ------------------------------------------------------------------------------------------------

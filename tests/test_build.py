@@ -210,4 +210,5 @@ def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monke
         assert dev.device == "cuda"
         assert [s["sha256"] for s in read_manifest(dev.out_dir)["shards"]] == \
             [s["sha256"] for s in read_manifest(cpu.out_dir)["shards"]]
-    assert calls and max(calls) == 7 and sum(calls) == 2 * cpu.samples  # batched, every sample once per build
+    # Batched: 7 samples a call, each in both orientations (stored, mirrored); every sample once per build.
+    assert calls and max(calls) == 2 * 7 and sum(calls) == 2 * 2 * cpu.samples

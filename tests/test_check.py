@@ -344,14 +344,16 @@ def test_deep_finds_well_formed_but_wrong_targets(shards):
     m = read_manifest(shards)
     samples = read_samples(shard_path(shards, 1))
     key, members = samples[4]
-    labels, matched = unpack_targets(members[TARGETS_EXT], m["anchors"]["count"]).dense(m["anchors"]["count"])
+    n = m["anchors"]["count"]
+    labels, matched = unpack_targets(members[TARGETS_EXT], n).dense(n)
+    mirrored = unpack_targets(members[TARGETS_EXT], n, flipped=True).dense(n)  # kept as built
     labels = labels.copy()
     flip = np.flatnonzero(labels == 0)[:7]
     labels[flip] = -1  # seven negatives become ignore: still a valid encoding
     meta = json.loads(members["json"])
     meta["rpn"] = {"positive": int((labels == 1).sum()), "ignore": int((labels == -1).sum()),
                    "negative": int((labels == 0).sum())}
-    samples[4] = (key, {**members, TARGETS_EXT: pack_targets(labels, matched),
+    samples[4] = (key, {**members, TARGETS_EXT: pack_targets(labels, matched, flipped=mirrored),
                         "json": json.dumps(meta, separators=(",", ":")).encode()})
     rewrite_shard(shards, 1, samples)
 
@@ -361,7 +363,7 @@ def test_deep_finds_well_formed_but_wrong_targets(shards):
     report = check_shards(shards, deep=True)
     assert rules(report) == {"targets_deep"}
     (p,) = report.problems
-    assert p.key == key and p.detail.startswith(f"7 of {m['anchors']['count']} anchor labels differ")
+    assert p.key == key and p.detail.startswith(f"stored: 7 of {n} anchor labels differ")
 
 
 # ----------------------------------------------------------------------------------- info, docs

@@ -32,7 +32,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         "matching": {"low_quality": "argmax", "crowd_ignore": True, "ignore_cross_boundary": True},
     }),
     "sample-c4-keep-empty": ("sample", {
-        "rows_per_shard": 8, "anchor_preset": "c4",
+        "rows_per_shard": 8, "anchor_preset": "c4", "flip_targets": False,  # the one-orientation layout
         "transform": {"keep_empty": True, "quality": 75},
     }),
 }

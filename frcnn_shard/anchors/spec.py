@@ -300,8 +300,9 @@ def preset_spec(
 # ----------------------------------------------------------------------------------------------
 
 
-def anchors_manifest_section(preset_name: str | None, spec: AnchorSpec, match_cfg: "MatchConfig") -> dict:
-    """The manifest's "anchors" section describing the anchors and the matching rule used."""
+def anchors_manifest_section(preset_name: str | None, spec: AnchorSpec, match_cfg: "MatchConfig",
+                             flip_targets: bool = True) -> dict:
+    """The manifest's "anchors" section: the anchors, the matching rule used, and which orientations are stored."""
     anchors = make_anchors(spec)
     return {
         "preset": preset_name,
@@ -310,6 +311,7 @@ def anchors_manifest_section(preset_name: str | None, spec: AnchorSpec, match_cf
         "sha256": anchors_sha256(anchors),
         "matching": match_cfg.to_dict(),
         "member": TARGETS_EXT,
+        "flip_targets": bool(flip_targets),  # the member also holds the mirrored image's targets
     }
 
 
@@ -320,6 +322,11 @@ def _anchors_section(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(section, Mapping) or "spec" not in section:
         raise ValueError("manifest has no 'anchors' section with a 'spec'")
     return section
+
+
+def has_flip_targets(manifest: Mapping[str, Any]) -> bool:
+    """Whether the shards store the horizontally mirrored image's targets too (build option flip_targets)."""
+    return bool(_anchors_section(manifest).get("flip_targets", False))
 
 
 def anchors_from_manifest(manifest: Mapping[str, Any]) -> np.ndarray:

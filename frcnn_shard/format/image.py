@@ -38,8 +38,11 @@ def open_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) 
     return img
 
 
-def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) -> np.ndarray:
-    """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem)."""
+def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None, mirror: bool = False) -> np.ndarray:
+    """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem).
+
+    ``mirror``: flipped left-right (the loader's hflip), the same pixels as ``[:, ::-1]`` of the plain decode.
+    """
     img = open_stored_image(data, ext, canvas_hw)
     try:
         img.load()
@@ -47,4 +50,7 @@ def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None
             img = img.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data
         raise StoredImageError(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}") from None
+    if mirror:
+        # Pillow's transpose is ~10x faster than copying a reversed NumPy view (3-byte pixels, negative stride).
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)

@@ -7,7 +7,7 @@ Field order and separators are fixed: equal records give byte-identical members.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,17 @@ def key_of(image_id: int) -> str:
 def box_list(boxes: np.ndarray) -> list[list[float]]:
     """float32 [K, 4] -> JSON lists whose numbers read back as the same float32 values."""
     return [[float(v) for v in row] for row in np.asarray(boxes, dtype=np.float32)]
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Boxes of the horizontally mirrored canvas: x1' = W - x2, x2' = W - x1 in float32 (W: the canvas width).
+
+    The one definition of the flip: the build matches the anchors against exactly these boxes and the
+    loader delivers exactly these, so the stored flipped targets are what the rule gives for them.
+    """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    w = np.float32(width)
+    return np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
 
 
 def box_array(value: Any, name: str, dtype: type = np.float32) -> np.ndarray:
@@ -129,6 +140,11 @@ class Record:
             box_drops=dict(d.get("box_drops") or {}), source_index=int(d.get("source_index", -1)),
             rpn=d.get("rpn"),
         )
+
+    def hflip(self) -> "Record":
+        """The record of the horizontally mirrored canvas: boxes and crowd boxes flipped (flip_boxes), all else kept."""
+        w = self.size[1]
+        return replace(self, boxes=flip_boxes(self.boxes, w), crowd_boxes=flip_boxes(self.crowd_boxes, w))
 
     @classmethod
     def from_json(cls, data: bytes) -> "Record":

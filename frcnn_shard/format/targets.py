@@ -2,8 +2,10 @@
 
 One image's RPN targets are sparse: a few hundred positive and ignored anchors among tens of
 thousands of negatives. The member stores the positive and ignored indices (delta-coded, split into
-byte planes, deflated) and the matched box of each positive; negatives are implicit. The layout is
-docs/FORMAT.md's "rpn.npz"; readers get ``SparseTargets`` and expand to dense arrays only when they must.
+byte planes, deflated) and the matched box of each positive; negatives are implicit. It holds one or
+two orientations: the targets of the image as stored and, unless built with ``--no-flip-targets``,
+those of the horizontally mirrored image, in the same array (one zip entry, one overhead). The layout
+is docs/FORMAT.md's "rpn.npz"; readers get ``SparseTargets`` and expand to dense arrays only when they must.
 """
 from __future__ import annotations
 
@@ -73,7 +75,9 @@ def _from_byte_planes(planes: np.ndarray, dtype: np.dtype, count: int) -> np.nda
     return np.ascontiguousarray(planes.reshape(size, count).T).view(np.dtype(dtype).newbyteorder("<")).reshape(-1)
 
 
-_PACK_HEADER = 4  # uint32 values: num_anchors, num_pos, num_ignore, max_box_index + 1
+# Header, uint32 values: num_anchors, orientations, then (num_pos, num_ignore, max_box_index + 1) per orientation.
+_HEAD_FIXED, _HEAD_PER = 2, 3
+ORIENTATIONS = ("stored", "hflip")  # the orientations a member can hold, in their order in the member
 _NPZ_MEMBER = "t.npy"  # the one array of the npz, named "t"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so equal targets give byte-identical members
 _NPY_HEADER_RE = re.compile(rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
@@ -123,69 +127,110 @@ def _read_npz(data: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=start)
 
 
-def pack_targets(labels: np.ndarray, matched: np.ndarray) -> bytes:
-    """Encode one image's RPN targets compactly (npz, see docs/FORMAT.md); negatives are implicit."""
-    labels = np.asarray(labels)
-    matched = np.asarray(matched)
+def _block(labels: np.ndarray, matched: np.ndarray, idt: np.dtype) -> tuple[tuple[int, int, int], list[np.ndarray]]:
+    """One orientation's (P, I, NB) and its three byte-planed arrays."""
+    labels, matched = np.asarray(labels), np.asarray(matched)
     if labels.ndim != 1 or matched.shape != labels.shape:
         raise ValueError(f"labels and matched must be 1-D and the same length, got {labels.shape} and {matched.shape}")
     if labels.size and (labels.min() < -1 or labels.max() > 1):
         raise ValueError("labels must be in {1, 0, -1}")
-    n = labels.shape[0]
     pos = np.flatnonzero(labels == 1)
     ign = np.flatnonzero(labels == -1)
     box = matched[pos].astype(np.int64)
     if len(box) and box.min() < 0:
         raise ValueError("every positive anchor needs a matched box index >= 0")
     nbox = int(box.max()) + 1 if len(box) else 0
+    bdt = _index_dtype(max(nbox - 1, 0))
+    planes = [_byte_planes(_delta_encode(pos, idt)), _byte_planes(_delta_encode(ign, idt)), _byte_planes(box.astype(bdt))]
+    return (len(pos), len(ign), nbox), planes
+
+
+def pack_targets(labels: np.ndarray, matched: np.ndarray,
+                 flipped: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+    """Encode one image's RPN targets compactly (npz, see docs/FORMAT.md); negatives are implicit.
+
+    ``flipped``: the (labels, matched) of the horizontally mirrored image, stored after the first
+    orientation in the same array, so both share one zip entry and its overhead.
+    """
+    n = np.shape(labels)[0] if np.ndim(labels) == 1 else -1  # _block refuses anything not 1-D
+    if flipped is not None and np.shape(flipped[0]) != np.shape(labels):
+        raise ValueError(f"flipped labels have shape {np.shape(flipped[0])}, the stored ones {np.shape(labels)}")
     if n > np.iinfo(np.uint32).max:
         raise ValueError("packed targets support at most 2**32 - 1 anchors")
-    idt, bdt = _index_dtype(max(n - 1, 0)), _index_dtype(max(nbox - 1, 0))
-    head = np.array([n, len(pos), len(ign), nbox], dtype="<u4")
-    body = np.concatenate([
-        head.view(np.uint8),
-        _byte_planes(_delta_encode(pos, idt)),
-        _byte_planes(_delta_encode(ign, idt)),
-        _byte_planes(box.astype(bdt)),
-    ])
-    return _write_npz(body)
+    idt = _index_dtype(max(n - 1, 0))
+    blocks = [_block(labels, matched, idt)] + ([_block(*flipped, idt)] if flipped is not None else [])
+    head = np.array([n, len(blocks)] + [v for counts, _ in blocks for v in counts], dtype="<u4")
+    return _write_npz(np.concatenate([head.view(np.uint8)] + [p for _, planes in blocks for p in planes]))
 
 
-def unpack_targets(data: bytes, num_anchors: int) -> SparseTargets:
-    """Decode and validate ``pack_targets`` output; ValueError names the rule it breaks."""
+def _layout(data: bytes, num_anchors: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The body of a packed member and, per orientation, (P, I, NB, offset); the lengths checked against the header."""
     try:
         body = _read_npz(data)
     except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"packed targets: not a readable npz without pickles ({e})") from e
     except ValueError as e:
         raise ValueError(f"packed targets: {e}") from e
-    if body.size < 4 * _PACK_HEADER:
+    if body.size < 4 * (_HEAD_FIXED + _HEAD_PER):
         raise ValueError(f"packed targets: 't' must be 1-D uint8 with a header, got {body.size} bytes")
-    n, npos, nign, nbox = (int(v) for v in body[: 4 * _PACK_HEADER].view("<u4"))
+    n, count = (int(v) for v in body[: 4 * _HEAD_FIXED].view("<u4"))
     if n != num_anchors:
         raise ValueError(f"packed targets were made for {n} anchors, expected {num_anchors}")
+    if not 1 <= count <= len(ORIENTATIONS):
+        raise ValueError(f"packed targets: the header says {count} orientations, expected 1 (stored) or 2 (stored, hflip)")
+    off = 4 * (_HEAD_FIXED + _HEAD_PER * count)
+    if body.size < off:
+        raise ValueError(f"packed targets: a header for {count} orientations needs {off} bytes, the body has {body.size}")
+    idt = _index_dtype(max(n - 1, 0))
+    blocks = []
+    for npos, nign, nbox in body[4 * _HEAD_FIXED: off].view("<u4").reshape(count, _HEAD_PER).tolist():
+        blocks.append((npos, nign, nbox, off))
+        off += (npos + nign) * idt.itemsize + npos * _index_dtype(max(nbox - 1, 0)).itemsize
+    if off != body.size:
+        counts = "; ".join(f"{ORIENTATIONS[i]}: {p} positives, {g} ignored" for i, (p, g, _, _) in enumerate(blocks))
+        raise ValueError(f"packed targets: header says {counts} ({off} bytes) but the body has {body.size} bytes")
+    return body, blocks
+
+
+def _decode_block(body: np.ndarray, n: int, block: tuple[int, int, int, int], name: str) -> SparseTargets:
+    """One orientation's sparse targets, with the index rules checked (ValueError names the orientation)."""
+    npos, nign, nbox, off = block
     idt, bdt = _index_dtype(max(n - 1, 0)), _index_dtype(max(nbox - 1, 0))
-    off = 4 * _PACK_HEADER
-    sizes = (npos * idt.itemsize, nign * idt.itemsize, npos * bdt.itemsize)
-    if off + sum(sizes) != body.size:
-        raise ValueError(
-            f"packed targets: header says {npos} positives, {nign} ignored ({off + sum(sizes)} bytes) "
-            f"but the body has {body.size} bytes"
-        )
     parts = []
-    for count, dt, size in ((npos, idt, sizes[0]), (nign, idt, sizes[1]), (npos, bdt, sizes[2])):
-        parts.append(_from_byte_planes(body[off : off + size], dt, count).astype(np.int64))
+    for count, dt in ((npos, idt), (nign, idt), (npos, bdt)):
+        size = count * dt.itemsize
+        parts.append(_from_byte_planes(body[off: off + size], dt, count).astype(np.int64))
         off += size
     pos, ign = np.cumsum(parts[0]), np.cumsum(parts[1])
     box = parts[2]
-    for name, idx in (("positive", pos), ("ignored", ign)):
+    where = f"packed targets ({name})"
+    for what, idx in (("positive", pos), ("ignored", ign)):
         if len(idx) and (idx[-1] >= n or (len(idx) > 1 and (np.diff(idx) <= 0).any()) or (idx[0] < 0)):
-            raise ValueError(f"packed targets: {name} indices must be strictly increasing and < {n}")
+            raise ValueError(f"{where}: {what} indices must be strictly increasing and < {n}")
     if len(pos) and len(ign):
         # Both are sorted: each positive's insertion point in the ignored list tells whether it is there.
         at = np.minimum(np.searchsorted(ign, pos), len(ign) - 1)
         if (ign[at] == pos).any():
-            raise ValueError("packed targets: an anchor is both positive and ignored")
+            raise ValueError(f"{where}: an anchor is both positive and ignored")
     if len(box) and int(box.max()) + 1 != nbox:
-        raise ValueError(f"packed targets: matched box indices disagree with the header (max + 1 != {nbox})")
+        raise ValueError(f"{where}: matched box indices disagree with the header (max + 1 != {nbox})")
     return SparseTargets(pos, ign, box)
+
+
+def unpack_targets(data: bytes, num_anchors: int, flipped: bool = False) -> SparseTargets:
+    """Decode and validate one orientation of ``pack_targets`` output; ValueError names the rule it breaks.
+
+    ``flipped``: the targets of the horizontally mirrored image (ValueError when the member has none).
+    The layout of the whole member is checked; the indices of the orientation returned.
+    """
+    body, blocks = _layout(data, num_anchors)
+    i = int(bool(flipped))
+    if i >= len(blocks):
+        raise ValueError("packed targets: no flipped (hflip) targets stored (the shards were built with --no-flip-targets)")
+    return _decode_block(body, num_anchors, blocks[i], ORIENTATIONS[i])
+
+
+def unpack_all_targets(data: bytes, num_anchors: int) -> tuple[SparseTargets, ...]:
+    """Every orientation a member holds (stored, then hflip when present), each validated as unpack_targets does."""
+    body, blocks = _layout(data, num_anchors)
+    return tuple(_decode_block(body, num_anchors, b, ORIENTATIONS[i]) for i, b in enumerate(blocks))

@@ -29,8 +29,8 @@ from ..format.members import (
     IMAGE_EXTS, JSON_EXT, RULE_MEMBER_NAME, RULE_MEMBERS, TARGETS_EXT, Member, RawSample, group_by_key,
     image_member, member_name_problem, members_problems, split_member_name,
 )
-from ..format.record import REQUIRED_FIELDS, RecordError, box_array, key_of, parse_json
-from ..format.targets import SparseTargets, unpack_targets
+from ..format.record import REQUIRED_FIELDS, RecordError, box_array, flip_boxes, key_of, parse_json
+from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
 from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest, store_of
 from ..storage import LocalStore
@@ -151,7 +151,8 @@ class _Context:
     deep: bool
     fraction: float
     seed: int
-    deep_fn: Callable | None = None  # (meta) -> recomputed labels, built lazily
+    flip_targets: bool = False  # the manifest says every member also holds the mirrored image's targets
+    deep_fn: Callable | None = None  # (meta, flipped) -> recomputed labels, built lazily
     expected_members: frozenset = frozenset()  # {image ext, json, targets ext}: the members of a sound sample
 
 
@@ -177,7 +178,7 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
     except (TypeError, ValueError, IndexError) as e:
         raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
     ext = str(manifest.get("image", {}).get("format", "jpg"))
-    ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed)
+    ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed, bool(manifest["anchors"].get("flip_targets")))
     if ext in IMAGE_EXTS:
         ctx.expected_members = frozenset((ext, JSON_EXT, TARGETS_EXT))
     if deep:
@@ -185,16 +186,19 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
     return ctx
 
 
-def _deep_matcher(manifest: dict, image_hw: tuple[int, int]) -> Callable[[dict], np.ndarray]:
-    """A function meta -> labels recomputed with the reference matcher and the manifest's config."""
+def _deep_matcher(manifest: dict, image_hw: tuple[int, int]) -> Callable[[dict, bool], np.ndarray]:
+    """A function (meta, flipped) -> labels recomputed with the reference matcher and the manifest's config;
+    flipped: for the mirrored boxes (format.record.flip_boxes, the build's own definition)."""
     try:
         anchors = anc.anchors_from_manifest(manifest)
         cfg = anc.MatchConfig.from_dict(_require(manifest, "anchors", "matching"))
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"manifest anchors section cannot be used for a deep check: {e}") from None
 
-    def recompute(meta: dict) -> np.ndarray:
+    def recompute(meta: dict, flipped: bool) -> np.ndarray:
         boxes, crowd = box_array(meta.get("boxes"), "boxes"), box_array(meta.get("crowd_boxes"), "crowd_boxes")
+        if flipped:
+            boxes, crowd = flip_boxes(boxes, image_hw[1]), flip_boxes(crowd, image_hw[1])
         labels, _ = anc.match_reference(anchors, boxes, crowd, cfg, image_hw)
         return np.asarray(labels)
 
@@ -323,43 +327,53 @@ def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
     return out, num_boxes
 
 
-def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context) -> tuple[Found, SparseTargets | None]:
-    """Anchor-target member rules. Returns ([(rule, detail)], the sparse targets or None).
+def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context
+                   ) -> tuple[Found, tuple[SparseTargets, ...] | None]:
+    """Anchor-target member rules, for every orientation it holds. Returns ([(rule, detail)], the sparse
+    targets per orientation, or None).
 
-    The sparse form is validated by format.targets.unpack_targets (index ranges, order, overlap, box
+    The sparse form is validated by format.targets.unpack_all_targets (index ranges, order, overlap, box
     indices against the header), so no dense array of all A anchors is built unless --deep needs one.
     """
     try:
-        targets = unpack_targets(data, ctx.num_anchors)
+        orientations = unpack_all_targets(data, ctx.num_anchors)
     except Exception as e:  # unpack raises ValueError by contract; a damaged npz can raise zip/zlib errors too
         return [(RULE_TARGETS_INVALID, f"cannot unpack: {type(e).__name__}: {e}")], None
     out: list[tuple[str, str]] = []
-    if num_boxes is not None and len(targets.matched) and int(targets.matched.max()) >= num_boxes:
-        out.append((RULE_TARGETS_INVALID, f"positive anchors matched to boxes outside 0..{num_boxes - 1}"))
+    want = 2 if ctx.flip_targets else 1
+    if len(orientations) != want:
+        out.append((RULE_TARGETS_INVALID, f"the member holds {len(orientations)} orientation(s), the manifest's "
+                                          f"anchors.flip_targets={ctx.flip_targets} says {want}"))
+    for name, targets in zip(ORIENTATIONS, orientations):
+        if num_boxes is not None and len(targets.matched) and int(targets.matched.max()) >= num_boxes:
+            out.append((RULE_TARGETS_INVALID, f"{name}: positive anchors matched to boxes outside 0..{num_boxes - 1}"))
     rpn = meta.get("rpn") if isinstance(meta, dict) else None
     if isinstance(rpn, dict):
-        diff = {k: (rpn.get(k), v) for k, v in targets.counts(ctx.num_anchors).items() if rpn.get(k) != v}
+        diff = {k: (rpn.get(k), v) for k, v in orientations[0].counts(ctx.num_anchors).items() if rpn.get(k) != v}
         if diff:
             out.append((RULE_TARGETS_COUNTS, "JSON rpn counts differ from the member (json, member): "
                         + ", ".join(f"{k} {j}/{m}" for k, (j, m) in diff.items())))
-    return out, targets
+    return out, orientations
 
 
-def _check_deep(meta, targets: SparseTargets | None, ctx: _Context) -> Found:
-    """Recompute the anchor labels from the stored boxes and compare them anchor by anchor."""
-    if targets is None or not isinstance(meta, dict) or ctx.deep_fn is None:
+def _check_deep(meta, orientations: tuple[SparseTargets, ...] | None, ctx: _Context) -> Found:
+    """Recompute the anchor labels of every stored orientation from the boxes and compare them anchor by anchor."""
+    if orientations is None or not isinstance(meta, dict) or ctx.deep_fn is None:
         return []
-    stored = targets.dense(ctx.num_anchors)[0]
-    try:
-        ref = ctx.deep_fn(meta)
-    except Exception as e:  # boxes already reported as broken make the matcher fail; say so, do not crash
-        return [(RULE_TARGETS_DEEP, f"reference matcher failed: {type(e).__name__}: {e}")]
-    differ = np.flatnonzero(ref != stored)
-    if not len(differ):
-        return []
-    i = int(differ[0])
-    return [(RULE_TARGETS_DEEP, f"{len(differ)} of {len(stored)} anchor labels differ from the reference matcher "
-                                f"(first: anchor {i} stored {int(stored[i])}, recomputed {int(ref[i])})")]
+    out: list[tuple[str, str]] = []
+    for name, targets in zip(ORIENTATIONS, orientations):
+        stored = targets.dense(ctx.num_anchors)[0]
+        try:
+            ref = ctx.deep_fn(meta, name != ORIENTATIONS[0])
+        except Exception as e:  # boxes already reported as broken make the matcher fail; say so, do not crash
+            return [(RULE_TARGETS_DEEP, f"reference matcher failed: {type(e).__name__}: {e}")]
+        differ = np.flatnonzero(ref != stored)
+        if len(differ):
+            i = int(differ[0])
+            out.append((RULE_TARGETS_DEEP, f"{name}: {len(differ)} of {len(stored)} anchor labels differ from the "
+                                           f"reference matcher (first: anchor {i} stored {int(stored[i])}, "
+                                           f"recomputed {int(ref[i])})"))
+    return out
 
 
 def _check_sample(raw: RawSample, ctx: _Context, full_decode: bool) -> tuple[Found, bool]:
@@ -384,10 +398,10 @@ def _check_sample(raw: RawSample, ctx: _Context, full_decode: bool) -> tuple[Fou
             found, num_boxes = _check_meta(raw.key, meta, ctx)
             out += found
     if TARGETS_EXT in members:
-        found, targets = _check_targets(members[TARGETS_EXT], meta, num_boxes, ctx)
+        found, orientations = _check_targets(members[TARGETS_EXT], meta, num_boxes, ctx)
         out += found
         if deep and meta is not None:
-            out += _check_deep(meta, targets, ctx)
+            out += _check_deep(meta, orientations, ctx)
     return out, deep
 
 

@@ -72,8 +72,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("split", str(manifest.get("split", "?"))),
         ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
         ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
-        ("samples per shard", str(opts.get("samples_per_shard", "?"))
-         + (f" (max {human_bytes(opts['max_shard_bytes'])})" if opts.get("max_shard_bytes") else "")),
+        ("rows per shard", str(opts.get("rows_per_shard", "?"))
+         + (f" (the first {opts['max_rows']} rows only)" if opts.get("max_rows") else "")),
         ("samples", str(totals.get("samples", "?"))),
         ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
         ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
@@ -84,6 +84,8 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("bbox format", bbox_format_text(manifest.get("bbox_format"))),
         ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
         ("matching", matching or "?"),
+        ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if anc.get("flip_targets")
+         else "not stored (built with --no-flip-targets): no hflip in the loader"),
         ("format version", str(manifest.get("format_version", "?"))),
         ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
         ("complete", _yes(manifest.get("complete"))),

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..anchors import anchors_from_manifest
+from ..anchors import anchors_from_manifest, has_flip_targets
 from ..format.image import StoredImageError, decode_stored_image
 from ..format.members import JSON_EXT, TARGETS_EXT, image_member
 from ..format.record import Record, key_of
@@ -107,51 +107,61 @@ def _draw_boxes(ax, record: Record, image_h: int) -> None:
 
 
 def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int,
-                 image_hw: tuple[int, int]) -> None:
-    """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin."""
+                 image_hw: tuple[int, int], flip: bool = False) -> None:
+    """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin.
+
+    ``flip``: the sample as the loader delivers it mirrored (hflip): image, boxes and the stored flipped targets.
+    """
     from matplotlib.patches import Rectangle
 
     image_ext = image_member(members)
     if image_ext is None or JSON_EXT not in members:
         raise ValueError(f"sample {key} lacks its image or JSON member (run frcnn-shard check)")
     try:
-        image = decode_stored_image(members[image_ext], image_ext, image_hw)  # header checked before decoding
+        image = decode_stored_image(members[image_ext], image_ext, image_hw, mirror=flip)  # header checked first
     except StoredImageError as e:
         raise StoredImageError(e.rule, f"sample {key}: {e} (run frcnn-shard check)") from None
     record = Record.from_json(members[JSON_EXT])
+    if flip:
+        record = record.hflip()
     ax.imshow(image)
     ax.set_xlim(0, image.shape[1])
     ax.set_ylim(image.shape[0], 0)
     ax.set_axis_off()
     n_pos = 0
     if anchors is not None and TARGETS_EXT in members:
-        pos = anchors[unpack_targets(members[TARGETS_EXT], num_anchors).positive]
+        pos = anchors[unpack_targets(members[TARGETS_EXT], num_anchors, flipped=flip).positive]
         n_pos = len(pos)
         for x1, y1, x2, y2 in pos:  # drawn first, under the ground truth
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", lw=0.4, alpha=0.9))
     _draw_boxes(ax, record, image.shape[0])
-    title = f"{key}: {plural(len(record.boxes), 'box')}"
+    title = f"{key}{' (flipped)' if flip else ''}: {plural(len(record.boxes), 'box')}"
     if anchors is not None:
         title += f", {plural(n_pos, 'positive anchor')}"
     ax.set_title(title, fontsize=8)
 
 
 def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
-                   out="sample.png") -> list[str]:
+                   out="sample.png", flip: bool = False) -> list[str]:
     """Draw the samples (keys first, then indices) into one grid PNG; returns the keys drawn.
 
-    Raises KeyError (unknown key, naming it and the directory) or IndexError (with the valid range).
+    ``flip``: draw them mirrored, as make_loader(hflip=...) delivers them, with the flipped targets' anchors.
+    Raises KeyError (unknown key, naming it and the directory), IndexError (with the valid range), or
+    ValueError (flip on shards built without flip targets).
     """
-    fig, shown = sample_figure(shard_dir, keys=keys, indices=indices, anchors=anchors)
+    fig, shown = sample_figure(shard_dir, keys=keys, indices=indices, anchors=anchors, flip=flip)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, format="png")
     return shown
 
 
-def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False):
+def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
+                  flip: bool = False):
     """The figure render_samples writes, and the keys drawn in it (one axes per sample, in order)."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
+    if flip and not has_flip_targets(manifest):
+        raise ValueError(f"{shard_dir} was built with --no-flip-targets: it stores no flipped targets to show")
     samples = [_locate_key(shard_dir, manifest, _normalize_key(k)) for k in keys]
     samples += [_locate_index(shard_dir, manifest, int(i)) for i in indices]
     if not samples:
@@ -164,7 +174,7 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     fig = new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, (key, members) in zip(axes, samples):
-        _draw_sample(ax, key, members, anchor_boxes, num_anchors, tuple(manifest["image"]["size"]))
+        _draw_sample(ax, key, members, anchor_boxes, num_anchors, tuple(manifest["image"]["size"]), flip)
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)
