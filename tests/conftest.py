@@ -20,6 +20,16 @@ def require_tiny_coco() -> Path:
     return TINY_COCO
 
 
+def load_script(name: str):
+    """A script of scripts/ as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def require_extra(module: str, extra: str = "torchvision"):
     """Import an optional dependency; skip without it, but fail under CI, where make install brings it."""
     import importlib
