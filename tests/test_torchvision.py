@@ -189,3 +189,28 @@ def test_cuda_training_step(tv_shards):
     images, targets = next(iter(loader))
     losses = model(images.cuda(), targets)  # targets stay on the CPU: the transform moves them
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_eval_outputs_map_to_coco_results(tv_letterbox):
+    from frcnn_shard.labels import COCO_CATEGORY_IDS
+    from frcnn_shard.torchvision import coco_results
+
+    loader = make_loader(tv_letterbox, 2, shuffle=False, num_workers=0, normalize=False)
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(loader, weights_backbone=None, box_score_thresh=0.0).eval()
+    images, targets = next(iter(loader))
+    with torch.no_grad():
+        outputs = model(images)
+    assert all(len(o["boxes"]) > 0 for o in outputs)  # untrained, but no score threshold
+    results = coco_results(outputs, targets)
+    assert len(results) == sum(len(o["boxes"]) for o in outputs)
+    for r in results:
+        t = next(t for t in targets if t["image_id"] == r["image_id"])
+        h, w = t["orig_size"]
+        x, y, bw, bh = r["bbox"]
+        assert r["category_id"] in COCO_CATEGORY_IDS and 0 <= r["score"] <= 1
+        assert 0 <= x <= x + bw <= w + 1e-6 and 0 <= y <= y + bh <= h + 1e-6
+    # Boxes come back in the original image's pixels: canvas x / sx.
+    o, t = outputs[0], targets[0]
+    first = [r for r in results if r["image_id"] == t["image_id"]][0]
+    assert first["bbox"][0] == pytest.approx(min(float(o["boxes"][0, 0]) / t["scale"][1], t["orig_size"][1]), abs=1e-4)
