@@ -10,12 +10,14 @@ DEMO   := demo
 
 install: $(STAMP)
 
-# torch first, pinned, so the package's torch requirement is already met (no CUDA wheels pulled in).
+# torch first, pinned together with the torchvision built for it (torchvision 0.29.1 needs torch 2.14.1),
+# so the package's requirements are already met; then the package with its dev, viz and torchvision
+# extras (the torchvision extra adds pycocotools).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,viz]"
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,viz,torchvision]"
 	touch $(STAMP)
 
 demo: install

@@ -252,6 +252,30 @@ def info(shard_dir: str) -> None:
         click.echo(f"{k.ljust(width)}  {v}")
 
 
+@main.command("coco-gt")
+@click.argument("split_dir")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="COCO annotations json to write.")
+@click.option("--storage-options", default=None, help="JSON object of fsspec options for SPLIT_DIR.")
+def coco_gt(split_dir: str, out: str, storage_options: str | None) -> None:
+    """Write a split's ground truth as a COCO annotations json (original pixels, COCO ids) for pycocotools."""
+    from .build import parse_storage_options
+    from .coco_eval import write_coco_ground_truth
+    from .shards import ManifestError
+
+    try:
+        options = parse_storage_options(storage_options) if storage_options else None
+    except ValueError as e:
+        _fail(f"--storage-options {e}", 2)
+    try:
+        counts = write_coco_ground_truth(split_dir, out, options)
+    except ManifestError as e:
+        _fail(str(e), 2)
+    except (ValueError, OSError) as e:  # a broken shard or record (ShardFormatError, RecordError), or the output
+        _fail(f"{type(e).__name__}: {e}", 1)
+    click.echo(f"{out}: {counts['images']} images, {counts['annotations']} annotations ({counts['crowd']} crowd, "
+               "iscrowd=1); boxes in original pixels, area = box area")
+
+
 def _need_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401

@@ -21,6 +21,13 @@ COCO_CLASSES: tuple[str, ...] = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
+# The official COCO 2017 detection category ids (1..90, ten never used), increasing: label l (1..80) is
+# COCO_CATEGORY_IDS[l - 1], the class COCO_CLASSES[l - 1]. Evaluation maps labels back through this.
+COCO_CATEGORY_IDS: tuple[int, ...] = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
+    34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
+    62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)
 BACKGROUND = "__background__"
 CLASS_NAMES: tuple[str, ...] = (BACKGROUND,) + COCO_CLASSES
 NUM_CLASSES = len(CLASS_NAMES)  # 81, background included
@@ -50,3 +57,18 @@ def coco_category_map(categories: Sequence[Mapping]) -> dict[int, int]:
     cats = sorted(categories, key=lambda c: int(c["id"]))
     check_class_names([c["name"] for c in cats], "COCO annotations 'categories'")
     return {int(c["id"]): i + 1 for i, c in enumerate(cats)}
+
+
+def label_to_coco_id(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Labels 1..80 -> official COCO category ids (int64); ValueError names a label outside 1..80."""
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    bad = lab[(lab < 1) | (lab > len(COCO_CATEGORY_IDS))]
+    if bad.size:
+        raise ValueError(f"label {int(bad[0])} has no COCO category: labels are 1..{len(COCO_CATEGORY_IDS)} "
+                         "(0 is background)")
+    return np.asarray(COCO_CATEGORY_IDS, dtype=np.int64)[lab - 1]
+
+
+def coco_categories() -> list[dict]:
+    """The COCO annotations file's "categories" list for labels 1..80 (id and name)."""
+    return [{"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]

@@ -20,6 +20,28 @@ def require_tiny_coco() -> Path:
     return TINY_COCO
 
 
+def load_script(name: str):
+    """A script of scripts/ as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def require_extra(module: str, extra: str = "torchvision"):
+    """Import an optional dependency; skip without it, but fail under CI, where make install brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if IN_CI:
+            pytest.fail(f"CI=true but {module} is not installed ({e}); make install brings the [{extra}] extra")
+        pytest.skip(f"{module} is not installed (the optional [{extra}] extra): {e}", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_coco() -> Path:
     return require_tiny_coco()
@@ -56,3 +78,20 @@ def sample_shards(tmp_path_factory, sample_hub) -> Path:
     """The synthetic sample built through the Hub code path, shards of 8 samples."""
     out = tmp_path_factory.mktemp("sample_shards")
     return build_shards(out, str(sample_hub), "train", rows_per_shard=8).out_dir
+
+
+@pytest.fixture(scope="session")
+def tv_shards(tmp_path_factory, tiny_coco) -> Path:
+    """tiny_coco with the torchvision-fpn preset at 400x400 (stretch)."""
+    return build_shards(tmp_path_factory.mktemp("tv400"), f"coco:{tiny_coco}", "train2017",
+                        anchor_preset="torchvision-fpn").out_dir
+
+
+@pytest.fixture(scope="session")
+def tv_letterbox(tmp_path_factory, tiny_coco) -> Path:
+    """tiny_coco with the torchvision-fpn preset, letterboxed into 320x480."""
+    from frcnn_shard.transform import TransformConfig
+
+    return build_shards(tmp_path_factory.mktemp("tvlb"), f"coco:{tiny_coco}", "train2017",
+                        anchor_preset="torchvision-fpn",
+                        transform=TransformConfig(image_size=(320, 480), resize="letterbox")).out_dir

@@ -80,6 +80,20 @@ def test_torchvision_fpn_by_hand():
     assert a[-1].tolist() == [354 - 181.0, 354 - 362.0, 354 + 181.0, 354 + 362.0] == [173.0, -8.0, 535.0, 716.0]
 
 
+def test_torchvision_fpn_several_sizes_are_ratio_major():
+    spec = anc.preset_spec("torchvision-fpn", 400, sizes=((32, 40), (64, 80), (128, 160), (256, 320), (512, 640)))
+    a = anc.make_anchors(spec)
+    assert a.shape[0] == 2 * 43242
+    # Within a cell, ratio then size, as AnchorGenerator lays them out: (0.5, 32), (0.5, 40), (1, 32), ...
+    # r = 0.5, s = 40: w/2 = 20 sqrt2 = 28.28 -> 28, h/2 = 10 sqrt2 = 14.14 -> 14.
+    assert a[:4].tolist() == [[-23.0, -11.0, 23.0, 11.0], [-28.0, -14.0, 28.0, 14.0],
+                              [-16.0, -16.0, 16.0, 16.0], [-20.0, -20.0, 20.0, 20.0]]
+    assert anc.locate_anchor(spec, 1) == {"level": 0, "row": 0, "col": 0, "size": 40.0, "ratio": 0.5}
+    # One size per level: the order changes nothing.
+    one = anc.preset_spec("torchvision-fpn", 400)
+    assert np.array_equal(anc.make_anchors(one), anc.make_anchors(AnchorSpec(**{**one.to_dict(), "order": anc.ORDERS[0]})))
+
+
 def test_c4_by_hand():
     a = anc.make_anchors(anc.preset_spec("c4", (400, 400)))
     # One level, stride 16, ceil(400 / 16) = 25; 3 sizes x 3 ratios per cell.

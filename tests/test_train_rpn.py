@@ -1,21 +1,15 @@
 """The RPN training script learns from the loader's targets alone: its loss falls clearly on tiny_coco."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_rpn.py"
+from conftest import load_script
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("train_rpn", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("train_rpn")
 
 
 def test_model_anchor_order_is_checked(tiny_shards):

@@ -273,8 +273,10 @@ def preset_spec(
     elif name == "torchvision-fpn":
         # fasterrcnn_resnet50_fpn: ratio = h/w, cell anchors rounded, offset 0, batch padded to a
         # multiple of 32 (size_divisible) and strides = padded size // feature size (P6: 416 // 7 = 59).
+        # AnchorGenerator.generate_anchors lays a cell out ratio-major (ws = w_ratios[:, None] * scales),
+        # which only shows with several sizes per level.
         base.update(strides=fpn_strides, sizes=fpn_sizes, ratio_convention="h/w", offset=0.0,
-                    round_cells=True, pad_multiple=32, stride_from_padding=True)
+                    round_cells=True, pad_multiple=32, stride_from_padding=True, order="level,row,col,ratio,size")
     elif name == "c4":
         # The paper's single conv feature map (stride 16), 3 sizes x 3 ratios per cell, with our
         # conventions: ratio = w/h, centres at half-stride, order row, col, size, ratio.

@@ -1,0 +1,116 @@
+"""COCO evaluation from shards: a split's ground truth as a COCO annotations file, and model outputs as
+COCO results, both in the original image's pixels with the official category ids.
+
+No torch and no pycocotools here: ``coco_ground_truth`` needs only the shards' JSON records, and
+``coco_results`` takes anything array-like (tensors on any device included). Feed both to
+pycocotools' ``COCOeval``.
+
+Boxes go back to the original image by the record's ``scale`` (sy, sx) = content_size / orig_size:
+the content of the canvas sits at its top-left (stretch fills the canvas, letterbox pads at the bottom
+and right), so x_orig = x / sx, y_orig = y / sy, clipped to the original image.
+
+The ground truth's ``area`` is the box's w * h in original pixels: the shards do not keep COCO's
+``area`` (the segmentation's). COCOeval uses ``area`` only to bin AP_small / medium / large; AP,
+AP50, AP75 and AR do not depend on it. For official small / medium / large numbers, evaluate
+``coco_results`` against the official annotations file itself (same image and category ids).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .anchors.spec import as_numpy
+from .format.members import JSON_EXT
+from .format.record import Record
+from .labels import coco_categories, label_to_coco_id
+from .shards import iter_tar_samples, read_manifest, store_of
+from .storage import LocalStore
+
+
+def original_xywh(boxes_xyxy: Any, scale: Sequence[float], orig_size: Sequence[int]) -> np.ndarray:
+    """Canvas xyxy boxes -> float64 [K, 4] COCO xywh in the original image's pixels, clipped to it."""
+    sy, sx = (float(v) for v in scale)
+    h, w = (float(v) for v in orig_size)
+    b = np.asarray(as_numpy(boxes_xyxy), dtype=np.float64).reshape(-1, 4) / np.array([sx, sy, sx, sy])
+    b[:, 0::2] = b[:, 0::2].clip(0.0, w)  # a prediction may reach into the letterbox padding
+    b[:, 1::2] = b[:, 1::2].clip(0.0, h)
+    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+
+
+def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Detections -> COCO result dicts (image_id, category_id, bbox xywh in original pixels, score).
+
+    ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..80 and ``scores`` (what
+    torchvision's detection models return in eval mode). ``targets``: the loader's per-image dicts of
+    the same images, in the same order (their ``image_id``, ``scale`` and ``orig_size`` are used).
+    """
+    if len(outputs) != len(targets):
+        raise ValueError(f"coco_results: {len(outputs)} outputs for {len(targets)} targets (one each per image)")
+    results = []
+    for out, t in zip(outputs, targets):
+        boxes = original_xywh(out["boxes"], t["scale"], t["orig_size"])
+        labels = as_numpy(out["labels"]).reshape(-1)
+        scores = np.asarray(as_numpy(out["scores"]), dtype=np.float64).reshape(-1)
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError(f"image {t['image_id']}: {len(boxes)} boxes, {len(labels)} labels, {len(scores)} scores")
+        cats = label_to_coco_id(labels)
+        results.extend({"image_id": int(t["image_id"]), "category_id": int(c), "bbox": [float(v) for v in b],
+                        "score": float(s)} for b, c, s in zip(boxes, cats, scores))
+    return results
+
+
+def iter_records(split_dir: str | os.PathLike, storage_options: dict | None = None) -> Iterator[Record]:
+    """The JSON records of a split (local folder or URL), in manifest order."""
+    store = store_of(os.fspath(split_dir), storage_options)
+    manifest = read_manifest(store)
+    for entry in manifest.get("shards") or []:
+        with store.open_read(entry["name"]) as f:
+            for _, members in iter_tar_samples(f, store.location(entry["name"])):
+                yield Record.from_json(members[JSON_EXT])
+
+
+def _annotations(r: Record) -> list[dict]:
+    """One record's boxes (iscrowd 0) and crowd boxes (iscrowd 1) as COCO annotations, without ids yet."""
+    out = []
+    for boxes, labels, ids, crowd in ((r.boxes, r.labels, r.bbox_ids, 0),
+                                      (r.crowd_boxes, r.crowd_labels, r.crowd_bbox_ids, 1)):
+        ids = ids if len(ids) == len(boxes) else np.full(len(boxes), -1)
+        for b, c, i in zip(original_xywh(boxes, r.scale, r.orig_size), label_to_coco_id(labels), ids):
+            out.append({"id": int(i), "image_id": int(r.image_id), "category_id": int(c),
+                        "bbox": [float(v) for v in b], "area": float(b[2] * b[3]), "iscrowd": crowd})
+    return out
+
+
+def coco_ground_truth(records: Sequence[Record] | Iterator[Record]) -> dict:
+    """A COCO annotations dict (images, annotations, categories) from a split's records, in original pixels.
+
+    Annotation ids are the source's bbox ids when every box has a distinct one (COCO and the Hub give
+    them), else 1..N in record order.
+    """
+    images, anns = [], []
+    for r in records:
+        oh, ow = r.orig_size
+        images.append({"id": int(r.image_id), "height": int(oh), "width": int(ow)})
+        anns.extend(_annotations(r))
+    ids = [a["id"] for a in anns]
+    if min(ids, default=1) < 1 or len(set(ids)) != len(ids):
+        for n, a in enumerate(anns, start=1):
+            a["id"] = n
+    return {"info": {"description": "ground truth from frcnn-shard records (box areas, original pixels)"},
+            "images": images, "annotations": anns, "categories": coco_categories()}
+
+
+def write_coco_ground_truth(split_dir: str | os.PathLike, out: str | os.PathLike,
+                            storage_options: dict | None = None) -> dict:
+    """Write a split's ground truth as a COCO annotations json (see coco_ground_truth); returns its counts."""
+    gt = coco_ground_truth(iter_records(split_dir, storage_options))
+    out = Path(out)
+    store = LocalStore(out.parent)
+    store.makedirs()
+    store.write_atomic(out.name, json.dumps(gt).encode())  # an old file survives a failure
+    return {"images": len(gt["images"]), "annotations": len(gt["annotations"]),
+            "crowd": sum(a["iscrowd"] for a in gt["annotations"])}
