@@ -389,8 +389,12 @@ def _sampled(targets: SparseTargets, key: str, ds: _Dataset, opts: LoaderOptions
     return pos, targets.matched[np.searchsorted(targets.positive, pos)], neg
 
 
-def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int) -> Decoded:
-    """Decode one sample and sample its anchors; any problem raises ShardFormatError naming URL and key."""
+def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int,
+                  out: np.ndarray | None = None) -> Decoded:
+    """Decode one sample and sample its anchors; any problem raises ShardFormatError naming URL and key.
+
+    ``out``: the uint8 [H, W, 3] batch row the image is decoded into (the sample's image is then that row).
+    """
     error = sample_error(raw, url)
     if error is not None:
         raise error
@@ -401,7 +405,7 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
     ext = image_member(raw.members)
     stage = "image"
     try:
-        image = decode_stored_image(raw.members[ext], ext, ds.image_hw)
+        image = decode_stored_image(raw.members[ext], ext, ds.image_hw, out)
         stage = "json"
         record = Record.from_json(raw.members[JSON_EXT])
         stage = "anchor targets"
@@ -490,8 +494,16 @@ def _meta(r: Record) -> dict:
             "scale": r.scale, "pad": r.pad}
 
 
-def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False) -> _Batch:
-    """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
+def _batch_rows(ds: _Dataset, opts: LoaderOptions, shared: bool) -> torch.Tensor | None:
+    """The uint8 [B, H, W, 3] batch the next samples are decoded straight into, or None (normalised
+    batches, or a canvas size not known in advance): then collate copies the decoded images."""
+    if opts.normalize or ds.image_hw is None:
+        return None
+    return _shared_empty((opts.batch_size, *ds.image_hw, 3), torch.uint8, shared)
+
+
+def _images(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool) -> torch.Tensor:
+    """The batch's image tensor, filled from the decoded images (normalised into float32 when asked).
 
     Filling goes through NumPy views: torch's intra-op thread pool makes small copy kernels many
     times slower on a busy CPU, and the views write straight into the tensors' memory.
@@ -512,6 +524,17 @@ def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: b
             img_np[i] += bias
         else:
             img_np[i] = s.image
+    return images
+
+
+def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False,
+            rows: torch.Tensor | None = None) -> _Batch:
+    """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
+
+    ``rows``: the uint8 batch (from _batch_rows) the samples were decoded into, row i holding sample i.
+    """
+    b = len(samples)
+    images = rows[:b] if rows is not None else _images(samples, ds, opts, shared)
     a = ds.num_anchors
     fill, other = _label_values(opts.rpn_batch_size)
     return _Batch(
@@ -603,26 +626,30 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
         raws = shuffle_buffer(raws, opts.shuffle_buffer, _rng(_TAG_BUFFER, opts.seed, cfg.epoch, opts.rank, worker))
     reported = 0
 
-    def emit(samples: list[Decoded] | None) -> _Batch:
+    def emit(samples: list[Decoded] | None, rows: torch.Tensor | None = None) -> _Batch:
         # Each item carries the skips since the previous one; None makes a stats-only item.
         nonlocal reported
-        batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared)
+        batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared, rows)
         batch.skipped, batch.skip_log, reported = len(skips) - reported, skips[reported:], len(skips)
         return batch
 
     pending: list[Decoded] = []
+    rows = None  # the uint8 batch being decoded into: saves a copy per image
     for url, raw in raws:
-        try:
-            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch))
+        if rows is None:
+            rows = _batch_rows(ds, opts, shared)
+        try:  # a sample that fails leaves its row to the next one
+            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch,
+                                         None if rows is None else rows.numpy()[len(pending)]))
         except ShardFormatError as e:
             if opts.on_error == "raise":
                 raise
             skips.append(str(e))
         if len(pending) == opts.batch_size:
-            yield emit(pending)
-            pending = []
+            yield emit(pending, rows)
+            pending, rows = [], None
     if pending and not opts.drop_last:
-        yield emit(pending)
+        yield emit(pending, rows)
     if len(skips) > reported:
         yield emit(None)
 

@@ -225,7 +225,7 @@ def _writer_ms(samples: list[Sample], packed: list[bytes], repeats: int) -> floa
         def write() -> None:
             w = ShardWriter(Path(d) / "bench-000000.tar")
             for s, p in zip(samples, packed):
-                w.add(s.key, fb.sample_members(s, p))
+                w.add(s.key, fb.sample_members(s.image_ext, s.image_bytes, s.record.to_json(), p))
             w.close()
         return 1000 * bc.best_of(write, repeats) / len(samples)
 

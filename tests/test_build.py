@@ -203,3 +203,31 @@ def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monke
         assert [s["sha256"] for s in read_manifest(dev.out_dir)["shards"]] == \
             [s["sha256"] for s in read_manifest(cpu.out_dir)["shards"]]
     assert calls and max(calls) == 7 and sum(calls) == 2 * cpu.samples  # batched, every sample once per build
+
+
+def test_device_auto_gives_torchs_answer():
+    import torch
+
+    from frcnn_shard.build import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_a_cpu_only_build_through_the_cli_imports_neither_torch_nor_datasets(tiny_coco, tmp_path):
+    """device=auto asks torch only where a GPU device node exists; a coco: source needs no datasets."""
+    import glob
+    import subprocess
+    import sys
+
+    if sys.platform.startswith("linux") and any(glob.glob(p) for p in ("/dev/nvidia*", "/dev/dxg", "/dev/kfd")):
+        pytest.skip("a GPU device node exists: device=auto must ask torch")
+    code = ("import sys; from frcnn_shard.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'datasets', 'pandas') if m in sys.modules))")
+    args = ["build", "--source", f"coco:{tiny_coco}", "--split", "train2017", "--out", str(tmp_path),
+            "--max-samples", "4", "--workers", "2"]
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+    assert read_manifest(tmp_path / "train2017")["build"]["device"] == "cpu"

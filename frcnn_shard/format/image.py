@@ -2,7 +2,8 @@
 
 The header is checked before any pixel is decoded: the member must hold the format its extension
 names, at exactly the manifest's canvas size, so a decompression bomb or a foreign image is refused
-from a few header bytes.
+from a few header bytes. The pixels then come from ``codec.decode_jpeg`` (libjpeg-turbo into NumPy,
+PIL's exact pixels) where it applies, from PIL otherwise.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from ..codec import check_out, decode_jpeg
 
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}  # member extension -> the format its bytes must hold
 RULE_IMAGE_DECODE = "image_decode"
@@ -38,13 +41,24 @@ def open_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) 
     return img
 
 
-def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) -> np.ndarray:
-    """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem)."""
+def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem).
+
+    ``out`` (optional: a writable uint8 [H, W, 3] array, e.g. a row of a batch) receives the pixels.
+    """
     img = open_stored_image(data, ext, canvas_hw)
+    pixels = decode_jpeg(img, data, out)
+    if pixels is not None:
+        return pixels
     try:
         img.load()
         if img.mode != "RGB":
             img = img.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data
         raise StoredImageError(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}") from None
-    return np.asarray(img)
+    if out is None:
+        return np.asarray(img)
+    check_out(out, (img.height, img.width))
+    out[...] = np.asarray(img)
+    return out
