@@ -214,8 +214,10 @@ def test_device_auto_gives_torchs_answer():
     assert resolve_device("cpu") == "cpu"
 
 
-def test_a_cpu_only_build_through_the_cli_imports_neither_torch_nor_datasets(tiny_coco, tmp_path):
-    """device=auto asks torch only where a GPU device node exists; a coco: source needs no datasets."""
+@pytest.mark.parametrize("kind", ["coco", "hub"])
+def test_a_cpu_only_build_through_the_cli_does_not_import_torch(tiny_coco, sample_hub, tmp_path, kind):
+    """device=auto asks torch only where a GPU device node exists, and the Hub source's `datasets` is
+    kept from importing it; a coco: source needs no `datasets` either."""
     import glob
     import subprocess
     import sys
@@ -224,10 +226,11 @@ def test_a_cpu_only_build_through_the_cli_imports_neither_torch_nor_datasets(tin
         pytest.skip("a GPU device node exists: device=auto must ask torch")
     code = ("import sys; from frcnn_shard.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in ('torch', 'datasets', 'pandas') if m in sys.modules))")
-    args = ["build", "--source", f"coco:{tiny_coco}", "--split", "train2017", "--out", str(tmp_path),
-            "--max-samples", "4", "--workers", "2"]
+            "print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))")
+    source, split = (f"coco:{tiny_coco}", "train2017") if kind == "coco" else (str(sample_hub), "train")
+    args = ["build", "--source", source, "--split", split, "--out", str(tmp_path), "--max-samples", "4",
+            "--workers", "2"]
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
-    assert out.strip().splitlines()[-1] == "[]", out
-    assert read_manifest(tmp_path / "train2017")["build"]["device"] == "cpu"
+    assert out.strip().splitlines()[-1] == ("[]" if kind == "coco" else "['datasets']"), out
+    assert read_manifest(tmp_path / split)["build"]["device"] == "cpu"
