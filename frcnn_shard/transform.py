@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from .codec import decode_jpeg
 from .labels import INVALID_LABEL, NUM_CLASSES
 from .format.record import Record, key_of
 from .records import Dropped, Sample, SourceRow
@@ -252,15 +251,8 @@ def _uint16_to_uint8(a: np.ndarray) -> np.ndarray:
     return (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image, data: bytes | None = None) -> Image.Image:
-    """Decode pixels and convert any mode to 8-bit RGB; alpha is composited onto black; no EXIF rotation.
-
-    Given the encoded ``data`` too, a plain JPEG's pixels come from codec.decode_jpeg (PIL's exact pixels).
-    """
-    if data is not None:
-        pixels = decode_jpeg(img, data)
-        if pixels is not None:
-            return Image.fromarray(pixels)
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode pixels and convert any mode to 8-bit RGB; alpha is composited onto black; no EXIF rotation."""
     try:
         img.load()
     except MemoryError:
@@ -298,7 +290,7 @@ def to_rgb(img: Image.Image, data: bytes | None = None) -> Image.Image:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode encoded bytes to an 8-bit RGB PIL image (raises CorruptImageError / TooManyPixelsError)."""
-    return to_rgb(open_image(data, max_pixels), data)
+    return to_rgb(open_image(data, max_pixels))
 
 
 def resize_image(img: Image.Image, out_hw: tuple[int, int], mode: str) -> Image.Image:
@@ -386,7 +378,7 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
 
     # Only now decode pixels: rows dropped above never pay for it.
     try:
-        rgb = to_rgb(img, row.image)
+        rgb = to_rgb(img)
     except ImageError as e:
         return dropped(e.reason, str(e), box_drops)
     resized = resize_image(rgb, cfg.image_size, cfg.resize)

@@ -382,11 +382,15 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
         ("unpack in the consumer (index lists -> dense int64 labels, matched_gt)", unpack),
         ("collate, normalised (+ float32 multiply-add)", collate_norm),
     ]
-    b = L.collate(decoded[:batch_size], ds, opts)
-    b8 = L.collate(decoded[:batch_size], ds, u8_opts)
+    return stages, _batch_bytes(L.collate(decoded[:batch_size], ds, opts), L.collate(decoded[:batch_size], ds, u8_opts),
+                                [r for _, r in raws], batch_size)
+
+
+def _batch_bytes(b, b8, raws: list, batch_size: int) -> dict:
+    """What one image costs on disk, shipped from a worker (float32 batch b, uint8 batch b8) and delivered."""
     _, dense = b8.unpack()
-    nbytes = {
-        "stored JPEG": float(np.mean([len(r.members["jpg"]) for _, r in raws])),
+    return {
+        "stored JPEG": float(np.mean([len(r.members["jpg"]) for r in raws])),
         "shipped: images float32 (normalize=True)": b.images.nbytes / batch_size,
         "shipped: images uint8 (normalize=False)": b8.images.nbytes / batch_size,
         "shipped: anchor index lists + positives' boxes":
@@ -394,7 +398,6 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
         "delivered: anchor_labels int64 [A]": dense[0]["anchor_labels"].nbytes,
         "delivered: anchor_matched_gt float32 [A, 4] (lazily zero-filled)": dense[0]["anchor_matched_gt"].nbytes,
     }
-    return stages, nbytes
 
 
 def profile_loader(shards: Path, batch_size: int, n: int) -> str:

@@ -1,9 +1,9 @@
 """The fast JPEG decode (codec.decode_jpeg: libjpeg-turbo via simplejpeg) against PIL, the plain reference.
 
-Same pixels and same verdicts as the PIL-only paths, through both readers (the build's
-transform.decode_image and the shards' format.image.decode_stored_image), on the real COCO images,
-the stored 400 px JPEGs, odd images generated here, the bad rows of the fault tests and a seeded
-fuzz; and the fast path is really taken where it should be, so the comparisons are not vacuous.
+Same pixels and same verdicts as PIL alone, through the stored-image reader that uses it
+(format.image.decode_stored_image: the loader, check --deep, show), on the real COCO images, the
+stored 400 px JPEGs, odd images generated here, the bad rows of the fault tests and a seeded fuzz;
+and the fast path is really taken where it should be, so the comparisons are not vacuous.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import simplejpeg
 from PIL import Image
 
 from frcnn_shard import codec
-from frcnn_shard import transform as T
 from frcnn_shard.format.image import StoredImageError, decode_stored_image
 from frcnn_shard.shards import iter_shard, read_manifest
 from test_faults import BAD_ROWS
@@ -52,22 +51,6 @@ def mpo(a: Image.Image, b: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def build_pil(data: bytes):
-    """The build's PIL-only decode (open_image + to_rgb without the bytes): (verdict, pixels)."""
-    try:
-        return "ok", np.asarray(T.to_rgb(T.open_image(data)))
-    except T.ImageError as e:
-        return type(e).__name__, None
-
-
-def build_fast(data: bytes):
-    """The build's decode as it runs: (verdict, pixels)."""
-    try:
-        return "ok", np.asarray(T.decode_image(data))
-    except T.ImageError as e:
-        return type(e).__name__, None
-
-
 def stored_pil(data: bytes):
     """A stored .jpg member decoded by PIL alone, as the readers did before the fast path."""
     try:
@@ -80,6 +63,7 @@ def stored_pil(data: bytes):
 
 
 def stored_fast(data: bytes):
+    """The stored-image reader as it runs: (verdict, pixels)."""
     try:
         return "ok", decode_stored_image(data, "jpg", None)
     except StoredImageError:
@@ -150,9 +134,8 @@ ODD = odd_images()
 
 
 @pytest.mark.parametrize("name,data,fast", ODD, ids=[c[0] for c in ODD])
-def test_odd_images_decode_as_pil_in_both_readers(name, data, fast):
+def test_odd_images_decode_as_pil(name, data, fast):
     assert fast_path_taken(data) == fast, name
-    assert_same(build_fast(data), build_pil(data), name)
     assert_same(stored_fast(data), stored_pil(data), name)
 
 
@@ -161,7 +144,6 @@ def test_fault_test_images_decode_as_pil(index):
     data = (BAD_ROWS[index][0]["image"] or {}).get("bytes")
     if data is None:
         pytest.skip("row without image bytes")
-    assert_same(build_fast(data), build_pil(data), f"BAD_ROWS[{index}]")
     assert_same(stored_fast(data), stored_pil(data), f"BAD_ROWS[{index}]")
 
 
@@ -171,8 +153,8 @@ def test_coco_originals_take_the_fast_path_with_pil_pixels(tiny_coco):
     for p in paths:
         data = p.read_bytes()
         assert fast_path_taken(data), p.name
-        assert_same(build_fast(data), build_pil(data), p.name)
-        assert np.array_equal(build_fast(data)[1], codec.decode_pil(data)), p.name
+        assert_same(stored_fast(data), stored_pil(data), p.name)
+        assert np.array_equal(stored_fast(data)[1], codec.decode_pil(data)), p.name
 
 
 def test_stored_jpegs_take_the_fast_path_with_pil_pixels(tiny_shards):
@@ -216,7 +198,6 @@ def _mutations(seed: int, n: int) -> list[bytes]:
 def test_damaged_jpegs_get_pils_verdict_and_pixels():
     fast = refused = 0
     for i, data in enumerate(_mutations(15, 600)):
-        assert_same(build_fast(data), build_pil(data), f"mutation {i}")
         assert_same(stored_fast(data), stored_pil(data), f"mutation {i}")
         if fast_path_taken(data):
             fast += 1
