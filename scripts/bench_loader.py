@@ -483,7 +483,10 @@ def report(runs: dict[tuple[str, int], Run], stages: list[tuple[str, float]], nb
         f"{runs[('stream', w)].images} images)", "",
         _runs_table(runs, worker_counts), "",
         "Steady state = images after the first batch / time after the first batch; ratios use it. "
-        "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker).",
+        "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker). "
+        f"With 0 workers the streaming loop's brute-force matching runs on torch's {torch.get_num_threads()} intra-op "
+        "threads (DataLoader workers use one each), which stall when other processes hold the cores: on a shared "
+        "machine its 0-worker rate, and every ratio to it, is unreliable.",
         "", *_goal_lines(runs, worker_counts), "",
         "The PIL delivered-decode floor: tar read + PIL decode + the uint8 batch handed to the consumer through "
         "the same DataLoader (shared memory with workers). The decode-only row keeps the pixels in the "
@@ -534,20 +537,21 @@ def main(argv: list[str] | None = None) -> None:
                   ("floor_turbo", w, "libjpeg-turbo delivered floor",
                    lambda w=w: run_floor(shards, b, w, True, codec="turbo")),
                   ("norm", w, "loader, normalize=True", lambda w=w: run_loader(shards, b, w, True)),
-                  ("u8", w, "loader, normalize=False", lambda w=w: run_loader(shards, b, w, False))]
+                  ("u8", w, "loader, normalize=False", lambda w=w: run_loader(shards, b, w, False)),
+                  ("stream", w, f"streaming loop ({args.stream_images} images)",
+                   lambda w=w: run_stream(hub, b, w, args.stream_images))]
         if w:
             plans += [("floor_bare", w, "decode-only floor", lambda w=w: run_floor(shards, b, w, False)),
                       ("floor_norm", w, "PIL delivered floor, normalised",
                        lambda w=w: run_floor(shards, b, w, True, normalize=True))]
-    # Interleaved, best of two each: the machine is shared and noisy.
+    # Interleaved, best of two each: the machine is shared and noisy. (The streaming loop with 0 workers
+    # runs torch's brute-force matching on its intra-op threads, which stall badly when other processes
+    # hold the cores: compare it only on an otherwise idle machine.)
     for attempt in range(2):
         for key, w, what, fn in plans:
             bc.log(f"{what}, {w} workers (run {attempt + 1} of 2)")
             run = fn()
             runs[(key, w)] = max(runs.get((key, w), run), run, key=lambda r: r.steady_ips)
-    for w in {key[1] for key in runs}:
-        bc.log(f"streaming loop ({args.stream_images} images, {w} workers)")
-        runs[("stream", w)] = run_stream(hub, b, w, args.stream_images)
     bc.log("per-stage timings")
     stages, nbytes = stage_timings(shards, b, args.stage_images, args.repeats)
     prof = profile_loader(shards, b, 400) if args.profile else None
