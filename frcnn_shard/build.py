@@ -7,12 +7,14 @@ manifest rewritten after each one, which is what makes an interrupted build resu
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import math
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
@@ -333,11 +335,26 @@ def resilient_rows(source, start: int, stop: int, opts: BuildOptions, sleep: Cal
             sleep(delay)
 
 
+# The device nodes through which a GPU reaches a Linux process (NVIDIA, Jetson, WSL2, ROCm): without
+# any of them torch.cuda.is_available() is False, and asking torch costs its import (1.5-2 s).
+_GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/nvgpu*", "/dev/nvhost-*", "/dev/nvmap", "/dev/dxg", "/dev/kfd")
+
+
+def _gpu_may_be_visible() -> bool:
+    """False only where torch cannot see a GPU: Linux without any GPU device node."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(glob.glob(pattern) for pattern in _GPU_DEVICE_NODES)
+
+
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error.
+
+    'auto' asks torch only where a GPU device node exists, so a CPU-only build never imports torch.
+    """
     if device not in DEVICES:
         raise OptionError("device", f"must be one of {', '.join(DEVICES)} (got {device!r})")
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not _gpu_may_be_visible()):
         return "cpu"
     import torch
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import MISSING, fields
@@ -104,6 +105,9 @@ def _cli_words(message: str) -> str:
 @click.option("--no-low-quality", is_flag=True, help="Same as --low-quality none.")
 def build(no_low_quality: bool, **kw) -> None:
     """Stream a split, resize, convert boxes, match anchors and write shards + manifest (resumable)."""
+    # A Hub source's `datasets` imports torch (1.5-2 s) only to offer torch-formatted rows, which the
+    # build never asks for: this process does without (a USE_TORCH already set is respected).
+    os.environ.setdefault("USE_TORCH", "0")
     from .build import BuildError, BuildInterrupted, OptionError, build as run_build, validate_options
 
     try:

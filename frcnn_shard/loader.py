@@ -472,10 +472,12 @@ def _transformed(image: np.ndarray, transform: Callable, where: str) -> np.ndarr
     return out
 
 
-def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int) -> Decoded:
+def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, epoch: int,
+                  out: np.ndarray | None = None) -> Decoded:
     """Decode one sample (mirrored when its flip decision says so) and sample its anchors.
 
     A bad sample raises ShardFormatError naming URL and key; a failing image_transform ImageTransformError.
+    ``out``: the uint8 [H, W, 3] batch row the image is decoded into (the sample's image is then that row).
     """
     error = sample_error(raw, url)
     if error is not None:
@@ -488,7 +490,7 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
     flip = hflip_decision(opts.seed, epoch, raw.key, opts.hflip)
     stage = "image"
     try:
-        image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip)
+        image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip, out=out)
         stage = "json"
         record = Record.from_json(raw.members[JSON_EXT])
         stage = "anchor targets"
@@ -501,6 +503,9 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
         record = record.hflip()  # the image was decoded mirrored
     if opts.image_transform is not None:
         image = _transformed(image, opts.image_transform, where)
+        if out is not None and image is not out:
+            out[...] = image  # collate takes the batch row as this sample's image
+            image = out
     ones, matched, others = _sampled(targets, raw.key, ds, opts, epoch)
     return Decoded(raw.key, image, record, ones, record.boxes[matched], others, flip)
 
@@ -582,8 +587,16 @@ def _meta(s: Decoded) -> dict:
             "scale": r.scale, "pad": r.pad, "flipped": s.flipped}
 
 
-def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False) -> _Batch:
-    """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
+def _batch_rows(ds: _Dataset, opts: LoaderOptions, shared: bool) -> torch.Tensor | None:
+    """The uint8 [B, H, W, 3] batch the next samples are decoded straight into, or None (normalised
+    batches, or a canvas size not known in advance): then collate copies the decoded images."""
+    if opts.normalize or ds.image_hw is None:
+        return None
+    return _shared_empty((opts.batch_size, *ds.image_hw, 3), torch.uint8, shared)
+
+
+def _images(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool) -> torch.Tensor:
+    """The batch's image tensor, filled from the decoded images (normalised into float32 when asked).
 
     Filling goes through NumPy views: torch's intra-op thread pool makes small copy kernels many
     times slower on a busy CPU, and the views write straight into the tensors' memory.
@@ -604,6 +617,17 @@ def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: b
             img_np[i] += bias
         else:
             img_np[i] = s.image
+    return images
+
+
+def collate(samples: list[Decoded], ds: _Dataset, opts: LoaderOptions, shared: bool = False,
+            rows: torch.Tensor | None = None) -> _Batch:
+    """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
+
+    ``rows``: the uint8 batch (from _batch_rows) the samples were decoded into, row i holding sample i.
+    """
+    b = len(samples)
+    images = rows[:b] if rows is not None else _images(samples, ds, opts, shared)
     a = ds.num_anchors
     fill, other = _label_values(opts.rpn_batch_size)
     return _Batch(
@@ -702,27 +726,31 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
         raws = shuffle_buffer(raws, opts.shuffle_buffer, _rng(_TAG_BUFFER, opts.seed, cfg.epoch, opts.rank, worker))
     reported = 0
 
-    def emit(samples: list[Decoded] | None) -> _Batch:
+    def emit(samples: list[Decoded] | None, rows: torch.Tensor | None = None) -> _Batch:
         # Each item carries the skips since the previous one; None makes a stats-only item.
         nonlocal reported
-        batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared)
+        batch = _stats_only(ds) if samples is None else collate(samples, ds, opts, shared, rows)
         new = skips[reported:]
         batch.skipped, batch.skip_log, reported = sum(n for n, _ in new), [m for _, m in new], len(skips)
         return batch
 
     pending: list[Decoded] = []
+    rows = None  # the uint8 batch being decoded into: saves a copy per image
     for url, raw in raws:
-        try:
-            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch))
+        if rows is None:
+            rows = _batch_rows(ds, opts, shared)
+        try:  # a sample that fails leaves its row to the next one
+            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch,
+                                         None if rows is None else rows.numpy()[len(pending)]))
         except ShardFormatError as e:
             if opts.on_error == "raise":
                 raise
             skips.append((1, str(e)))
         if len(pending) == opts.batch_size:
-            yield emit(pending)
-            pending = []
+            yield emit(pending, rows)
+            pending, rows = [], None
     if pending and not opts.drop_last:
-        yield emit(pending)
+        yield emit(pending, rows)
     if len(skips) > reported:
         yield emit(None)
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Loader benchmark (issue 7, benchmark 3): frcnn_shard.loader.make_loader against two reference points.
+"""Loader benchmark (issues 7, 15, benchmark 3): frcnn_shard.loader.make_loader against two reference points.
 
-All three run as torch DataLoaders with the same ``--workers`` (default os.cpu_count()) and
-``--batch-size`` (default 8), over tiny_coco repeated to ``--images`` (default 2,000; shards of 250
-samples built once and cached in the git-ignored bench_data/):
+All run as torch DataLoaders with the same ``--batch-size`` (default 8), over tiny_coco repeated to
+``--images`` (default 2,000; shards of 250 samples built once and cached in the git-ignored bench_data/),
+at ``--workers`` (default os.cpu_count()) and again with 0 workers (everything in the main process):
 
 - loader:          make_loader(shards, batch_size, num_workers=W, normalize=True | False, rpn_batch_size=256):
                    images/s into collated batches (images + anchor labels + matched boxes), in the main process;
@@ -11,7 +11,10 @@ samples built once and cached in the git-ignored bench_data/):
                    targets), alternating for ``--flip-rounds`` rounds, for the hflip ratio; and the worker's
                    pipeline on one core at hflip 0 / 0.5 / 1.
 - decode floor:    the same tars read the same way (tarfile stream, whole shards per worker) and only the
-                   stored JPEG bytes decoded with PIL to uint8 arrays; each worker sends back a count per batch.
+                   stored JPEG bytes decoded with PIL to uint8 arrays, delivered as uint8 batches (the PIL
+                   delivered-decode floor, the goal's reference); the same with libjpeg-turbo (simplejpeg,
+                   decoding into the batch) shows how much of the loader's time is decoding; and a
+                   decode-only variant whose workers send back a count per batch.
 - streaming loop:  what users run today: ``datasets.load_dataset(hub_folder, split="train", streaming=True)``
                    split over the workers, the original JPEG decoded, resized to 400x400, normalised with the
                    ImageNet mean/std, and RPN targets assigned per image by brute force on the CPU in torch
@@ -50,14 +53,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import simplejpeg  # noqa: E402
+
 from frcnn_shard import anchors as anc  # noqa: E402
 from frcnn_shard.format.members import TARGETS_EXT  # noqa: E402
 from frcnn_shard.format.targets import unpack_targets  # noqa: E402
 from frcnn_shard.shards import iter_shard, read_manifest  # noqa: E402
 from frcnn_shard.transform import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
-GOAL_VS_FLOOR = 0.85
-GOAL_VS_STREAM = 10.0
+GOAL_VS_FLOOR = 0.85  # the uint8 loader vs the PIL delivered-decode floor, with workers
+GOAL_VS_STREAM = 10.0  # the uint8 loader vs the streaming loop, 0 workers (and with workers)
 GOAL_HFLIP = 0.95  # the loader with hflip=0.5 against the same loader without it
 IMAGE_HW = (400, 400)
 
@@ -161,37 +166,45 @@ def compare_trees(baseline: Path, shards: Path, batch_size: int, workers: int, r
 
 
 class DecodeFloor(torch.utils.data.IterableDataset):
-    """Whole shards per worker (as the loader), tar read, stored JPEG decoded with PIL.
+    """Whole shards per worker (as the loader), tar read, stored JPEG decoded with PIL (or libjpeg-turbo).
 
     ``deliver=False`` yields only counts: the pixels never leave the worker (a floor no loader can
     reach, since it must hand the pixels over). ``deliver=True`` writes each batch into a uint8
     [B, H, W, 3] tensor in shared memory and yields it: the least any loader of these shards does.
+    ``codec="turbo"`` decodes with simplejpeg, into the batch row when delivering uint8.
     """
 
-    def __init__(self, tars: list[Path], batch_size: int, deliver: bool, normalize: bool = False):
+    def __init__(self, tars: list[Path], hw: tuple[int, int], batch_size: int, deliver: bool,
+                 normalize: bool = False, codec: str = "pil"):
         super().__init__()
-        self.tars, self.batch_size, self.deliver, self.normalize = tars, batch_size, deliver, normalize
+        self.tars, self.hw, self.batch_size, self.deliver = tars, hw, batch_size, deliver
+        self.normalize, self.codec = normalize, codec
+
+    def _pixels(self, data: bytes, row: np.ndarray | None) -> np.ndarray:
+        if self.codec == "turbo":
+            return simplejpeg.decode_jpeg(data, "RGB", buffer=row)
+        img = Image.open(io.BytesIO(data))
+        pixels = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)  # decodes the pixels
+        if row is not None:
+            row[...] = pixels
+        return pixels
 
     def __iter__(self) -> Iterator:
         from frcnn_shard.loader import _shared_empty as _empty
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        shape = (self.batch_size, 3, *self.hw) if self.normalize else (self.batch_size, *self.hw, 3)
         n, out = 0, None
         for p in self.tars[wid::nw]:
             for _, members in iter_shard(p):
-                img = Image.open(io.BytesIO(members["jpg"]))
-                pixels = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)  # decodes the pixels
+                if self.deliver and out is None:
+                    out = _empty(shape, torch.float32 if self.normalize else torch.uint8, info is not None)
+                pixels = self._pixels(members["jpg"], out.numpy()[n] if self.deliver and not self.normalize else None)
                 if self.deliver and self.normalize:  # float32 CHW, normalised as the loader does it
-                    if out is None:
-                        out = _empty((self.batch_size, 3, *pixels.shape[:2]), torch.float32, info is not None)
                     dst = out.numpy()[n]
                     np.multiply(pixels.transpose(2, 0, 1), NORM_SCALE, out=dst, dtype=np.float32)
                     dst += NORM_BIAS
-                elif self.deliver:
-                    if out is None:
-                        out = _empty((self.batch_size, *pixels.shape), torch.uint8, info is not None)
-                    out.numpy()[n] = pixels
                 n += 1
                 if n == self.batch_size:
                     yield out if self.deliver else n
@@ -200,19 +213,23 @@ class DecodeFloor(torch.utils.data.IterableDataset):
             yield out[:n] if self.deliver else n
 
 
-def run_floor(shards: Path, batch_size: int, workers: int, deliver: bool, normalize: bool = False) -> Run:
+FLOOR_NAMES = {
+    ("pil", True, False): "PIL delivered-decode floor (tar read + PIL decode + uint8 batch to the consumer)",
+    ("turbo", True, False): "libjpeg-turbo delivered-decode floor (tar read + simplejpeg into the uint8 batch)",
+    ("pil", True, True): "PIL delivered floor, normalised (+ float32 normalise, 4x the bytes)",
+    ("pil", False, False): "PIL decode-only floor (tar read + PIL decode; pixels never leave the worker)",
+}
+
+
+def run_floor(shards: Path, batch_size: int, workers: int, deliver: bool, normalize: bool = False,
+              codec: str = "pil") -> Run:
     """A decode floor through a DataLoader with the same worker count."""
     man = read_manifest(shards)
     tars = [shards / s["name"] for s in man["shards"]]
-    dl = torch.utils.data.DataLoader(DecodeFloor(tars, batch_size, deliver, normalize), batch_size=None,
+    hw = tuple(man["image"]["size"])
+    dl = torch.utils.data.DataLoader(DecodeFloor(tars, hw, batch_size, deliver, normalize, codec), batch_size=None,
                                      num_workers=workers)
-    if normalize:
-        return time_batches("decode floor, delivered normalised (+ float32 normalise, 4x the bytes)", dl,
-                            lambda b: int(b.shape[0]))
-    if deliver:
-        return time_batches("decode floor, delivered (tar read + PIL decode + uint8 batch to the consumer)", dl,
-                            lambda b: int(b.shape[0]))
-    return time_batches("decode-only floor (tar read + PIL decode; pixels never leave the worker)", dl, int)
+    return time_batches(FLOOR_NAMES[(codec, deliver, normalize)], dl, lambda b: int(b.shape[0]) if deliver else b)
 
 
 # ============================================================================ streaming loop
@@ -315,6 +332,12 @@ def run_stream(hub: Path, batch_size: int, workers: int, limit: int) -> Run:
 # ======================================================================== per-stage timings
 
 
+def pil_pixels(data: bytes) -> np.ndarray:
+    """A stored JPEG through PIL alone, as the PIL floor decodes it."""
+    img = Image.open(io.BytesIO(data))
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+
+
 def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[list[tuple[str, float]], dict]:
     """ms/image of each loader stage on the first n samples, one core, plus the bytes a batch carries."""
     from frcnn_shard import loader as L
@@ -333,6 +356,7 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
     decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
     stored = [unpack_targets(r.members[TARGETS_EXT], num_anchors) for _, r in raws]
     batches = [decoded[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    row = np.empty((*IMAGE_HW, 3), np.uint8)
     ms = bc.per_item_ms
 
     def read_all() -> None:
@@ -343,28 +367,36 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
         return anc.sample_indices(stored[i], num_anchors, 256, 0.5, rng=anc.sample_rng(0, 0, raws[i][1].key))
 
     collate_norm = ms(lambda b: L.collate(b, ds, opts), batches, repeats) / batch_size
-    collate_u8 = ms(lambda b: L.collate(b, ds, u8_opts), batches, repeats) / batch_size
+    copy_u8 = ms(lambda b: L.collate(b, ds, u8_opts), batches, repeats) / batch_size  # images copied in
+    rows = torch.empty((batch_size, *IMAGE_HW, 3), dtype=torch.uint8)
+    collate_u8 = ms(lambda b: L.collate(b, ds, u8_opts, False, rows), batches, repeats) / batch_size
     shared_u8 = ms(lambda b: L.collate(b, ds, u8_opts, True), batches, repeats) / batch_size
     packed = [L.collate(b, ds, u8_opts) for b in batches]
     unpack = ms(lambda b: b.unpack(), packed, repeats) / batch_size
     stages = [
         ("tar read (iter_raw_samples)", 1000 * bc.best_of(read_all, repeats) / n),
-        ("JPEG decode (decode_stored_image)",
-         ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW), raws, repeats)),
+        ("JPEG decode, PIL (the PIL floor's decode; reference, not in the sum)",
+         ms(lambda r: pil_pixels(r[1].members["jpg"]), raws, repeats)),
+        ("JPEG decode (decode_stored_image: libjpeg-turbo into the batch row)",
+         ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW, out=row), raws, repeats)),
         ("JSON record (Record.from_json)", ms(lambda r: Record.from_json(r[1].members["json"]), raws, repeats)),
         ("targets unpack (unpack_targets: npz/zip + checks, sparse)",
          ms(lambda r: unpack_targets(r[1].members[TARGETS_EXT], num_anchors), raws, repeats)),
         ("anchor sampling on the sparse targets (sample_rng + sample_indices)", ms(sampled, list(range(n)), repeats)),
-        ("collate, uint8 (copy into batch, anchor index lists)", collate_u8),
-        ("extra for allocating the batch in shared memory (worker side)", shared_u8 - collate_u8),
+        ("collate, uint8 (anchor index lists; the images were decoded into the batch)", collate_u8),
+        ("extra for the batch in shared memory: allocation, first touch (worker side)", shared_u8 - copy_u8),
         ("unpack in the consumer (index lists -> dense int64 labels, matched_gt)", unpack),
         ("collate, normalised (+ float32 multiply-add)", collate_norm),
     ]
-    b = L.collate(decoded[:batch_size], ds, opts)
-    b8 = L.collate(decoded[:batch_size], ds, u8_opts)
+    return stages, _batch_bytes(L.collate(decoded[:batch_size], ds, opts), L.collate(decoded[:batch_size], ds, u8_opts),
+                                [r for _, r in raws], batch_size)
+
+
+def _batch_bytes(b, b8, raws: list, batch_size: int) -> dict:
+    """What one image costs on disk, shipped from a worker (float32 batch b, uint8 batch b8) and delivered."""
     _, dense = b8.unpack()
-    nbytes = {
-        "stored JPEG": float(np.mean([len(r.members["jpg"]) for _, r in raws])),
+    return {
+        "stored JPEG": float(np.mean([len(r.members["jpg"]) for r in raws])),
         "shipped: images float32 (normalize=True)": b.images.nbytes / batch_size,
         "shipped: images uint8 (normalize=False)": b8.images.nbytes / batch_size,
         "shipped: anchor index lists + positives' boxes":
@@ -372,7 +404,6 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
         "delivered: anchor_labels int64 [A]": dense[0]["anchor_labels"].nbytes,
         "delivered: anchor_matched_gt float32 [A, 4] (lazily zero-filled)": dense[0]["anchor_matched_gt"].nbytes,
     }
-    return stages, nbytes
 
 
 def flip_ab(shards: Path, batch_size: int, workers: int, rounds: int) -> dict[str, Run]:
@@ -509,58 +540,84 @@ def hflip_report(runs: dict[str, Run], flip_stages: list[tuple[str, float]], fli
         bc.md_table(["step (per image)", "ms/image"], rows)]
 
 
-def report(runs: dict[str, Run], stages: list[tuple[str, float]], nbytes: dict, args: argparse.Namespace,
-           prof: str | None, ab: str | None = None, flip: tuple[list, list] | None = None) -> str:
-    floor, stream = runs["floor"], runs["stream"]
+ROW_ORDER = ("u8", "norm", "floor", "floor_turbo", "floor_norm", "floor_bare", "stream")
+
+
+def _runs_table(runs: dict[tuple[str, int], Run], worker_counts: tuple[int, ...]) -> str:
+    """Every run, with its ratios to the PIL delivered floor and to the streaming loop at its own worker count."""
     rows = []
-    for key in ("norm", "u8", "floor", "floor_norm", "floor_bare", "stream"):
-        if key not in runs:
-            continue
-        r = runs[key]
-        vs_floor = r.steady_ips / floor.steady_ips
-        vs_stream = r.steady_ips / stream.steady_ips
-        rows.append([r.name, r.images, bc.fmt(r.seconds), bc.fmt(r.first_batch_s), bc.fmt(r.epoch_ips, 1),
-                     bc.fmt(r.steady_ips, 1), bc.fmt(vs_floor, 3) + "x", bc.fmt(vs_stream, 2) + "x"])
-    table = bc.md_table(["pipeline", "images", "seconds", "first batch s", "images/s (epoch)",
-                         "images/s (steady)", "vs decode floor", "vs streaming loop"], rows)
-    goals = []
-    for key in ("norm", "u8"):
-        r = runs[key]
-        a, b = r.steady_ips / floor.steady_ips, r.steady_ips / stream.steady_ips
-        goals.append(f"- {r.name}: {bc.fmt(a, 3)}x the decode floor (goal >= {GOAL_VS_FLOOR}: "
-                     f"{bc.goal(a >= GOAL_VS_FLOOR)}), {bc.fmt(b, 2)}x the streaming loop "
-                     f"(goal >= {GOAL_VS_STREAM:.0f}: {bc.goal(b >= GOAL_VS_STREAM)}).")
-    if "floor_norm" in runs:
-        a = runs["norm"].steady_ips / runs["floor_norm"].steady_ips
-        goals.append(f"- normalised loader vs the normalised decode floor (same float32 output): {bc.fmt(a, 3)}x "
-                     f"(>= {GOAL_VS_FLOOR}: {bc.goal(a >= GOAL_VS_FLOOR)}).")
-    total_u8 = sum(v for k, v in stages if "normalised" not in k)
-    stage_rows = [[k, bc.fmt(v, 3), bc.fmt(100 * v / total_u8, 0) + "%"] for k, v in stages]
+    for w in worker_counts:
+        floor, stream = runs.get(("floor", w)), runs.get(("stream", w))
+        for key in ROW_ORDER:
+            r = runs.get((key, w))
+            if r is None:
+                continue
+            vs_floor = bc.fmt(r.steady_ips / floor.steady_ips, 3) + "x" if floor else "n/a"
+            vs_stream = bc.fmt(r.steady_ips / stream.steady_ips, 2) + "x" if stream else "n/a"
+            rows.append([r.name, w, r.images, bc.fmt(r.seconds), bc.fmt(r.first_batch_s), bc.fmt(r.epoch_ips, 1),
+                         bc.fmt(r.steady_ips, 1), vs_floor, vs_stream])
+    return bc.md_table(["pipeline", "workers", "images", "seconds", "first batch s", "images/s (epoch)",
+                        "images/s (steady)", "vs PIL delivered floor (same workers)",
+                        "vs streaming loop (same workers)"], rows)
+
+
+def _goal_lines(runs: dict[tuple[str, int], Run], worker_counts: tuple[int, ...]) -> list[str]:
+    """The goals, each with its number and whether it was met."""
+    lines = []
+    for w in worker_counts:
+        for key in ("u8", "norm"):
+            r, floor, stream = runs[(key, w)], runs[("floor", w)], runs[("stream", w)]
+            a, b = r.steady_ips / floor.steady_ips, r.steady_ips / stream.steady_ips
+            lines.append(f"- {w} workers, {r.name}: {bc.fmt(b, 2)}x the streaming loop (goal >= {GOAL_VS_STREAM:.0f}: "
+                         f"{bc.goal(b >= GOAL_VS_STREAM)}), {bc.fmt(a, 3)}x the PIL delivered-decode floor "
+                         f"(goal >= {GOAL_VS_FLOOR}: {bc.goal(a >= GOAL_VS_FLOOR)}).")
+        if ("floor_norm", w) in runs:
+            a = runs[("norm", w)].steady_ips / runs[("floor_norm", w)].steady_ips
+            lines.append(f"- {w} workers, normalised loader vs the normalised PIL floor (same float32 output): "
+                         f"{bc.fmt(a, 3)}x (>= {GOAL_VS_FLOOR}: {bc.goal(a >= GOAL_VS_FLOOR)}).")
+        if ("floor_turbo", w) in runs:
+            a = runs[("u8", w)].steady_ips / runs[("floor_turbo", w)].steady_ips
+            lines.append(f"- {w} workers, uint8 loader vs the libjpeg-turbo delivered floor (the same decode as the "
+                         f"loader's): {bc.fmt(a, 3)}x: the share of the loader's time that is decoding and delivering.")
+    return lines
+
+
+def report(runs: dict[tuple[str, int], Run], stages: list[tuple[str, float]], nbytes: dict,
+           args: argparse.Namespace, prof: str | None, ab: str | None = None,
+           flip: tuple[dict, list, list] | None = None) -> str:
+    worker_counts = (args.workers, 0) if args.workers else (0,)
+    in_sum = [(k, v) for k, v in stages if "normalised" not in k and "reference" not in k]
+    total_u8 = sum(v for _, v in in_sum)
+    stage_rows = [[k, bc.fmt(v, 3), bc.fmt(100 * v / total_u8, 0) + "%" if (k, v) in in_sum else ""]
+                  for k, v in stages]
     stage_table = bc.md_table(["stage (per image, one core)", "ms/image", "share of the uint8 path"], stage_rows)
-    floor_ms = stages[0][1] + stages[1][1]
+    pil_floor_ms = stages[0][1] + stages[1][1]
     byte_table = bc.md_table(["per image", "bytes"], [[k, f"{v:,.0f}"] for k, v in nbytes.items()])
+    w = worker_counts[0]
     parts = [
         bc.report_header("Loader (scripts/bench_loader.py)"),
-        f"### 3. Loader throughput ({args.workers} workers, batch size {args.batch_size}, "
-        f"{runs['norm'].images} images from shards of {bc.SAMPLES_PER_SHARD}; streaming loop on "
-        f"{stream.images} images)", "",
-        table, "",
+        f"### 3. Loader throughput ({' and '.join(map(str, worker_counts))} workers, batch size {args.batch_size}, "
+        f"{runs[('u8', w)].images} images from shards of {bc.SAMPLES_PER_SHARD}; streaming loop on "
+        f"{runs[('stream', w)].images} images)", "",
+        _runs_table(runs, worker_counts), "",
         "Steady state = images after the first batch / time after the first batch; ratios use it. "
-        "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker).",
-        "", *goals, "",
-        "The decode floor is the delivered one: tar read + PIL decode + the uint8 batch handed to the "
-        "consumer through the same DataLoader (shared memory). The decode-only row keeps the pixels in the "
+        "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker). "
+        f"With 0 workers the streaming loop's brute-force matching runs on torch's {torch.get_num_threads()} intra-op "
+        "threads (DataLoader workers use one each), which stall when other processes hold the cores: on a shared "
+        "machine its 0-worker rate, and every ratio to it, is unreliable.",
+        "", *_goal_lines(runs, worker_counts), "",
+        "The PIL delivered-decode floor: tar read + PIL decode + the uint8 batch handed to the consumer through "
+        "the same DataLoader (shared memory with workers). The decode-only row keeps the pixels in the "
         "worker; it is shown for reference (no loader can deliver pixels for free).", "",
-        f"Decode-only floor / delivered floor = {bc.fmt(runs['floor_bare'].steady_ips / floor.steady_ips, 2)}x.", "",
         "Where the loader's time goes (each stage timed alone in this process on the first shard's samples):", "",
         stage_table, "",
-        f"The decode floor's own work is tar read + JPEG decode = {bc.fmt(floor_ms, 3)} ms/image; the uint8 loader "
-        f"does {bc.fmt(total_u8, 3)} ms/image of work, so the CPU-bound ratio is about "
-        f"{bc.fmt(floor_ms / total_u8, 2)}x before any IPC. What one image costs to ship from a worker:", "",
+        f"The PIL floor's own work is tar read + PIL decode = {bc.fmt(pil_floor_ms, 3)} ms/image; the uint8 loader "
+        f"does {bc.fmt(total_u8, 3)} ms/image of work (with workers), so the CPU-bound ratio is about "
+        f"{bc.fmt(pil_floor_ms / total_u8, 2)}x before any IPC. What one image costs to ship from a worker:", "",
         byte_table,
     ]
-    if "u8_flip" in runs and flip is not None:
-        parts += [""] + hflip_report(runs, *flip, args.flip_rounds)
+    if flip is not None:
+        parts += [""] + hflip_report(*flip, args.flip_rounds)
     if ab:
         parts += ["", ab]
     if prof:
@@ -594,31 +651,38 @@ def main(argv: list[str] | None = None) -> None:
     bc.BENCH_DATA.mkdir(exist_ok=True)
     shards = bc.shard_dir(args.images)
     hub = bc.hub_folder(args.images)
-    runs: dict[str, Run] = {}
-    # Interleaved, best of two each: the machine is shared and noisy.
+    b = args.batch_size
+    runs: dict[tuple[str, int], Run] = {}
+    plans = []  # (key, workers, what, run)
+    for w in ((args.workers, 0) if args.workers else (0,)):
+        plans += [("floor", w, "PIL delivered floor", lambda w=w: run_floor(shards, b, w, True)),
+                  ("floor_turbo", w, "libjpeg-turbo delivered floor",
+                   lambda w=w: run_floor(shards, b, w, True, codec="turbo")),
+                  ("norm", w, "loader, normalize=True", lambda w=w: run_loader(shards, b, w, True)),
+                  ("u8", w, "loader, normalize=False", lambda w=w: run_loader(shards, b, w, False)),
+                  ("stream", w, f"streaming loop ({args.stream_images} images)",
+                   lambda w=w: run_stream(hub, b, w, args.stream_images))]
+        if w:
+            plans += [("floor_bare", w, "decode-only floor", lambda w=w: run_floor(shards, b, w, False)),
+                      ("floor_norm", w, "PIL delivered floor, normalised",
+                       lambda w=w: run_floor(shards, b, w, True, normalize=True))]
+    # Interleaved, best of two each: the machine is shared and noisy. (The streaming loop with 0 workers
+    # runs torch's brute-force matching on its intra-op threads, which stall badly when other processes
+    # hold the cores: compare it only on an otherwise idle machine.)
     for attempt in range(2):
-        for key, label, fn in (
-            ("floor", "decode floor, delivered", lambda: run_floor(shards, args.batch_size, args.workers, True)),
-            ("floor_bare", "decode-only floor", lambda: run_floor(shards, args.batch_size, args.workers, False)),
-            ("floor_norm", "decode floor, normalised",
-             lambda: run_floor(shards, args.batch_size, args.workers, True, normalize=True)),
-            ("norm", "loader, normalize=True", lambda: run_loader(shards, args.batch_size, args.workers, True)),
-            ("u8", "loader, normalize=False", lambda: run_loader(shards, args.batch_size, args.workers, False)),
-        ):
-            bc.log(f"{label} (run {attempt + 1} of 2)")
+        for key, w, what, fn in plans:
+            bc.log(f"{what}, {w} workers (run {attempt + 1} of 2)")
             run = fn()
-            runs[key] = max(runs.get(key, run), run, key=lambda r: r.steady_ips)
-    bc.log(f"streaming loop ({args.stream_images} images)")
-    runs["stream"] = run_stream(hub, args.batch_size, args.workers, args.stream_images)
+            runs[(key, w)] = max(runs.get((key, w), run), run, key=lambda r: r.steady_ips)
     bc.log("per-stage timings")
-    stages, nbytes = stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
-    flip_stages = flip_stage_timings(shards, args.batch_size, args.stage_images, args.repeats)
+    stages, nbytes = stage_timings(shards, b, args.stage_images, args.repeats)
+    flip_stages = flip_stage_timings(shards, b, args.stage_images, args.repeats)
     bc.log(f"hflip A/B ({args.flip_rounds} interleaved rounds)")
-    runs.update(flip_ab(shards, args.batch_size, args.workers, args.flip_rounds))
-    flip_cpu = flip_cpu_cost(shards, args.batch_size, args.stage_images, 2 * args.flip_rounds)
-    prof = profile_loader(shards, args.batch_size, 400) if args.profile else None
-    ab = compare_trees(args.baseline_tree, shards, args.batch_size, args.workers) if args.baseline_tree else None
-    text = report(runs, stages, nbytes, args, prof, ab, (flip_stages, flip_cpu))
+    flip_runs = flip_ab(shards, b, args.workers, args.flip_rounds)
+    flip_cpu = flip_cpu_cost(shards, b, args.stage_images, 2 * args.flip_rounds)
+    prof = profile_loader(shards, b, 400) if args.profile else None
+    ab = compare_trees(args.baseline_tree, shards, b, args.workers) if args.baseline_tree else None
+    text = report(runs, stages, nbytes, args, prof, ab, (flip_runs, flip_stages, flip_cpu))
     bc.publish("loader", text, args.out_md, args.no_md)
 
 

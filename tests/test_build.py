@@ -212,3 +212,34 @@ def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monke
             [s["sha256"] for s in read_manifest(cpu.out_dir)["shards"]]
     # Batched: 7 samples a call, each in both orientations (stored, mirrored); every sample once per build.
     assert calls and max(calls) == 2 * 7 and sum(calls) == 2 * 2 * cpu.samples
+
+
+def test_device_auto_gives_torchs_answer():
+    import torch
+
+    from frcnn_shard.build import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["coco", "hub"])
+def test_a_cpu_only_build_through_the_cli_does_not_import_torch(tiny_coco, sample_hub, tmp_path, kind):
+    """device=auto asks torch only where a GPU device node exists, and the Hub source's `datasets` is
+    kept from importing it; a coco: source needs no `datasets` either."""
+    import glob
+    import subprocess
+    import sys
+
+    if sys.platform.startswith("linux") and any(glob.glob(p) for p in ("/dev/nvidia*", "/dev/dxg", "/dev/kfd")):
+        pytest.skip("a GPU device node exists: device=auto must ask torch")
+    code = ("import sys; from frcnn_shard.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'datasets') if m in sys.modules))")
+    source, split = (f"coco:{tiny_coco}", "train2017") if kind == "coco" else (str(sample_hub), "train")
+    args = ["build", "--source", source, "--split", split, "--out", str(tmp_path), "--max-rows", "4",
+            "--workers", "2"]
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300).stdout
+    assert out.strip().splitlines()[-1] == ("[]" if kind == "coco" else "['datasets']"), out
+    assert read_manifest(tmp_path / split)["build"]["device"] == "cpu"

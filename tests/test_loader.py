@@ -331,6 +331,33 @@ def test_bad_sample_raises_naming_shard_and_key_or_is_skipped(tiny_shards, tmp_p
     assert loader.skipped == 1 and keys[5] in loader.skip_log[0] and shard in loader.skip_log[0]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, workers):
+    """uint8 batches are decoded in place: a sample that fails half-way must not leave its pixels behind."""
+    from frcnn_shard.codec import decode_pil
+
+    stored = {}
+
+    def edit(i, key, members):
+        stored[key] = members[0][1]
+        if i in (5, 9):  # half a JPEG: its decode writes some rows of the batch, then fails
+            return [("jpg", members[0][1][: len(members[0][1]) // 2])] + members[1:]
+        return members
+
+    d, keys = _rewrite_first_shard(tiny_shards, tmp_path / "half", edit)
+    # Two workers need two shards: the same one twice (its keys then come twice).
+    if workers:
+        man = read_manifest(d)
+        shutil.copy(d / man["shards"][0]["name"], d / "train2017-000001.tar")
+        man["shards"].append({**man["shards"][0], "name": "train2017-000001.tar"})
+        (d / "manifest.json").write_text(json.dumps(man))
+    loader = make_loader(d, BATCH, num_workers=workers, shuffle=False, normalize=False, on_error="skip")
+    got = collect(loader)
+    assert sorted({k for k, _, _ in got}) == sorted(set(keys) - {keys[5], keys[9]})
+    for key, img, _ in got:
+        assert np.array_equal(img.permute(1, 2, 0).numpy(), decode_pil(stored[key])), key
+
+
 def test_path_traversal_member_is_refused(tiny_shards, tmp_path):
     d = tmp_path / "trav"
     d.mkdir()

@@ -2,7 +2,8 @@
 
 The header is checked before any pixel is decoded: the member must hold the format its extension
 names, at exactly the manifest's canvas size, so a decompression bomb or a foreign image is refused
-from a few header bytes.
+from a few header bytes. The pixels then come from ``codec.decode_jpeg`` (libjpeg-turbo into NumPy,
+PIL's exact pixels) where it applies, from PIL otherwise.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from ..codec import check_out, decode_jpeg
 
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}  # member extension -> the format its bytes must hold
 RULE_IMAGE_DECODE = "image_decode"
@@ -38,19 +41,43 @@ def open_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None) 
     return img
 
 
-def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None, mirror: bool = False) -> np.ndarray:
+def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None, *, mirror: bool = False,
+                        out: np.ndarray | None = None) -> np.ndarray:
     """A stored image as uint8 [H, W, 3] RGB, after the header rules (StoredImageError on any problem).
 
     ``mirror``: flipped left-right (the loader's hflip), the same pixels as ``[:, ::-1]`` of the plain decode.
+    ``out`` (optional: a writable uint8 [H, W, 3] array, e.g. a row of a batch) receives the pixels.
     """
     img = open_stored_image(data, ext, canvas_hw)
+    pixels = decode_jpeg(img, data, None if mirror else out)
+    if pixels is None:
+        pixels = _decode_with_pil(img)
+    if mirror:
+        return mirror_into(pixels, out)
+    if out is None or pixels is out:
+        return pixels
+    check_out(out, pixels.shape[:2])
+    out[...] = pixels
+    return out
+
+
+def _decode_with_pil(img: Image.Image) -> np.ndarray:
     try:
         img.load()
         if img.mode != "RGB":
             img = img.convert("RGB")
     except Exception as e:  # truncated or corrupt pixel data
         raise StoredImageError(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}") from None
-    if mirror:
-        # Pillow's transpose is ~10x faster than copying a reversed NumPy view (3-byte pixels, negative stride).
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(img)
+
+
+def mirror_into(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``pixels[:, ::-1]`` (uint8 [H, W, 3]) written into ``out`` (or a new array)."""
+    h, w = pixels.shape[:2]
+    if out is None:
+        out = np.empty((h, w, 3), np.uint8)
+    check_out(out, (h, w))
+    # One 3-byte element per pixel: reversing those is ~2x faster than reversing a [H, W, 3] view.
+    src = np.ascontiguousarray(pixels).reshape(h, w * 3).view("V3")
+    np.copyto(out.reshape(h, w * 3).view("V3"), src[:, ::-1])
+    return out

@@ -24,7 +24,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import anchors as anc
-from ..format.image import RULE_IMAGE_DECODE, RULE_IMAGE_SIZE, StoredImageError, open_stored_image
+from ..format.image import (
+    RULE_IMAGE_DECODE, RULE_IMAGE_SIZE, StoredImageError, decode_stored_image, open_stored_image,
+)
 from ..format.members import (
     IMAGE_EXTS, JSON_EXT, RULE_MEMBER_NAME, RULE_MEMBERS, TARGETS_EXT, Member, RawSample, group_by_key,
     image_member, member_name_problem, members_problems, split_member_name,
@@ -220,14 +222,10 @@ def _selected(key: str, seed: int, fraction: float) -> bool:
 
 def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
     """Image header (always) and full pixel decode (when asked): [(rule, detail)]."""
-    try:
-        img = open_stored_image(data, ext, ctx.image_hw)  # header rules, before any pixel is decoded
-        if full:
-            img.load()
+    try:  # header rules first, before any pixel is decoded
+        (decode_stored_image if full else open_stored_image)(data, ext, ctx.image_hw)
     except StoredImageError as e:
         return [(e.rule, str(e))]
-    except Exception as e:  # Pillow raises assorted exception types for broken pixel data
-        return [(RULE_IMAGE_DECODE, f"{type(e).__name__}: {e}")]
     return []
 
 
