@@ -39,6 +39,8 @@ bench: install
 	$(PY) scripts/bench_build.py
 	$(PY) scripts/bench_loader.py
 	$(PY) scripts/bench_check.py
+	$(PY) scripts/bench_scale.py
+	$(PY) scripts/bench_torchvision.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -709,15 +709,21 @@ def signum(e: BaseException) -> int:
     return signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
 
 
-def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> BuildResult:
-    """The body of build_part, with the worker pool running."""
+def open_output(opts: BuildOptions, spec) -> tuple:
+    """(source, store of the split, layout, header): what every part of a build, on any engine, agrees on."""
     source = open_source(opts.source, opts.split, revision=opts.revision, bbox_format=opts.bbox_format,
                          detect_rows=opts.detect_rows)
     split = source.info["split"]
     store = open_store(opts.out, opts.storage_options).sub(split)
     store.makedirs()
     layout = Layout(min(source.num_rows, opts.max_rows or source.num_rows), opts.rows_per_shard)
-    header = _header(opts, source, output_options(opts, split, spec), layout)
+    return source, store, layout, _header(opts, source, output_options(opts, split, spec), layout)
+
+
+def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> BuildResult:
+    """The body of build_part, with the worker pool running."""
+    source, store, layout, header = open_output(opts, spec)
+    split = source.info["split"]
     shards = layout.part_shards(*part)
     lock = acquire_lock(store, *part)
     try:

@@ -18,7 +18,6 @@ from typing import Callable
 
 from .errors import BuildError
 from .parts import Layout, merge, read_records
-from .storage import open_store
 
 # Set before Ray starts: read by the driver and inherited by every Ray process, so that nothing of
 # Ray's tries to reach outside this machine: no usage report, no token file, the node on loopback.
@@ -107,19 +106,12 @@ def plan_parts(num_shards: int, cpus: float) -> int:
 
 def build_on_ray(opts, progress: Callable[[dict], None] | None = None):
     """The whole build as parts on Ray, then the merge; returns the BuildResult of the merged split."""
-    from .build import _header, _result, anchor_spec, output_options, split_state
-    from .sources import open_source
+    from .build import _result, anchor_spec, open_output, split_state
 
     t0 = time.perf_counter()
     ray = init_ray(opts.ray_address)
-    source = open_source(opts.source, opts.split, revision=opts.revision, bbox_format=opts.bbox_format,
-                         detect_rows=opts.detect_rows)
-    split = source.info["split"]
-    store = open_store(opts.out, opts.storage_options).sub(split)
-    store.makedirs()
-    layout = Layout(min(source.num_rows, opts.max_rows or source.num_rows), opts.rows_per_shard)
+    _, store, layout, header = open_output(opts, anchor_spec(opts))
     n = plan_parts(layout.shards, ray.cluster_resources().get("CPU", 1))
-    header = _header(opts, source, output_options(opts, split, anchor_spec(opts)), layout)
     if split_state(store, header, opts, None, (0, 1)):
         return _result(store, store_manifest(store), "already complete", opts.device, t0)
     stale = [name for name in read_records(store) if not name.endswith(f"-of-{n:06d}.json")]

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         bc.report_header("Scale out (scripts/bench_scale.py)"),
         f"{rows} rows (tiny_coco repeated), {bc.SAMPLES_PER_SHARD} rows per shard, {args.workers} CPUs for every "
         f"variant (local pool workers, Ray cluster CPUs, loader workers); best of {args.rounds} interleaved rounds. "
-        f"The S3 server is SeaweedFS on loopback, on the same 2 cores.", "",
+        f"The S3 server is SeaweedFS on loopback, on the same {os.cpu_count()} cores.", "",
         table, "",
         f"Ray's cluster start-up, paid once per cluster and not in the rows above: {bc.fmt(ray_start)} s.",
         "What bounds each: the Ray build runs one part per task in-process (no worker pool inside a task), "

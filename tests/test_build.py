@@ -242,4 +242,4 @@ def test_a_cpu_only_build_through_the_cli_does_not_import_torch(tiny_coco, sampl
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=300).stdout
     assert out.strip().splitlines()[-1] == ("[]" if kind == "coco" else "['datasets']"), out
-    assert read_manifest(tmp_path / split)["build"]["device"] == "cpu"
+    assert [r["device"] for r in read_manifest(tmp_path / split)["run"]["part_runs"]] == ["cpu"]
