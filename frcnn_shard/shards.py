@@ -5,6 +5,7 @@ What a sample is (its members and their rules) is ``frcnn_shard.format``; this m
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -239,6 +240,22 @@ def iter_shard(path: str | os.PathLike, select: Callable[[int, str], bool] | Non
     """Yield the samples of one local shard file (see iter_tar_samples)."""
     with open(path, "rb") as f:
         yield from iter_tar_samples(f, str(path), select)
+
+
+def iter_store_shard(store, name: str, select: Callable[[int, str], bool] | None = None
+                     ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield the samples of shard ``name`` of a store: a local file, or a remote object (streamed).
+
+    A remote shard is read whole when ``select`` is given: skipping samples needs a seekable file.
+    """
+    if store.is_local:
+        yield from iter_shard(store.path / name, select)
+        return
+    f = store.open_read(name) if select is None else io.BytesIO(store.read_bytes(name))
+    try:
+        yield from iter_tar_samples(f, store.location(name), select)
+    finally:
+        f.close()
 
 
 def list_shard_keys(path: str | os.PathLike) -> list[str]:

@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         f"The S3 server is SeaweedFS on loopback, on the same {os.cpu_count()} cores.", "",
         table, "",
         f"Ray's cluster start-up, paid once per cluster and not in the rows above: {bc.fmt(ray_start)} s.",
-        "What bounds each: the Ray build runs one part per task in-process (no worker pool inside a task), "
-        "so its rate is the pool's minus the per-part start-up (source open, anchors, matcher) and the "
-        "scheduling; the S3 build pays an extra copy of every shard (spooled, then uploaded) on the same "
+        "What bounds each: the Ray build runs each part in one task process (no worker pool inside a task): "
+        "per part it pays a start-up (source open, anchors, matcher) and the scheduling, and it saves the "
+        "pool's pickling of rows and results; the S3 build pays an extra copy of every shard (spooled, then uploaded) on the same "
         "cores as the server; the S3 loader streams each shard in 8 MB requests, retried.",
     ]) + "\n"
     bc.publish("scale", text, args.out_md, args.no_md)

@@ -102,6 +102,24 @@ def test_build_check_info_and_load_on_s3(s3, fs, sample_hub, local):
     assert sorted(got) == sorted(want) and len(got) == read_total(local)
 
 
+def test_stats_and_show_read_s3_as_they_read_a_folder(s3, fs, sample_hub, local, tmp_path):
+    r = cli(*build_args(sample_hub, f"s3://{BUCKET}/st"))
+    assert r.returncode == 0, r.stderr
+    url = f"s3://{BUCKET}/st/train"
+    from frcnn_shard.inspect.show import render_samples
+    from frcnn_shard.inspect.stats import compute_stats
+
+    remote, here = compute_stats(url), compute_stats(local)
+    assert remote.pop("shard_dir") == url and here.pop("shard_dir") == str(local)
+    assert remote == here and remote["samples"] == read_total(local)
+    picks = dict(keys=[here["keys"][-1]], indices=[0, read_total(local) - 1], anchors=True)
+    assert render_samples(url, out=tmp_path / "s3.png", **picks) == render_samples(local, out=tmp_path / "l.png", **picks)
+    assert (tmp_path / "s3.png").read_bytes() == (tmp_path / "l.png").read_bytes()
+    for cmd in (("stats", url, "--out", str(tmp_path / "st.png")), ("show", url, "--index", "1", "--out", str(tmp_path / "sh.png"))):
+        r = cli(*cmd)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
 def read_total(local: Path) -> int:
     return json.loads((local / "manifest.json").read_text())["totals"]["samples"]
 

@@ -16,7 +16,7 @@ from ..format.members import JSON_EXT, TARGETS_EXT, image_member
 from ..format.record import Record, key_of
 from ..format.targets import unpack_targets
 from ..labels import CLASS_NAMES
-from ..shards import iter_shard, read_manifest
+from ..shards import iter_store_shard, read_manifest, store_of
 from ..words import plural
 from .info import listed_samples
 from .plot import DPI, new_figure
@@ -32,47 +32,47 @@ def _normalize_key(key) -> str:
     return key_of(int(k)) if k.isdigit() else k
 
 
-def _scan_shard(path: Path, select) -> tuple[str, dict[str, bytes]] | None:
+def _scan_shard(store, name: str, select) -> tuple[str, dict[str, bytes]] | None:
     """The first sample of a shard that ``select(index, key)`` accepts, reading only that sample's bytes.
 
-    Every header passed over is held to the member rules too (iter_shard raises ShardFormatError).
+    Every header passed over is held to the member rules too (iter_store_shard raises ShardFormatError).
     """
-    for key, members in iter_shard(path, select=select):
+    for key, members in iter_store_shard(store, name, select=select):
         if members:
             return key, members
     return None
 
 
-def _locate_key(shard_dir: Path, manifest: dict, key: str) -> tuple[str, dict[str, bytes]]:
+def _locate_key(store, manifest: dict, key: str) -> tuple[str, dict[str, bytes]]:
     """The sample with ``key``: shards whose first/last key range holds it are tried first."""
     entries = manifest.get("shards", [])
     likely = [e for e in entries if (e.get("first_key") or "") <= key <= (e.get("last_key") or "")]
     # Keys follow source order, which is usually but not necessarily sorted; fall back to every shard.
     for entry in likely + [e for e in entries if e not in likely]:
-        got = _scan_shard(shard_dir / entry["name"], lambda i, k: k == key)
+        got = _scan_shard(store, entry["name"], lambda i, k: k == key)
         if got is not None:
             return got
-    raise KeyError(f"key {key} not found in {shard_dir} "
+    raise KeyError(f"key {key} not found in {store.url} "
                    f"({plural(listed_samples(manifest), 'sample')} in {plural(len(entries), 'shard')})")
 
 
-def _locate_index(shard_dir: Path, manifest: dict, index: int) -> tuple[str, dict[str, bytes]]:
+def _locate_index(store, manifest: dict, index: int) -> tuple[str, dict[str, bytes]]:
     """The sample at position ``index`` of the split, going straight to its shard via the manifest counts."""
     entries = manifest.get("shards", [])
     total = listed_samples(manifest)
     if not 0 <= index < total:
-        raise IndexError(f"index {index} is out of range: {shard_dir} holds samples 0..{total - 1}")
+        raise IndexError(f"index {index} is out of range: {store.url} holds samples 0..{total - 1}")
     start = 0
     for entry in entries:
         n = int(entry.get("samples") or 0)
         if index < start + n:
-            got = _scan_shard(shard_dir / entry["name"], lambda i, k, at=index - start: i == at)
+            got = _scan_shard(store, entry["name"], lambda i, k, at=index - start: i == at)
             if got is None:
                 raise IndexError(f"index {index}: {entry['name']} holds fewer samples than its manifest entry says "
                                  "(run frcnn-shard check)")
             return got
         start += n
-    raise IndexError(f"index {index} is out of range: {shard_dir} holds samples 0..{total - 1}")  # pragma: no cover
+    raise IndexError(f"index {index} is out of range: {store.url} holds samples 0..{total - 1}")  # pragma: no cover
 
 
 def _class_color(label: int):
@@ -158,12 +158,12 @@ def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), 
 def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
                   flip: bool = False):
     """The figure render_samples writes, and the keys drawn in it (one axes per sample, in order)."""
-    shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    store = store_of(shard_dir)  # a folder or a URL (s3://...)
+    manifest = read_manifest(store)
     if flip and not has_flip_targets(manifest):
-        raise ValueError(f"{shard_dir} was built with --no-flip-targets: it stores no flipped targets to show")
-    samples = [_locate_key(shard_dir, manifest, _normalize_key(k)) for k in keys]
-    samples += [_locate_index(shard_dir, manifest, int(i)) for i in indices]
+        raise ValueError(f"{store.url} was built with --no-flip-targets: it stores no flipped targets to show")
+    samples = [_locate_key(store, manifest, _normalize_key(k)) for k in keys]
+    samples += [_locate_index(store, manifest, int(i)) for i in indices]
     if not samples:
         raise ValueError("render_samples needs at least one key or index")
     anchor_boxes = anchors_from_manifest(manifest) if anchors else None

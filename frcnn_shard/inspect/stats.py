@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..format.members import JSON_EXT, TARGETS_EXT
 from ..format.record import Record
 from ..format.targets import unpack_targets
 from ..labels import CLASS_NAMES
-from ..shards import iter_shard, read_manifest
+from ..shards import iter_store_shard, read_manifest, store_of
 from ..words import plural
 from .info import listed_samples
 from .plot import DPI, new_figure
@@ -41,11 +40,11 @@ def _summary(values: Sequence[float]) -> dict:
             "median": float(np.median(a)), "total": num(a.sum())}
 
 
-def _iter_samples(shard_dir: Path, manifest: dict, limit: int | None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _iter_samples(store, manifest: dict, limit: int | None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples in split order, stopping after ``limit``; shards past the limit are never opened."""
     n = 0
     for entry in manifest.get("shards", []):
-        for key, members in iter_shard(shard_dir / entry["name"]):
+        for key, members in iter_store_shard(store, entry["name"]):
             if limit is not None and n >= limit:
                 return
             n += 1
@@ -98,8 +97,8 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
 
     ``progress(done, total)``: samples read so far, of the manifest's count (or ``limit``, if fewer).
     """
-    shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
+    store = store_of(shard_dir)  # a folder or a URL (s3://...)
+    manifest = read_manifest(store)
     total = listed_samples(manifest) if limit is None else min(limit, listed_samples(manifest))
     num_anchors = int(manifest["anchors"]["count"])
     h, w = (int(v) for v in manifest["image"]["size"])
@@ -109,7 +108,7 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
     sizes = _BoxSizes(h, w)
     if progress is not None:
         progress(0, total)
-    for key, members in _iter_samples(shard_dir, manifest, limit):
+    for key, members in _iter_samples(store, manifest, limit):
         record = Record.from_json(members[JSON_EXT])
         targets = unpack_targets(members[TARGETS_EXT], num_anchors)
         # The loader's draws for epoch 0 (same generator, same sparse sampler).
@@ -128,11 +127,11 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
             progress(len(keys), total)
     if progress is not None:
         progress(len(keys), total)
-    return _stats_dict(shard_dir, manifest, limit, keys, classes, per_image, sizes,
+    return _stats_dict(store.url, manifest, limit, keys, classes, per_image, sizes,
                        {"rpn_batch_size": rpn_batch_size, "positive_fraction": positive_fraction, "seed": seed})
 
 
-def _stats_dict(shard_dir: Path, manifest: dict, limit: int | None, keys: list[str], classes: Counter,
+def _stats_dict(shard_dir: str, manifest: dict, limit: int | None, keys: list[str], classes: Counter,
                 per_image: dict, sizes: _BoxSizes, sampling: dict) -> dict:
     """The result of compute_stats from its tallies."""
     total_boxes = sum(per_image["boxes"])
