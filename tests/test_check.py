@@ -147,13 +147,17 @@ def test_problem_line_format():
 # ----------------------------------------------------------------------------------- damage
 
 
-def test_truncated_tar(shards):
+@pytest.mark.parametrize("nth", [0, 5])
+def test_truncated_tar(shards, nth):
+    """The cut sample is named and not counted; every sample before it is (the first sample included)."""
     path = shard_path(shards, 2)
-    _, off, size = member_of(path, "jpg", nth=5)
+    key, off, size = member_of(path, "jpg", nth=nth)
     path.write_bytes(path.read_bytes()[: off + size // 2])  # cut inside an image member
     report = check_shards(shards)
     assert {"tar_unreadable", "shard_size", "shard_sha256", "shard_count"} <= rules(report)
     assert all(p.shard == path.name for p in report.problems)
+    assert [p.key for p in report.problems if p.rule == "tar_unreadable"] == [key]
+    assert next(p.detail for p in report.problems if p.rule == "shard_count").startswith(f"{nth} samples")
     res = run_cli("check", str(shards))
     assert res.exit_code == 1 and "tar_unreadable" in res.output
 
@@ -166,6 +170,10 @@ def test_damaged_tar_header(shards):
     report = check_shards(shards)
     assert rules(report) == {"shard_sha256", "tar_unreadable", "shard_count", "shard_keys"}
     assert f"at byte {header}" in next(p.detail for p in report.problems if p.rule == "tar_unreadable")
+    # The three samples before the broken header are whole: they count, and the problem says after which.
+    assert next(p.detail for p in report.problems if p.rule == "shard_count").startswith("3 samples")
+    assert f"after key {member_of(path, 'json', nth=2)[0]}" in next(
+        p.detail for p in report.problems if p.rule == "tar_unreadable")
 
 
 def test_flipped_byte_in_image_header(shards):

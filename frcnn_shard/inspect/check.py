@@ -510,16 +510,23 @@ def _archive(data: bytes) -> tuple[list[Member], list[tuple[str, str, str]]]:
     return members, _tail_problems(data, end, _last_key(members))
 
 
+def _exts_of(members: list[Member], key: str) -> list[str]:
+    """The member extensions of sample ``key`` among ``members``."""
+    return [ext for k, ext in (split_member_name(m.name) for m in members) if k == key]
+
+
 def _archive_tarfile(data: bytes) -> tuple[list[Member], list[tuple[str, str, str]]]:
     """_archive through tarfile: for archives that are not plain (damaged, truncated, special members)."""
     members: list[Member] = []
     end = 0
+    cut = None  # the member whose data the archive breaks off in, when its header was read
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
         for info in tar:
             stop = info.offset_data + info.size
             if info.isreg() and member_name_problem(info.name) is None:
                 if stop > len(data):
+                    cut = info.name
                     raise tarfile.ReadError(f"member {info.name!r} ends at byte {stop}, "
                                             f"past the end of the file ({len(data)})")
                 end = stop
@@ -527,8 +534,11 @@ def _archive_tarfile(data: bytes) -> tuple[list[Member], list[tuple[str, str, st
         # The archive must end with zero blocks only: anything else is junk the loader never sees.
         return members, _tail_problems(data, max(end, tar.offset), _last_key(members))
     except tarfile.TarError as e:
-        # The sample being read is cut off: it is not counted as a sample; the problem names it.
-        key = _last_key(members)
+        # The sample being read is cut off: it is not counted as a sample; the problem names it. Without the
+        # cut member's name (a broken header) that is the last sample begun, unless it is whole already.
+        key = split_member_name(cut)[0] if cut is not None else _last_key(members)
+        if cut is None and key is not None and not members_problems(_exts_of(members, key), None):
+            return members, [(key, RULE_TAR_UNREADABLE, f"the archive breaks off after this sample: {e}")]
         if key is None:
             return members, [("", RULE_TAR_UNREADABLE, f"not a readable tar: {e}")]
         while members and split_member_name(members[-1].name)[0] == key:
