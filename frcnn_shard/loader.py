@@ -946,6 +946,11 @@ def make_loader(
         feedable_workers(len(src.urls), world_size, 1, opts.strict)  # raises when strict
         warnings.warn(f"{len(src.urls)} shard(s) for {world_size} ranks: rank(s) {len(src.urls)}..{world_size - 1} get "
                       "no samples this epoch (pass resampled=True for equal ranks)", LoaderWarning, stacklevel=2)
+    if opts.pin_memory and not torch.cuda.is_available():
+        # As torch's DataLoader does: pinned memory needs an accelerator; without one it is a no-op.
+        warnings.warn("pin_memory=True but no CUDA device is available: batches are not pinned",
+                      LoaderWarning, stacklevel=2)
+        opts = replace(opts, pin_memory=False)
     opts = replace(opts, rank=rank, world_size=world_size, num_workers=int(workers))
     return ShardLoader(src, opts, dataset, storage_options)
 

@@ -562,7 +562,7 @@ def timed(name, fn):
 fb.resolve_device, fb.open_source = timed("device", fb.resolve_device), timed("source", fb.open_source)
 source, split, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 first = []
-res = fb.build(fb.BuildOptions(source=source, split=split, out=out, workers=workers, max_samples=4, overwrite=True),
+res = fb.build(fb.BuildOptions(source=source, split=split, out=out, workers=workers, max_rows=4, overwrite=True),
                progress=lambda c: first or first.append(time.perf_counter()))
 marks["first_row"], marks["end"] = first[0], time.perf_counter()
 print("RESULT " + json.dumps({"t0": t0, "marks": marks, "device": res.device, "samples": res.samples,
@@ -601,11 +601,11 @@ def startup_run(source: str, split: str, workers: int, cli_env: bool) -> dict:
 
 
 def cli_run(source: str, split: str, workers: int) -> float:
-    """Wall seconds of `frcnn-shard build ... --max-samples 4` in a fresh interpreter."""
+    """Wall seconds of `frcnn-shard build ... --max-rows 4` in a fresh interpreter."""
     with tempfile.TemporaryDirectory(dir=bc.BENCH_DATA) as d:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "frcnn_shard.cli", "build", "--source", source, "--split", split,
-                        "--out", d, "--max-samples", "4", "--workers", str(workers)],
+                        "--out", d, "--max-rows", "4", "--workers", str(workers)],
                        capture_output=True, check=True, cwd=bc.ROOT)
         return time.perf_counter() - t
 
@@ -630,7 +630,7 @@ def startup_section(hub: Path, workers: int, repeats: int) -> str:
     rows.append(["**in-process total** (from the first import)"] + [bc.fmt(best[n]["in_process"], 3) for n in names])
     rows.append(["interpreter start + exit (the rest of the subprocess wall)"]
                 + [bc.fmt(best[n]["wall"] - best[n]["in_process"], 3) for n in names])
-    rows.append([f"**CLI end to end** (`frcnn-shard build --max-samples 4`), goal <= {GOAL_STARTUP_S:.0f} s"]
+    rows.append([f"**CLI end to end** (`frcnn-shard build --max-rows 4`), goal <= {GOAL_STARTUP_S:.0f} s"]
                 + [f"{bc.fmt(cli[n], 3)} {bc.goal(cli[n] <= GOAL_STARTUP_S)}" if n in cli else "-" for n in names])
     rows.append(["imported torch / datasets"] + [f"{'yes' if best[n]['torch'] else 'no'} / "
                                                  f"{'yes' if best[n]['datasets'] else 'no'}" for n in names])

@@ -391,3 +391,18 @@ def test_no_unpickling_even_with_workers(tiny_shards, tmp_path):
     (src / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ShardFormatError, match="pickle"):
         collect(make_loader(src, BATCH, num_workers=2))
+
+
+def test_pin_memory_pins_with_cuda_and_warns_without(tiny_shards):
+    """pin_memory=True, as with torch's DataLoader: pinned batches with a GPU, a warning and plain ones without."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = make_loader(tiny_shards, 4, num_workers=0, pin_memory=True, normalize=False)
+        images, targets = next(iter(loader))
+    pinned_warnings = [w for w in caught if issubclass(w.category, LoaderWarning) and "pin_memory" in str(w.message)]
+    if torch.cuda.is_available():
+        assert images.is_pinned() and targets[0]["anchor_labels"].is_pinned() and not pinned_warnings
+    else:
+        assert not images.is_pinned() and len(pinned_warnings) == 1
