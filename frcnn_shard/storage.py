@@ -451,5 +451,8 @@ def _filesystem(scheme: str, options: dict):
 
     key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str))
     if key not in _FILESYSTEMS:
-        _FILESYSTEMS[key] = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+        if options and callable(getattr(fs, "connect", None)):
+            fs.connect()  # s3fs builds its session lazily: an unknown option would fail in the first request
+        _FILESYSTEMS[key] = fs
     return _FILESYSTEMS[key]

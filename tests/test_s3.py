@@ -170,6 +170,18 @@ def test_a_scheme_nothing_serves_is_refused(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no local folder named "s3:" or "s4:"
 
 
+def test_an_unknown_storage_option_is_refused_at_once(tmp_path, monkeypatch):
+    """s3fs would only fail at its first request, with a TypeError traceback; the option is named, never a value."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-printed")
+    r = CliRunner().invoke(__import__("frcnn_shard.cli", fromlist=["main"]).main,
+                           ["build", "--out", "s3://bucket/c", "--split", "train", "--source", "./nowhere",
+                            "--storage-options", '{"endpoint_url": "http://127.0.0.1:9", "bogus_option": "v4lue"}'])
+    assert r.exit_code == 2 and "storage options were refused" in r.output and "bogus_option" in r.output, r.output
+    assert "v4lue" not in r.output and "not-to-be-printed" not in r.output and list(tmp_path.iterdir()) == []
+
+
 def test_killed_mid_upload_leaves_nothing_and_resumes_identically(s3, fs, sample_hub, tmp_path):
     """A shard bigger than one upload part, the build SIGKILLed after its first part went up."""
     from frcnn_shard.build import BuildOptions, build
