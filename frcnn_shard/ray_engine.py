@@ -145,7 +145,8 @@ def _wait(ray, pending: list, store, layout: Layout, progress) -> None:
             try:
                 ray.get(ref)
             except Exception as e:  # noqa: BLE001 - Ray wraps the task's own exception
-                raise BuildError(f"a part of the build failed on Ray after {TASK_RETRIES} retries: {e}. Every shard "
+                # Ray retries a task TASK_RETRIES times only for a lost worker or an OSError; others end it at once.
+                raise BuildError(f"a part of the build failed on Ray: {e}. Every shard "
                                  f"published so far is kept in {store.url}; run the same command again to "
                                  "resume") from None
         if progress is not None:
