@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU path on a real GPU (issue 16), in one run: the CUDA tests, then scripts/bench_gpu.py
 # (build --device cuda byte-identical to --device cpu, matching throughput, the loader into the GPU,
-# nvjpeg against the CPU decode). Made for the device machine (Python 3.12 with torch and torchvision
-# preinstalled: nothing here installs torch), and dry-runnable on a CPU machine:
+# nvjpeg against the CPU decode), then scripts/bench_torchvision.py on the device (issue 14). Made for
+# the device machine (Python 3.12 with torch and torchvision preinstalled: nothing here installs torch),
+# and dry-runnable on a CPU machine. The step timeouts add up to 9 minutes, under one device call's 10:
 #
 #   bash scripts/gpu_check.sh prepare    # here, once: wheels into .whl/, tiny_coco into .gpu_data/ (both ignored)
 #   bash scripts/gpu_check.sh            # on the GPU machine; results under $OUT (default /tmp/gpu_check)
@@ -47,16 +48,22 @@ fi
 cat "$OUT/machine.txt" | tail -1
 
 log "1. CUDA tests (-m gpu)"
-CI=true timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
+CI=true timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/test_matching.py tests/test_torchvision.py >"$OUT/pytest_gpu.txt" 2>&1
 rc_tests=$?
 tail -3 "$OUT/pytest_gpu.txt"
 
 log "2-4. bench_gpu.py --device $DEVICE --rows $ROWS"
 cp docs/BENCHMARKS.md "$OUT/BENCHMARKS.md"
-timeout 420 "$PY" scripts/bench_gpu.py --device "$DEVICE" --rows "$ROWS" --out-md "$OUT/BENCHMARKS.md" \
+timeout 240 "$PY" scripts/bench_gpu.py --device "$DEVICE" --rows "$ROWS" --out-md "$OUT/BENCHMARKS.md" \
   ${GPU_CHECK_BENCH_ARGS:-} >"$OUT/bench_gpu.md" 2>"$OUT/bench_gpu.log"
 rc_bench=$?
 tail -5 "$OUT/bench_gpu.log"
-log "done: tests rc=$rc_tests, bench rc=$rc_bench; results in $OUT"
-[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+log "5. bench_torchvision.py --device $DEVICE (a training step: stored targets against the stock assignment)"
+if [ "$DEVICE" = "cuda" ]; then TV_ARGS="--batch-size 8 --steps 30"; else TV_ARGS="--batch-size 1 --steps 2 --warmup-steps 1 --assign-repeats 1"; fi
+timeout 180 "$PY" scripts/bench_torchvision.py --device "$DEVICE" $TV_ARGS --out-md "$OUT/BENCHMARKS.md" \
+  >"$OUT/bench_torchvision.md" 2>"$OUT/bench_torchvision.log"
+rc_tv=$?
+tail -3 "$OUT/bench_torchvision.log"
+log "done: tests rc=$rc_tests, bench_gpu rc=$rc_bench, bench_torchvision rc=$rc_tv; results in $OUT"
+[ "$rc_tests" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_tv" -eq 0 ]
