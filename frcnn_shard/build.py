@@ -723,33 +723,45 @@ def open_output(opts: BuildOptions, spec) -> tuple:
 def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> BuildResult:
     """The body of build_part, with the worker pool running."""
     source, store, layout, header = open_output(opts, spec)
-    split = source.info["split"]
-    shards = layout.part_shards(*part)
     lock = acquire_lock(store, *part)
     try:
-        if not store.is_local:  # uploads a killed run left unfinished (invisible, but they hold storage)
-            store.abort_uploads(shard_name(split, i) for i in shards)
-        record = _prepare_part(store, header, part, shards, opts)
-        if record is None:
-            return _result(store, read_manifest(store), "already complete", device, t0)
-        was_complete = record["complete"]
-        resumed = len(record["shards"])
-        record["run"] = {**holder(), "workers": opts.workers, "device": device, "engine": opts.engine, "started": _now()}
-        w = _PartWriter(store, layout, shards, record, progress)
-        if not was_complete:
-            if store.is_local:  # interrupted writes: this part's own (or, for the whole build, any)
-                for n in store.names():
-                    m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
-                    if n.endswith(PARTIAL_SUFFIX) and m and (opts.part is None or int(m.group("index")) in shards):
-                        store.remove(n)
-            _run(opts, source, w, pool, match_batch, layout)
-        if was_complete and opts.part is not None:
-            status = "already complete"
-        else:
-            status = "resumed" if resumed else "built"
-        return _part_result(store, record, status, device, t0, resumed)
-    finally:
-        release_lock(store, lock)
+        res = _build_locked_part(opts, part, progress, device, pool, match_batch, t0, source, store, layout, header)
+    except BaseException:
+        try:
+            release_lock(store, lock)
+        except OSError:
+            pass  # the store is unreachable (the likely cause of the failure): its message is the one to keep
+        raise
+    release_lock(store, lock)
+    return res
+
+
+def _build_locked_part(opts, part, progress, device, pool, match_batch, t0, source, store, layout, header
+                       ) -> BuildResult:
+    """The part's work once its lock is held: resume or start, run, and the part's result."""
+    split = source.info["split"]
+    shards = layout.part_shards(*part)
+    if not store.is_local:  # uploads a killed run left unfinished (invisible, but they hold storage)
+        store.abort_uploads(shard_name(split, i) for i in shards)
+    record = _prepare_part(store, header, part, shards, opts)
+    if record is None:
+        return _result(store, read_manifest(store), "already complete", device, t0)
+    was_complete = record["complete"]
+    resumed = len(record["shards"])
+    record["run"] = {**holder(), "workers": opts.workers, "device": device, "engine": opts.engine, "started": _now()}
+    w = _PartWriter(store, layout, shards, record, progress)
+    if not was_complete:
+        if store.is_local:  # interrupted writes: this part's own (or, for the whole build, any)
+            for n in store.names():
+                m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
+                if n.endswith(PARTIAL_SUFFIX) and m and (opts.part is None or int(m.group("index")) in shards):
+                    store.remove(n)
+        _run(opts, source, w, pool, match_batch, layout)
+    if was_complete and opts.part is not None:
+        status = "already complete"
+    else:
+        status = "resumed" if resumed else "built"
+    return _part_result(store, record, status, device, t0, resumed)
 
 
 def _run(opts: BuildOptions, source, w: _PartWriter, pool, match_batch, layout: Layout) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -225,8 +226,14 @@ def test_decode_into_a_given_array():
         decode_stored_image(png(picture(40, 30)), "png", (30, 40), out=np.zeros((40, 30, 3), np.uint8))
 
 
-def test_a_mirrored_decode_is_the_plain_decode_reversed(tiny_shards):
-    """mirror=True (the loader's hflip) on either decoder, into a new array or a batch row."""
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_a_mirrored_decode_is_the_plain_decode_reversed(tiny_shards, with_torch, monkeypatch):
+    """mirror=True (the loader's hflip) on either decoder, into a new array or a batch row; with torch
+    loaded (the loader) and without (check, show)."""
+    if with_torch:
+        import torch  # noqa: F401 - loaded, as in the loader's processes
+    else:
+        monkeypatch.setitem(sys.modules, "torch", None)
     man = read_manifest(tiny_shards)
     hw = tuple(man["image"]["size"])
     key, members = next(iter_shard(tiny_shards / man["shards"][0]["name"]))

@@ -225,6 +225,27 @@ def test_server_restarted_mid_build(s3, fs, sample_hub, local):
     same_as_local(fs, f"{BUCKET}/rs/train", local)
 
 
+def test_an_outage_that_outlasts_the_retries_says_resume(s3, fs, sample_hub, local):
+    """The server stays down: the build gives up with the resume advice (not the lock's own failure to go
+    away), and the same command finishes the build identically once the server is back."""
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli", *build_args(sample_hub, f"s3://{BUCKET}/out")],
+                            cwd=ROOT, env={**os.environ, "FRCNN_SHARD_FAULT": "shard_done:1:sleep=2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not fs.exists(f"{BUCKET}/out/train/train-000001.tar"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+        fs.invalidate_cache()
+    s3.stop()
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        s3.start()
+    assert proc.returncode == 1 and "resume" in err and "Traceback" not in err, err
+    assert cli(*build_args(sample_hub, f"s3://{BUCKET}/out")).returncode == 0
+    same_as_local(fs, f"{BUCKET}/out/train", local)
+
+
 def test_loader_survives_a_dropped_connection(s3, fs, sample_hub, local, monkeypatch):
     """The server restarts while the loader is inside a shard: the read reopens where it was."""
     from frcnn_shard import storage

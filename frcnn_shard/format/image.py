@@ -8,6 +8,8 @@ PIL's exact pixels) where it applies, from PIL otherwise.
 from __future__ import annotations
 
 import io
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -77,7 +79,14 @@ def mirror_into(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     if out is None:
         out = np.empty((h, w, 3), np.uint8)
     check_out(out, (h, w))
+    src = np.ascontiguousarray(pixels)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # the loader's processes have torch: its flip kernel is several times faster
+        with warnings.catch_warnings():  # PIL's arrays are read-only; torch warns, though it only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            flipped = torch.flip(torch.from_numpy(src), [1])
+        torch.from_numpy(out).copy_(flipped)
+        return out
     # One 3-byte element per pixel: reversing those is ~2x faster than reversing a [H, W, 3] view.
-    src = np.ascontiguousarray(pixels).reshape(h, w * 3).view("V3")
-    np.copyto(out.reshape(h, w * 3).view("V3"), src[:, ::-1])
+    np.copyto(out.reshape(h, w * 3).view("V3"), src.reshape(h, w * 3).view("V3")[:, ::-1])
     return out
