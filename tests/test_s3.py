@@ -228,7 +228,10 @@ def test_server_restarted_mid_build(s3, fs, sample_hub, local):
 def test_an_outage_that_outlasts_the_retries_says_resume(s3, fs, sample_hub, local):
     """The server stays down: the build gives up with the resume advice (not the lock's own failure to go
     away), and the same command finishes the build identically once the server is back."""
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli", *build_args(sample_hub, f"s3://{BUCKET}/out")],
+    # botocore's own retries off (a real option): only ours remain, so the outage is over sooner.
+    quick = json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli",
+                             *build_args(sample_hub, f"s3://{BUCKET}/out", "--storage-options", quick)],
                             cwd=ROOT, env={**os.environ, "FRCNN_SHARD_FAULT": "shard_done:1:sleep=2"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
