@@ -140,11 +140,12 @@ def test_odd_images_decode_as_pil(name, data, fast):
     assert_same(stored_fast(data), stored_pil(data), name)
 
 
-@pytest.mark.parametrize("index", range(len(BAD_ROWS)))
+WITH_BYTES = [i for i, row in enumerate(BAD_ROWS) if (row[0]["image"] or {}).get("bytes") is not None]
+
+
+@pytest.mark.parametrize("index", WITH_BYTES)
 def test_fault_test_images_decode_as_pil(index):
-    data = (BAD_ROWS[index][0]["image"] or {}).get("bytes")
-    if data is None:
-        pytest.skip("row without image bytes")
+    data = BAD_ROWS[index][0]["image"]["bytes"]
     assert_same(stored_fast(data), stored_pil(data), f"BAD_ROWS[{index}]")
 
 

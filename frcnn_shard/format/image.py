@@ -76,17 +76,20 @@ def _decode_with_pil(img: Image.Image) -> np.ndarray:
 def mirror_into(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``pixels[:, ::-1]`` (uint8 [H, W, 3]) written into ``out`` (or a new array)."""
     h, w = pixels.shape[:2]
-    if out is None:
-        out = np.empty((h, w, 3), np.uint8)
-    check_out(out, (h, w))
+    if out is not None:
+        check_out(out, (h, w))
     src = np.ascontiguousarray(pixels)
     torch = sys.modules.get("torch")
     if torch is not None:  # the loader's processes have torch: its flip kernel is several times faster
         with warnings.catch_warnings():  # PIL's arrays are read-only; torch warns, though it only reads them
             warnings.simplefilter("ignore", UserWarning)
             flipped = torch.flip(torch.from_numpy(src), [1])
+        if out is None:
+            return flipped.numpy()
         torch.from_numpy(out).copy_(flipped)
         return out
+    if out is None:
+        out = np.empty((h, w, 3), np.uint8)
     # One 3-byte element per pixel: reversing those is ~2x faster than reversing a [H, W, 3] view.
     np.copyto(out.reshape(h, w * 3).view("V3"), src.reshape(h, w * 3).view("V3")[:, ::-1])
     return out
