@@ -207,16 +207,23 @@ def test_killed_mid_upload_leaves_nothing_and_resumes_identically(s3, fs, sample
     assert not [u for u in pending if u["Key"].startswith("kill/train/")]  # aborted on resume
 
 
-def test_server_restarted_mid_build(s3, fs, sample_hub, local):
-    """The server goes away for a few seconds while a build runs: it waits, retries, and finishes identically."""
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli", *build_args(sample_hub, f"s3://{BUCKET}/rs")],
+def build_paused_after_shard_1(fs, sample_hub, name: str, *extra: str) -> subprocess.Popen:
+    """A build into s3://BUCKET/name, started and waited on until it sleeps after publishing shard 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli",
+                             *build_args(sample_hub, f"s3://{BUCKET}/{name}", *extra)],
                             cwd=ROOT, env={**os.environ, "FRCNN_SHARD_FAULT": "shard_done:1:sleep=2"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not fs.exists(f"{BUCKET}/rs/train/train-000001.tar"):
+    while not fs.exists(f"{BUCKET}/{name}/train/train-000001.tar"):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
         fs.invalidate_cache()
+    return proc
+
+
+def test_server_restarted_mid_build(s3, fs, sample_hub, local):
+    """The server goes away for a few seconds while a build runs: it waits, retries, and finishes identically."""
+    proc = build_paused_after_shard_1(fs, sample_hub, "rs")
     s3.restart()  # stopped while the build sleeps after shard 1, back a few seconds later
     out, err = proc.communicate(timeout=240)
     if proc.returncode != 0:  # the outage outlasted the retries: the same command resumes
@@ -230,15 +237,7 @@ def test_an_outage_that_outlasts_the_retries_says_resume(s3, fs, sample_hub, loc
     away), and the same command finishes the build identically once the server is back."""
     # botocore's own retries off (a real option): only ours remain, so the outage is over sooner.
     quick = json.dumps({"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}})
-    proc = subprocess.Popen([sys.executable, "-m", "frcnn_shard.cli",
-                             *build_args(sample_hub, f"s3://{BUCKET}/out", "--storage-options", quick)],
-                            cwd=ROOT, env={**os.environ, "FRCNN_SHARD_FAULT": "shard_done:1:sleep=2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not fs.exists(f"{BUCKET}/out/train/train-000001.tar"):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-        fs.invalidate_cache()
+    proc = build_paused_after_shard_1(fs, sample_hub, "out", "--storage-options", quick)
     s3.stop()
     try:
         _, err = proc.communicate(timeout=240)
