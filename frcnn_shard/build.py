@@ -36,8 +36,8 @@ from .shards import (
     shard_name,
 )
 from .parts import (
-    DROPS_NAME, PARTS_DIR, Layout, acquire_lock, holder, merge, parse_part, read_records, record_name, release_lock,
-    sum_counts, write_record,
+    DROPS_NAME, PARTS_DIR, Layout, acquire_lock, holder, merge, parse_part, read_records, record_name,
+    refuse_another_split, release_lock, sum_counts, write_record,
 )
 from .sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, open_source
 from .storage import StorageError, open_store
@@ -582,13 +582,9 @@ def _prepare_part(store, header: dict, part: tuple[int, int], shards: range, opt
     whole = opts.part is None
     if split_state(store, header, opts, None if whole else shards, part) and whole:
         return None
-    name = record_name(*part)
     records = read_records(store)
-    foreign = [n for n in records if n != name and (whole or not n.endswith(f"-of-{part[1]:06d}.json"))]
-    if foreign:
-        raise BuildError(f"{store.url} holds part records of a build split another way ({foreign[0]}, ...); "
-                         "finish that build (same parts, then merge), or build with the overwrite option")
-    record = records.get(name)
+    refuse_another_split(store, records, part[1])  # the whole build is its one part of 1
+    record = records.get(record_name(*part))
     if record is None:
         return {"part": list(part), "shard_range": [shards.start, shards.stop], "header": header, "shards": [],
                 "complete": False, "run": {}}

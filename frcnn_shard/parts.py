@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .errors import LockedError, MergeError
+from .errors import BuildError, LockedError, MergeError
 from .shards import MANIFEST_NAME, PARTS_DIR, fault_point
 
 DROPS_NAME = "drops.jsonl"
@@ -84,6 +84,14 @@ def _parse_record_name(name: str) -> tuple[int, int] | None:
 def dumps(obj: dict) -> bytes:
     """The JSON bytes of a manifest or a part record (indented, key order kept)."""
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+
+
+def refuse_another_split(store, records: Iterable[str], parts: int) -> None:
+    """BuildError when ``records`` (part record names) hold one of a build split into other than ``parts`` parts."""
+    other = [n for n in records if _parse_record_name(n)[1] != parts]
+    if other:
+        raise BuildError(f"{store.url} holds part records of a build split another way ({other[0]}, ...); "
+                         "finish that build (same parts, then merge), or build with the overwrite option")
 
 
 def read_records(store) -> dict[str, dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BuildError
-from .parts import Layout, merge, read_records
+from .parts import Layout, merge, read_records, refuse_another_split
 
 # Set before Ray starts: read by the driver and inherited by every Ray process, so that nothing of
 # Ray's tries to reach outside this machine: no usage report, no token file, the node on loopback.
@@ -114,10 +114,7 @@ def build_on_ray(opts, progress: Callable[[dict], None] | None = None):
     n = plan_parts(layout.shards, ray.cluster_resources().get("CPU", 1))
     if split_state(store, header, opts, None, (0, 1)):
         return _result(store, store_manifest(store), "already complete", opts.device, t0)
-    stale = [name for name in read_records(store) if not name.endswith(f"-of-{n:06d}.json")]
-    if stale:
-        raise BuildError(f"{store.url} holds part records of a build split another way ({stale[0]}, ...); "
-                         "finish that build, or build with the overwrite option")
+    refuse_another_split(store, read_records(store), n)
     device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and ray.cluster_resources().get("GPU")) else "cpu"
     actors = _actors(ray, opts, device)
     task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError, ConnectionError])(_run_part)
