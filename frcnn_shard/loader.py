@@ -188,12 +188,17 @@ def expand_urls(source: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def _manifest_folder(text: str) -> str:
+    """The split folder of a folder path or URL, or of its manifest.json."""
+    return _split_url(text)[0] if text.rstrip("/").endswith(MANIFEST_NAME) else text
+
+
 def _load_manifest(manifest: dict | str | os.PathLike, storage_options: dict | None) -> tuple[dict, str | None]:
     """A manifest given as a dict, a shard directory or a manifest.json path / URL; returns (manifest, folder)."""
     if isinstance(manifest, dict):
         return manifest, None
     text = os.fspath(manifest)
-    folder = _split_url(text)[0] if text.rstrip("/").endswith(MANIFEST_NAME) else text
+    folder = _manifest_folder(text)
     return read_manifest(store_of(folder, storage_options)), folder
 
 
@@ -213,7 +218,7 @@ def _is_folder_source(text: str) -> bool:
 
 def _folder_source(text: str, storage_options: dict | None, allow_incomplete: bool) -> _Source:
     """The shards of a split folder, local or remote, from its manifest; errors that say what the folder is."""
-    folder = _split_url(text)[0] if text.rstrip("/").endswith(MANIFEST_NAME) else text
+    folder = _manifest_folder(text)
     store = store_of(folder, storage_options)
     if store.is_local and not store.path.is_dir():
         what = "not a folder" if store.path.exists() else "no such folder"

@@ -248,10 +248,10 @@ def iter_store_shard(store, name: str, select: Callable[[int, str], bool] | None
 
     A remote shard is read whole when ``select`` is given: skipping samples needs a seekable file.
     """
-    if store.is_local:
-        yield from iter_shard(store.path / name, select)
-        return
-    f = store.open_read(name) if select is None else io.BytesIO(store.read_bytes(name))
+    if select is not None and not store.is_local:
+        f = io.BytesIO(store.read_bytes(name))
+    else:
+        f = store.open_read(name)
     try:
         yield from iter_tar_samples(f, store.location(name), select)
     finally:

@@ -55,7 +55,7 @@ def decode_stored_image(data: bytes, ext: str, canvas_hw: tuple[int, int] | None
     if pixels is None:
         pixels = _decode_with_pil(img)
     if mirror:
-        return mirror_into(pixels, out)
+        return _mirror_into(pixels, out)
     if out is None or pixels is out:
         return pixels
     check_out(out, pixels.shape[:2])
@@ -73,7 +73,7 @@ def _decode_with_pil(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def mirror_into(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def _mirror_into(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``pixels[:, ::-1]`` (uint8 [H, W, 3]) written into ``out`` (or a new array)."""
     h, w = pixels.shape[:2]
     if out is not None:

@@ -20,6 +20,10 @@ def _evidence_text(ev) -> str:
     return str(ev)
 
 
+def _lines(n) -> str:
+    return plural(n, "line") if isinstance(n, int) else "? lines"
+
+
 def listed_samples(manifest: dict) -> int:
     """The samples the manifest's shard entries list (what a full read of the split will meet)."""
     return sum(int(e.get("samples") or 0) for e in manifest.get("shards") or [])
@@ -79,7 +83,7 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
         ("rows read", str(totals.get("rows", "?"))),
         ("images dropped", _counts_text(drops.get("images"))
-         + (f" (each row in {drops['file']}: {drops.get('rows', '?')} line{'' if drops.get('rows') == 1 else 's'})" if drops.get("file") else "")),
+         + (f" (each row in {drops['file']}: {_lines(drops.get('rows'))})" if drops.get("file") else "")),
         ("boxes dropped", _counts_text(drops.get("boxes"))),
         ("bbox format", bbox_format_text(manifest.get("bbox_format"))),
         ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
