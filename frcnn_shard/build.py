@@ -118,7 +118,7 @@ class BuildOptions:
     matching: anc.MatchConfig = field(default_factory=anc.MatchConfig)
     flip_targets: bool = field(default=True, metadata={
         "help": "Also store the anchor targets of the horizontally mirrored image, for the loader's hflip "
-                "(about 0.6% more bytes)."})
+                "(a few hundred bytes per sample, docs/BENCHMARKS.md)."})
     rows_per_shard: int = field(default=1000, metadata={
         "help": "Source rows per shard: shard i holds the kept samples of rows [i*N, (i+1)*N), so every way of "
                 "running the build writes the same shards."})
