@@ -9,7 +9,7 @@ import pytest
 
 from frcnn_shard.shards import (
     FORMAT_VERSION, MANIFEST_NAME, ManifestError, ShardFormatError, ShardWriter, file_sha256,
-    iter_shard, iter_tar_samples, list_shard_keys, read_manifest, shard_name, write_json_atomic,
+    iter_shard, iter_tar_samples, list_shard_keys, read_manifest, shard_name, tar_members, write_json_atomic,
 )
 
 SAMPLES = [
@@ -155,3 +155,99 @@ def test_writer_bytes_are_exactly_tarfiles(tmp_path):
             info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
             info.uname = info.gname = ""
             assert member_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT), (name, size)
+
+
+# ------------------------------------------------------------------ streaming reader vs tarfile
+
+
+def _tarfile_reference(data: bytes) -> tuple[list, str | None]:
+    """What tarfile's own "r|" stream gives: every member's (name, size, regular, bytes), then the error."""
+    out: list = []
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(data), mode="r|")
+        for info in tar:
+            out.append((info.name, info.size, info.isreg(), tar.extractfile(info).read() if info.isreg() else b""))
+    except tarfile.TarError as e:
+        return out, f"{type(e).__name__}: {e}"
+    return out, None
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most 7 bytes per read, as a pipe or a socket may."""
+
+    def __init__(self, data: bytes):
+        self._f = io.BytesIO(data)
+
+    def read(self, n=-1):
+        return self._f.read(7 if n is None or n < 0 else min(n, 7))
+
+
+def _streamed(data: bytes, trickle: bool = False) -> tuple[list, str | None]:
+    out: list = []
+    try:
+        for m in tar_members(_Trickle(data) if trickle else io.BytesIO(data)):
+            out.append((m.name, m.size, m.regular, m.read() if m.regular else b""))
+    except tarfile.TarError as e:
+        return out, f"{type(e).__name__}: {e}"
+    return out, None
+
+
+def _odd_archives(tmp_path) -> dict[str, bytes]:
+    """Plain shards, archives tarfile writes with special members, and damaged ones."""
+    plain = (write(tmp_path / "plain.tar"), (tmp_path / "plain.tar").read_bytes())[1]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, body in (("a.jpg", b"x" * 700), ("k" * 150 + ".json", b"{}"), ("dir", None), ("ln.jpg", "a.jpg"),
+                           ("b.rpn.npz", b"")):
+            info = tarfile.TarInfo(name)
+            if body is None:
+                info.type = tarfile.DIRTYPE
+            elif isinstance(body, str):
+                info.type, info.linkname = tarfile.SYMTYPE, body
+            else:
+                info.size = len(body)
+            tar.addfile(info, io.BytesIO(body) if isinstance(body, bytes) else None)
+    gnu = buf.getvalue()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("c.jpg", "c.jsön"):  # a non-ASCII name gets a pax header
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    pax = buf.getvalue()
+    bad_sum = bytearray(plain)
+    bad_sum[1024 + 148] ^= 1  # the second member's checksum
+    junk_head = bytearray(plain)
+    junk_head[1024 + 124:1024 + 136] = b"zzzzzzzzzzz\0"  # the second member's size field
+    return {"plain": plain, "gnu": gnu, "pax": pax, "bad_checksum": bytes(bad_sum), "bad_size": bytes(junk_head),
+            "empty": b"", "short": plain[:300], "no_end_blocks": plain[:plain.index(b"npz2") + 512],
+            "trailing_junk": plain + b"junk", "bad_first": b"\x01" * 512 + plain}
+
+
+def test_streaming_tar_reader_gives_tarfiles_members_and_errors(tmp_path):
+    archives = _odd_archives(tmp_path)
+    plain = archives["plain"]
+    # Every cut of a plain shard: inside headers, data, padding and the end blocks.
+    cuts = sorted(set(range(0, len(plain), 97)) | {k * 512 + d for k in range(len(plain) // 512) for d in (0, 1, 511)})
+    for cut in cuts:
+        archives[f"cut at {cut}"] = plain[:cut]
+    for name, data in archives.items():
+        ref = _tarfile_reference(data)
+        assert _streamed(data) == ref, name
+        assert _streamed(data, trickle=True) == ref, name
+    assert _streamed(archives["gnu"])[0][1][0] == "k" * 150 + ".json"  # handed to tarfile: the long name
+    assert _streamed(archives["plain"])[1] is None and len(_streamed(archives["plain"])[0]) == 6
+
+
+def test_streaming_tar_reader_skips_unread_members_in_bounded_reads(tmp_path):
+    data = write(tmp_path / "s.tar") and (tmp_path / "s.tar").read_bytes()
+    reads: list[int] = []
+
+    class Counting(io.BytesIO):
+        def read(self, n=-1):
+            reads.append(n)
+            return super().read(n)
+
+    names = [m.name for m in tar_members(Counting(data))]  # no member read: every one skipped
+    assert names == [f"{k}.{e}" for k, ms in SAMPLES for e, _ in ms]
+    assert max(reads) <= 1 << 20

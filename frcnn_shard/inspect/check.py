@@ -34,7 +34,7 @@ from ..format.members import (
 from ..format.record import REQUIRED_FIELDS, RecordError, box_array, flip_boxes, key_of, parse_json
 from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
-from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, read_manifest, store_of
+from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, plain_header, read_manifest, store_of
 from ..storage import LocalStore
 from ..words import human_bytes, plural
 from .info import listed_samples
@@ -406,69 +406,34 @@ def _check_sample(raw: RawSample, ctx: _Context, full_decode: bool) -> tuple[Fou
 # ------------------------------------------------------------------------------- per shard
 
 
-# Header fields tarfile parses as numbers besides size and checksum (mode, uid, gid, mtime, devmajor,
-# devminor): a header whose bytes there were once parsed without error is accepted by the fast scan.
-_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
-_numeric_ok: set[bytes] = set()
-
-
-def _numbers_parse(head: bytes) -> bool:
-    """Would tarfile parse every numeric field of this header (other than size and checksum)?"""
-    sig = head[100:124] + head[136:148] + head[329:345]
-    if sig in _numeric_ok:
-        return True
-    try:
-        for a, b in _NUMERIC_FIELDS:
-            tarfile.nti(head[a:b])
-    except (tarfile.TarError, ValueError):
-        return False
-    if len(_numeric_ok) < 64:  # ShardWriter writes one signature; bound the set for odd archives
-        _numeric_ok.add(sig)
-    return True
-
-
 def _scan_tar(data: bytes) -> tuple[list[tuple[str, int, int]], int] | None:
     """The regular-file members of a plain tar, read straight off the buffer: ([(name, data offset, size)],
     offset of the end-of-archive block); None as soon as anything is not plain.
 
-    "Plain" is what ShardWriter writes and what tarfile reads without a word: every header has a valid
-    (unsigned) checksum, parseable number fields, type regular file, no ustar prefix, a name that is
-    not a directory, data inside the buffer, and the archive ends at an all-zero block. On exactly
-    these archives tarfile yields the same names, offsets and sizes and stops at the same offset, at
-    a fraction of the cost (no TarInfo objects, no file-object seeks); on anything else the caller
-    walks the archive with tarfile, which names the problem.
+    Plain: every header is ``shards.plain_header``'s with a valid (unsigned) checksum, the data lies
+    inside the buffer, and the archive ends at an all-zero block. On exactly these archives tarfile
+    yields the same names, offsets and sizes and stops at the same offset, at a fraction of the cost;
+    on anything else the caller walks the archive with tarfile, which names the problem.
     """
     n = len(data)
     off = 0
     found: list[tuple[str, int, int]] = []
     heads: list[int] = []
     sums: list[int] = []
-    enc = tarfile.ENCODING
-    nti = tarfile.nti
-    try:
-        while True:
-            if n - off < _BLOCK:
-                return None
-            head = data[off:off + _BLOCK]
-            if head == _ZERO_BLOCK:
-                break
-            kind = head[156]
-            if head[345] or kind not in (48, 0) or not _numbers_parse(head):  # b"0" / b"\0": regular file
-                return None
-            name = head[:100]
-            if (z := name.find(0)) >= 0:
-                name = name[:z]
-            name = name.decode(enc, "surrogateescape")
-            size = nti(head[124:136])
-            stop = off + _BLOCK + size
-            if size < 0 or stop > n or (kind == 0 and name.endswith("/")):
-                return None
-            heads.append(off)
-            sums.append(nti(head[148:156]))
-            found.append((name, off + _BLOCK, size))
-            off += _BLOCK + -(-size // _BLOCK) * _BLOCK
-    except (tarfile.TarError, ValueError):
-        return None
+    while True:
+        if n - off < _BLOCK:
+            return None
+        head = data[off:off + _BLOCK]
+        if head == _ZERO_BLOCK:
+            break
+        plain = plain_header(head)
+        if plain is None or off + _BLOCK + plain[1] > n:
+            return None
+        name, size, stored = plain
+        heads.append(off)
+        sums.append(stored)
+        found.append((name, off + _BLOCK, size))
+        off += _BLOCK + -(-size // _BLOCK) * _BLOCK
     if heads:  # every header's checksum at once: the header bytes summed, the checksum field as spaces
         blocks = np.frombuffer(data, np.uint8, count=off).reshape(-1, _BLOCK)[np.asarray(heads) // _BLOCK]
         computed = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
