@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 import json
 import math
 
@@ -465,3 +466,25 @@ def test_deltas_by_hand_and_round_trip():
         np.testing.assert_allclose(decode(anchors.astype(np.float64), d64, weights), boxes, atol=1e-9)
     with pytest.raises(ValueError, match="positive width"):
         anc.encode_deltas(a, np.array([[5, 5, 5, 25]], np.float64))
+
+
+def test_unpack_accepts_a_damaged_member_exactly_when_zipfile_reads_it_back():
+    labels, matched = random_targets(np.random.default_rng(3), 3000, 0.01, 0.05, 5)
+    good = pack_targets(labels, matched, flipped=(labels, matched))
+    want = [t.positive.tolist() + t.ignore.tolist() + t.matched.tolist() for t in unpack_all_targets(good, 3000)]
+    with zipfile.ZipFile(io.BytesIO(good)) as zf:
+        raw = zf.read("t.npy")
+    for i in range(len(good)):  # every byte of the member flipped, one at a time
+        bad = bytearray(good)
+        bad[i] ^= 0x41
+        try:
+            with zipfile.ZipFile(io.BytesIO(bytes(bad))) as zf:
+                readable = zf.namelist() == ["t.npy"] and zf.read("t.npy") == raw
+        except Exception:  # noqa: BLE001 - any refusal by zipfile
+            readable = False
+        try:
+            got = [t.positive.tolist() + t.ignore.tolist() + t.matched.tolist()
+                   for t in unpack_all_targets(bytes(bad), 3000)]
+        except ValueError:
+            got = None
+        assert got == (want if readable else None), f"byte {i}"
