@@ -49,11 +49,14 @@ def label_counts(labels: np.ndarray) -> dict[str, int]:
             "negative": int(np.count_nonzero(labels == 0))}
 
 
+_UNSIGNED = tuple((int(np.iinfo(t).max), np.dtype(t)) for t in (np.uint8, np.uint16, np.uint32))
+
+
 def _index_dtype(upper: int) -> np.dtype:
     """Smallest unsigned dtype holding values 0..upper."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if upper <= np.iinfo(dt).max:
-            return np.dtype(dt)
+    for top, dt in _UNSIGNED:
+        if upper <= top:
+            return dt
     return np.dtype(np.uint64)
 
 
@@ -245,8 +248,9 @@ def _decode_block(body: np.ndarray, n: int, block: tuple[int, int, int, int], na
     pos, ign = np.cumsum(parts[0]), np.cumsum(parts[1])
     box = parts[2]
     where = f"packed targets ({name})"
-    for what, idx in (("positive", pos), ("ignored", ign)):
-        if len(idx) and (idx[-1] >= n or (len(idx) > 1 and (np.diff(idx) <= 0).any()) or (idx[0] < 0)):
+    for what, gaps, idx in (("positive", parts[0], pos), ("ignored", parts[1], ign)):
+        # The gaps are unsigned: the indices increase strictly exactly when no gap after the first is 0.
+        if len(idx) and (idx[-1] >= n or not gaps[1:].all()):
             raise ValueError(f"{where}: {what} indices must be strictly increasing and < {n}")
     if len(pos) and len(ign):
         # Both are sorted: each positive's insertion point in the ignored list tells whether it is there.
