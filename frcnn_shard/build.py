@@ -6,6 +6,7 @@ manifest rewritten after each one, which is what makes an interrupted build resu
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
 import json
@@ -179,11 +180,37 @@ class BuildResult:
 _W: dict = {}
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+WORKER_HEAP_KEEP = 64 << 20  # free heap a worker keeps instead of returning it to the system
+WORKER_MMAP_FROM = 16 << 20  # allocations from this size up get pages of their own
+
+
+def tune_worker_malloc() -> bool:
+    """Let this (worker) process reuse the memory it frees instead of faulting fresh pages in; glibc only.
+
+    Every row allocates and frees megabytes (the unpickled source image, PIL's decoded and resized
+    images): with glibc's default thresholds those are handed back to the system and faulted in
+    again row after row, which cost a build worker much of its system time (docs/BENCHMARKS.md,
+    "Build"). Only the build's own worker processes call this: it changes the process's allocator.
+    Returns whether the allocator took the settings.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows): its allocator as it is
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_TRIM_THRESHOLD, WORKER_HEAP_KEEP)) and bool(mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_FROM))
+
+
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,
-                 flip: bool, ignore_sigint: bool = True) -> None:
-    """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher."""
-    if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+                 flip: bool, pool_worker: bool = True) -> None:
+    """Per-process setup: the transform config and, on the CPU path, a ready anchor matcher.
+
+    ``pool_worker``: in a process of the build's own pool (False: in the caller's process, workers=0).
+    """
+    if pool_worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
+        tune_worker_malloc()
     _W["tcfg"] = tcfg
     _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
     _W["flip"] = flip
@@ -658,7 +685,7 @@ def build_part(opts: BuildOptions, part: tuple[int, int], progress: Callable[[di
             pool = multiprocessing.get_context("fork").Pool(
                 opts.workers, initializer=_init_worker, initargs=(opts.transform, spec, opts.matching, not batched, opts.flip_targets))
         else:
-            _init_worker(opts.transform, spec, opts.matching, not batched, opts.flip_targets, ignore_sigint=False)
+            _init_worker(opts.transform, spec, opts.matching, not batched, opts.flip_targets, pool_worker=False)
         old_term = _interrupt_on_sigterm()
         if batched and match_batch is None:
             anchors = anc.make_anchors(spec)
