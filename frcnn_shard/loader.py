@@ -15,6 +15,7 @@ across runs, and the per-sample targets do not depend on the worker count.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import os
@@ -22,6 +23,7 @@ import re
 import struct
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -69,7 +71,8 @@ class LoaderOptions:
     """Every option of make_loader, validated once here (LoaderError names the bad one).
 
     rank/world_size None: from torch.distributed when initialised, else 0/1. num_workers None:
-    min(4, CPUs, shards per rank), and 0 (the calling process) when that is 1.
+    min(4, CPUs, shards per rank), and 0 (the calling process) when that is 1. decode_threads None:
+    one per CPU (at most the batch size) when num_workers is 0 and there is no image_transform, else 0.
     """
 
     batch_size: int
@@ -92,6 +95,7 @@ class LoaderOptions:
     strict: bool = False  # fewer shards than streams is an error (else fewer workers, with a warning)
     hflip: float = 0.0  # probability that a sample is mirrored left-right (needs shards with flip targets)
     image_transform: Callable[[np.ndarray], np.ndarray] | None = None  # uint8 HWC -> same shape and dtype
+    decode_threads: int | None = None  # threads decoding a batch's samples side by side in each stream
 
     def __post_init__(self) -> None:
         rules = [
@@ -110,6 +114,8 @@ class LoaderOptions:
              f"hflip must be a probability within 0..1 (got {self.hflip!r})"),
             (self.image_transform is None or callable(self.image_transform),
              f"image_transform must be a callable or None (got {type(self.image_transform).__name__})"),
+            (self.decode_threads is None or int(self.decode_threads) >= 0,
+             f"decode_threads must be >= 0 or None (got {self.decode_threads})"),
         ]
         for ok, message in rules:
             if not ok:
@@ -739,25 +745,67 @@ def _run_stream(cfg: _StreamConfig, worker: int) -> Iterator[_Batch]:
         batch.skipped, batch.skip_log, reported = sum(n for n, _ in new), [m for _, m in new], len(skips)
         return batch
 
-    pending: list[Decoded] = []
-    rows = None  # the uint8 batch being decoded into: saves a copy per image
-    for url, raw in raws:
-        if rows is None:
-            rows = _batch_rows(ds, opts, shared)
-        try:  # a sample that fails leaves its row to the next one
-            pending.append(decode_sample(url, raw, ds, opts, cfg.epoch,
-                                         None if rows is None else rows.numpy()[len(pending)]))
-        except ShardFormatError as e:
-            if opts.on_error == "raise":
-                raise
-            skips.append((1, str(e)))
-        if len(pending) == opts.batch_size:
-            yield emit(pending, rows)
-            pending, rows = [], None
-    if pending and not opts.drop_last:
-        yield emit(pending, rows)
+    threads = opts.decode_threads or 0
+    with ThreadPoolExecutor(threads) if threads > 1 else _NoPool() as pool:
+        for pending, rows in _decoded_batches(raws, cfg, shared, skips, pool):
+            if len(pending) == opts.batch_size or (pending and not opts.drop_last):
+                yield emit(pending, rows)
     if len(skips) > reported:
         yield emit(None)
+
+
+class _NoPool:
+    """ThreadPoolExecutor's ``map`` in the calling thread (decode_threads 0 or 1)."""
+
+    def __enter__(self) -> "_NoPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    map = staticmethod(map)
+
+
+def _decoded_batches(raws: Iterator, cfg: _StreamConfig, shared: bool, skips: list, pool
+                     ) -> Iterator[tuple[list[Decoded], torch.Tensor | None]]:
+    """Batches of decoded samples and the uint8 rows they were decoded into: full ones, then the last.
+
+    The samples of a batch are decoded side by side on ``pool``'s threads (libjpeg-turbo lets go of
+    the GIL), each into its own row, and collected in stream order, so every batch is the one a
+    single thread makes. A sample that fails (on_error="skip") leaves its row to the next one.
+    """
+    opts, ds = cfg.opts, cfg.dataset
+    step = 1 if isinstance(pool, _NoPool) else opts.batch_size  # samples handed out at once
+
+    def decode(job: tuple[str, RawSample, np.ndarray | None]) -> Decoded | ShardFormatError:
+        try:
+            return decode_sample(*job[:2], ds, opts, cfg.epoch, job[2])
+        except ShardFormatError as e:
+            return e
+
+    while True:
+        rows = view = None  # allocated when the batch's first sample arrives
+        pending: list[Decoded] = []
+        while len(pending) < opts.batch_size:
+            items = list(itertools.islice(raws, min(step, opts.batch_size - len(pending))))
+            if not items:
+                yield pending, rows
+                return
+            if rows is None and (rows := _batch_rows(ds, opts, shared)) is not None:
+                view = rows.numpy()
+            first = len(pending)
+            jobs = [(url, raw, None if view is None else view[first + i]) for i, (url, raw) in enumerate(items)]
+            for i, got in enumerate(pool.map(decode, jobs)):
+                if isinstance(got, ShardFormatError):
+                    if opts.on_error == "raise":
+                        raise got
+                    skips.append((1, str(got)))
+                    continue
+                if view is not None and first + i != len(pending):  # a sample before it failed: close the gap
+                    view[len(pending)] = view[first + i]
+                    got.image = view[len(pending)]
+                pending.append(got)
+        yield pending, rows
 
 
 def _passthrough(item):
@@ -923,7 +971,7 @@ def make_loader(
 
     ``options`` are the fields of LoaderOptions (shuffle, num_workers, seed, epoch, rpn_batch_size,
     positive_fraction, normalize, rank, world_size, resampled, shuffle_buffer, on_error, drop_last,
-    pin_memory, prefetch_factor, timeout, strict, hflip, image_transform). ``manifest`` describes shards
+    pin_memory, prefetch_factor, timeout, strict, hflip, image_transform, decode_threads). ``manifest`` describes shards
     given as URLs; ``num_anchors`` lets shards without a manifest be read at all; ``storage_options`` go to fsspec.
     """
     try:
@@ -956,7 +1004,10 @@ def make_loader(
         warnings.warn("pin_memory=True but no CUDA device is available: batches are not pinned",
                       LoaderWarning, stacklevel=2)
         opts = replace(opts, pin_memory=False)
-    opts = replace(opts, rank=rank, world_size=world_size, num_workers=int(workers))
+    threads = opts.decode_threads
+    if threads is None:  # in the calling process the CPUs would idle between samples; workers have theirs
+        threads = min(os.cpu_count() or 1, opts.batch_size) if workers == 0 and opts.image_transform is None else 0
+    opts = replace(opts, rank=rank, world_size=world_size, num_workers=int(workers), decode_threads=int(threads))
     return ShardLoader(src, opts, dataset, storage_options)
 
 

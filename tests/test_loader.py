@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -356,6 +357,47 @@ def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, wo
     assert sorted({k for k, _, _ in got}) == sorted(set(keys) - {keys[5], keys[9]})
     for key, img, _ in got:
         assert np.array_equal(img.permute(1, 2, 0).numpy(), decode_pil(stored[key])), key
+
+
+@pytest.mark.parametrize("normalize,hflip,batch,drop_last", [(False, 0.0, 4, False), (False, 0.5, 3, True),
+                                                             (True, 0.5, 4, False)])
+def test_decode_threads_give_the_single_threads_batches(tiny_shards, tmp_path, normalize, hflip, batch, drop_last):
+    """Samples decoded side by side (decode_threads) make the batches, skips and logs of one thread."""
+    def edit(i, key, members):
+        if i in (2, 3, 7):  # half JPEGs: their decode writes some rows of the batch, then fails
+            return [("jpg", members[0][1][: len(members[0][1]) // 2])] + members[1:]
+        if i == 10:
+            return members[:2] + [(TARGETS_EXT, b"PK\x03\x04 not a zip")]
+        return members
+
+    d, _ = _rewrite_first_shard(tiny_shards, tmp_path / "odd", edit)
+    runs = {}
+    for threads in (0, 3):
+        loader = make_loader(d, batch, num_workers=0, normalize=normalize, hflip=hflip, seed=3, on_error="skip",
+                             drop_last=drop_last, decode_threads=threads)
+        assert loader.options.decode_threads == threads
+        batches = [(images.clone(), [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in t.items()}
+                                     for t in targets]) for images, targets in loader]
+        runs[threads] = batches, loader.skipped, list(loader.skip_log)
+    (serial, skipped, log), (threaded, t_skipped, t_log) = runs[0], runs[3]
+    assert skipped == t_skipped == 4 and log == t_log
+    assert len(serial) == len(threaded)
+    for (a_img, a_t), (b_img, b_t) in zip(serial, threaded):
+        assert torch.equal(a_img, b_img)
+        assert [t.keys() for t in a_t] == [t.keys() for t in b_t]
+        for ta, tb in zip(a_t, b_t):
+            for k in ta:
+                assert torch.equal(ta[k], tb[k]) if torch.is_tensor(ta[k]) else ta[k] == tb[k], k
+
+
+def test_decode_threads_default_one_per_cpu_only_in_the_calling_process(tiny_shards):
+    cpus = os.cpu_count() or 1
+    assert make_loader(tiny_shards, 64, num_workers=0).options.decode_threads == min(cpus, 64)
+    assert make_loader(tiny_shards, 2, num_workers=0).options.decode_threads == min(cpus, 2)
+    assert make_loader(tiny_shards, 4, num_workers=2).options.decode_threads == 0
+    assert make_loader(tiny_shards, 4, num_workers=0, image_transform=lambda a: a).options.decode_threads == 0
+    with pytest.raises(LoaderError, match="decode_threads must be >= 0"):
+        make_loader(tiny_shards, 4, decode_threads=-1)
 
 
 def test_path_traversal_member_is_refused(tiny_shards, tmp_path):
