@@ -6,11 +6,12 @@ All run as torch DataLoaders with the same ``--batch-size`` (default 8), over ti
 at ``--workers`` (default os.cpu_count()) and again with 0 workers (everything in the main process):
 
 - loader:          make_loader(shards, batch_size, num_workers=W, normalize=True | False, rpn_batch_size=256):
-                   images/s into collated batches (images + anchor labels + matched boxes), in the main process;
+                   images/s into collated batches (images + anchor labels + matched boxes), in the main process
+                   (with 0 workers at its default decode_threads, one per CPU, and with decode_threads=0);
                    then without and with hflip=0.5 (half the samples mirrored, with their stored flipped
                    targets), alternating for ``--flip-rounds`` rounds, for the hflip ratio; and the worker's
                    pipeline on one core at hflip 0 / 0.5 / 1.
-- decode floor:    the same tars read the same way (tarfile stream, whole shards per worker) and only the
+- decode floor:    the same tars read the same way (the same tar reader, whole shards per worker) and only the
                    stored JPEG bytes decoded with PIL to uint8 arrays, delivered as uint8 batches (the PIL
                    delivered-decode floor, the goal's reference); the same with libjpeg-turbo (simplejpeg,
                    decoding into the batch) shows how much of the loader's time is decoding; and a
@@ -106,14 +107,16 @@ def time_batches(name: str, batches: Iterable, count: Callable[[object], int]) -
 # ================================================================================ the loader
 
 
-def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool, hflip: float = 0.0) -> Run:
-    """frcnn_shard.loader.make_loader over the shards, as a user would iterate it."""
+def run_loader(shards: Path, batch_size: int, workers: int, normalize: bool, hflip: float = 0.0,
+               decode_threads: int | None = None) -> Run:
+    """frcnn_shard.loader.make_loader over the shards, as a user would iterate it (decode_threads None: its default)."""
     from frcnn_shard.loader import make_loader
 
     loader = make_loader(str(shards), batch_size, num_workers=workers, normalize=normalize, rpn_batch_size=256,
-                         hflip=hflip)
+                         hflip=hflip, decode_threads=decode_threads)
     label = f"loader, normalize={normalize} ({'float32' if normalize else 'uint8'} images)"
     label += f", hflip={hflip}" if hflip else ""
+    label += f", decode_threads={loader.options.decode_threads}" if not workers else ""
     return time_batches(label, loader, lambda b: int(b[0].shape[0]))
 
 
@@ -540,7 +543,7 @@ def hflip_report(runs: dict[str, Run], flip_stages: list[tuple[str, float]], fli
         bc.md_table(["step (per image)", "ms/image"], rows)]
 
 
-ROW_ORDER = ("u8", "norm", "floor", "floor_turbo", "floor_norm", "floor_bare", "stream")
+ROW_ORDER = ("u8", "u8_1t", "norm", "floor", "floor_turbo", "floor_norm", "floor_bare", "stream")
 
 
 def _runs_table(runs: dict[tuple[str, int], Run], worker_counts: tuple[int, ...]) -> str:
@@ -575,6 +578,12 @@ def _goal_lines(runs: dict[tuple[str, int], Run], worker_counts: tuple[int, ...]
             a = runs[("norm", w)].steady_ips / runs[("floor_norm", w)].steady_ips
             lines.append(f"- {w} workers, normalised loader vs the normalised PIL floor (same float32 output): "
                          f"{bc.fmt(a, 3)}x (>= {GOAL_VS_FLOOR}: {bc.goal(a >= GOAL_VS_FLOOR)}).")
+        if ("u8_1t", w) in runs:
+            r, floor, stream = runs[("u8_1t", w)], runs[("floor", w)], runs[("stream", w)]
+            lines.append(f"- {w} workers, {r.name} (one thread, as the floor): "
+                         f"{bc.fmt(r.steady_ips / stream.steady_ips, 2)}x the streaming loop, "
+                         f"{bc.fmt(r.steady_ips / floor.steady_ips, 3)}x the PIL delivered-decode floor; the default "
+                         f"decode_threads run {bc.fmt(runs[('u8', w)].steady_ips / r.steady_ips, 3)}x this one.")
         if ("floor_turbo", w) in runs:
             a = runs[("u8", w)].steady_ips / runs[("floor_turbo", w)].steady_ips
             lines.append(f"- {w} workers, uint8 loader vs the libjpeg-turbo delivered floor (the same decode as the "
@@ -662,6 +671,9 @@ def main(argv: list[str] | None = None) -> None:
                   ("u8", w, "loader, normalize=False", lambda w=w: run_loader(shards, b, w, False)),
                   ("stream", w, f"streaming loop ({args.stream_images} images)",
                    lambda w=w: run_stream(hub, b, w, args.stream_images))]
+        if not w:
+            plans.append(("u8_1t", w, "loader, normalize=False, decode_threads=0",
+                          lambda w=w: run_loader(shards, b, w, False, decode_threads=0)))
         if w:
             plans += [("floor_bare", w, "decode-only floor", lambda w=w: run_floor(shards, b, w, False)),
                       ("floor_norm", w, "PIL delivered floor, normalised",
