@@ -180,7 +180,7 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
     except (TypeError, ValueError, IndexError) as e:
         raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
     ext = str(manifest.get("image", {}).get("format", "jpg"))
-    ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed, bool(manifest["anchors"].get("flip_targets")))
+    ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed, anc.has_flip_targets(manifest))
     if ext in IMAGE_EXTS:
         ctx.expected_members = frozenset((ext, JSON_EXT, TARGETS_EXT))
     if deep:
