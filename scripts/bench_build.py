@@ -297,6 +297,39 @@ def paired_ms(fa, fb, items: list, rounds: int) -> tuple[float, float]:
     return best[0], best[1]
 
 
+def resize_alternatives(rounds: int = 6) -> str:
+    """PIL's bilinear resize (the build's) against torch's antialiased bilinear uint8 resize, on the real
+    originals: speed, alternated, and whether the pixels are the same."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)  # one worker's core, as in the build
+    src = open_source(f"coco:{bc.require_tiny_coco()}", "train2017")
+    images = [decode_image(r.image) for r in src.rows()]
+    out_hw = TransformConfig().image_size
+    tensors = [torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+               for im in images]
+
+    def pil(i: int) -> np.ndarray:
+        return np.asarray(resize_image(images[i], out_hw, "stretch"))
+
+    def tv(i: int) -> np.ndarray:
+        y = F.interpolate(tensors[i], size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+        return y[0].permute(1, 2, 0).numpy()
+
+    idx = list(range(len(images)))
+    pil_ms, torch_ms = paired_ms(pil, tv, idx, rounds)
+    diffs = [int(np.abs(pil(i).astype(np.int16) - tv(i).astype(np.int16)).max()) for i in idx]
+    same = sum(d == 0 for d in diffs)
+    return (f"The resize is PIL's: torch's antialiased bilinear resize of uint8 images (`F.interpolate(..., "
+            f"antialias=True)`, channels last, one thread) takes {bc.fmt(torch_ms, 3)} ms against PIL's "
+            f"{bc.fmt(pil_ms, 3)} on the {len(images)} real originals ({bc.fmt(pil_ms / torch_ms, 1)}x faster), but "
+            f"gives PIL's pixels on {same} of {len(images)} images (largest difference {max(diffs)}), so it would "
+            "change the shard bytes; and torch's fast uint8 kernel is AVX2-only (other CPUs, ARM among them, take "
+            "another code path), while PIL's integer resample gives the same bytes on every machine, which "
+            "byte-identical builds across machines and parts rest on.")
+
+
 def _writer_ms(samples: list[Sample], packed: list[bytes], repeats: int) -> float:
     """ms per sample of the main-process writer: members (JSON) + tar add + close (sha256, fsync, rename)."""
     with tempfile.TemporaryDirectory(dir=bc.BENCH_DATA) as d:
@@ -798,6 +831,7 @@ def main(argv: list[str] | None = None) -> None:
             bc.log("component timings")
             comps, _ = measure_components(src, args.component_rows, args.repeats)
             parts.append(throughput_section(first_build, floor, ceiling, comps, args.workers, args.images))
+            parts.append(resize_alternatives())
     if "anchors" in only:
         bc.log(f"anchor matching ({args.device})")
         parts.append(anchors_section(args.device, batch_sizes(args), args.repeats))
