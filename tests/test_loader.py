@@ -332,8 +332,8 @@ def test_bad_sample_raises_naming_shard_and_key_or_is_skipped(tiny_shards, tmp_p
     assert loader.skipped == 1 and keys[5] in loader.skip_log[0] and shard in loader.skip_log[0]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, workers):
+@pytest.mark.parametrize("workers,threads", [(0, None), (2, None), (2, 2)])
+def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, workers, threads):
     """uint8 batches are decoded in place: a sample that fails half-way must not leave its pixels behind."""
     from frcnn_shard.codec import decode_pil
 
@@ -352,7 +352,8 @@ def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, wo
         shutil.copy(d / man["shards"][0]["name"], d / "train2017-000001.tar")
         man["shards"].append({**man["shards"][0], "name": "train2017-000001.tar"})
         (d / "manifest.json").write_text(json.dumps(man))
-    loader = make_loader(d, BATCH, num_workers=workers, shuffle=False, normalize=False, on_error="skip")
+    loader = make_loader(d, BATCH, num_workers=workers, shuffle=False, normalize=False, on_error="skip",
+                         decode_threads=threads)
     got = collect(loader)
     assert sorted({k for k, _, _ in got}) == sorted(set(keys) - {keys[5], keys[9]})
     for key, img, _ in got:
