@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 
 from .errors import BuildError, LockedError, MergeError
 from .shards import MANIFEST_NAME, PARTS_DIR, fault_point
+from .storage import pid_alive
 
 DROPS_NAME = "drops.jsonl"
 _PART_ENV = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE"))
@@ -118,16 +119,6 @@ def write_record(store, record: dict, fault_n: int | None = None) -> None:
 # ---------------------------------------------------------------------------------------- locks
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def holder() -> dict:
     """Who takes a lock: this host and process (and the Ray task, when run by one)."""
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -155,7 +146,7 @@ def acquire_lock(store, part: int, parts: int) -> str:
         except (OSError, ValueError):
             other = {}
         same_host = other.get("host") == me["host"]
-        stale = (same_host and not _alive(int(other.get("pid", -1)))) or (me.get("task") and other.get("task") == me["task"])
+        stale = (same_host and not pid_alive(int(other.get("pid", -1)))) or (me.get("task") and other.get("task") == me["task"])
         if not stale:
             raise LockedError(
                 f"another build is writing {store.url} (part {part} of {parts}): held by pid {other.get('pid', '?')} "

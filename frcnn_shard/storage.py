@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,40 @@ _INSTALL_HINT = {"s3": "s3fs (pip install 'frcnn-shard[s3]')", "gs": "gcsfs", "g
 
 class StorageError(ValueError):
     """A location that cannot be used: an unknown scheme, a package missing, bad storage options."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+SPOOL_PREFIX = "frcnn-shard_"
+_SPOOL_NAME = re.compile(r"^frcnn-shard_(?P<host>[^_]+)_(?P<pid>\d+)_[^/]*\.part$")
+_spools_swept = False
+
+
+def _new_spool() -> IO[bytes]:
+    """A spool file in the temporary folder, named for this host and process.
+
+    The first one a process opens first removes the spool files left there by processes of this host
+    that are gone (killed while spooling: nothing else would ever delete them). Files of other hosts
+    (a temporary folder shared between containers) and of running processes are left alone.
+    """
+    global _spools_swept
+    host = socket.gethostname().replace("_", "-")  # "_" separates the name's fields
+    if not _spools_swept:
+        _spools_swept = True
+        for path in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*.part"):
+            m = _SPOOL_NAME.match(path.name)
+            if m and m["host"] == host and not pid_alive(int(m["pid"])):
+                path.unlink(missing_ok=True)
+    return tempfile.NamedTemporaryFile(prefix=f"{SPOOL_PREFIX}{host}_{os.getpid()}_", suffix=".part", delete=False)
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -235,7 +270,7 @@ class FsspecStore:
 
     def open_upload(self, name: str) -> Upload:
         """Spool to a local temporary file; publish uploads it whole (retried), so nothing appears before that."""
-        spool = tempfile.NamedTemporaryFile(prefix="frcnn-shard-", suffix=".part", delete=False)
+        spool = _new_spool()
 
         def publish() -> None:
             spool.flush()

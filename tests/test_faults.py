@@ -5,6 +5,7 @@ Inputs are tiny (the synthetic sample at 128 px, shards of 4 samples) so the who
 """
 from __future__ import annotations
 
+import ast
 import errno
 import io
 import json
@@ -824,3 +825,24 @@ def test_cli_refuses_an_unknown_split_without_creating_anything(hub, tmp_path):
                                   "--workers", "0"])
     assert r.exit_code == 1 and "unknown split 'test'" in r.output and "train" in r.output
     assert not out.exists()
+
+
+def test_the_spool_file_of_a_killed_upload_is_removed_by_the_next_process(tmp_path):
+    """A process killed while it spools a shard for object storage leaves its spool file; the next process
+    that spools on this host removes it, and leaves those of running processes and of other hosts alone."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    spool = "from frcnn_shard.storage import open_store; up = open_store('memory://spool-test/x').open_upload('a.tar'); "
+    killed = subprocess.run([sys.executable, "-c", spool + "up.write(b'x' * 4096); import os, signal; "
+                             "os.kill(os.getpid(), signal.SIGKILL)"], env=env)
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in tmp_path.glob("frcnn-shard_*.part"))
+    assert len(left) == 1  # the killed process's spool, named for this host and its pid
+    _, host, dead_pid, _ = left[0].split("_", 3)
+    others = [f"frcnn-shard_{host}_{os.getpid()}_live.part",  # a running process of this host: still spooling
+              f"frcnn-shard_other-host_{dead_pid}_x.part"]  # another host sharing the folder: its pids mean nothing here
+    for name in others:
+        (tmp_path / name).write_bytes(b"y")
+    out = subprocess.run([sys.executable, "-c", spool + "up.write(b'z'); up.publish(); import glob, os; "
+                          "print(sorted(os.path.basename(p) for p in glob.glob(os.environ['TMPDIR'] + '/*.part')))"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(out) == sorted(others)  # the killed one removed; the new one uploaded and removed
