@@ -270,6 +270,37 @@ def test_incomplete_manifest(shards):
     assert rules(check_shards(shards)) == {"manifest_incomplete"}
 
 
+def _drops_edits(lines: list[bytes]) -> dict[str, list[bytes] | None]:
+    """Ways to break drops.jsonl (None: the file deleted), each with what the problem must say."""
+    rec = json.loads(lines[0])
+    other = {**rec, "reason": "corrupt_image"}
+    return {
+        "is not in the folder": None,
+        "line(s), the manifest's drops.rows is": [],
+        "is not a dropped row's record": [b"{not json"],
+        "each dropped row is listed once, in row order": lines + [json.dumps(rec).encode()],
+        "outside the split's rows": [json.dumps({**rec, "row": 10**6}).encode()],
+        "whose manifest entry counts": [json.dumps(other).encode()],
+        "row must be an integer": [json.dumps({**rec, "row": "5"}).encode()],
+    }
+
+
+def test_the_dropped_rows_file_agrees_with_the_manifest(shards):
+    path = shards / "drops.jsonl"
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == manifest_of(shards)["drops"]["rows"] >= 1  # tiny_coco has an image without boxes
+    for says, edit in _drops_edits(lines).items():
+        if edit is None:
+            path.unlink()
+        else:
+            path.write_bytes(b"".join(line + b"\n" for line in edit))
+        report = check_shards(shards)
+        assert rules(report) == {"drops_file"}, (says, report.problems)
+        assert any(says in p.detail for p in report.problems), (says, [p.detail for p in report.problems])
+        path.write_bytes(b"".join(line + b"\n" for line in lines))
+    assert check_shards(shards).problems == []
+
+
 def test_duplicated_key_across_shards(shards):
     first = read_samples(shard_path(shards, 0))[0]
     rewrite_shard(shards, 2, read_samples(shard_path(shards, 2)) + [first])

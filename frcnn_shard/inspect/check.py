@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
@@ -34,6 +35,7 @@ from ..format.members import (
 from ..format.record import REQUIRED_FIELDS, RecordError, box_array, flip_boxes, key_of, parse_json
 from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
+from ..parts import Layout
 from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, plain_header, read_manifest, store_of
 from ..storage import LocalStore
 from ..words import human_bytes, plural
@@ -60,6 +62,7 @@ RULE_LABEL_INVALID = "label_invalid"
 RULE_TARGETS_INVALID = "targets_invalid"
 RULE_TARGETS_COUNTS = "targets_counts"
 RULE_TARGETS_DEEP = "targets_deep"
+RULE_DROPS_FILE = "drops_file"
 
 RULES: tuple[str, ...] = (
     RULE_MANIFEST_INCOMPLETE, RULE_MANIFEST_TOTALS, RULE_SHARD_MISSING, RULE_SHARD_EXTRA,
@@ -67,6 +70,7 @@ RULES: tuple[str, ...] = (
     RULE_TAR_TRAILING, RULE_MEMBER_NAME, RULE_MEMBERS, RULE_SHARD_COUNT, RULE_SHARD_KEYS,
     RULE_KEY_DUPLICATE, RULE_KEY_MISMATCH, RULE_JSON_INVALID, RULE_IMAGE_DECODE, RULE_IMAGE_SIZE,
     RULE_BOX_INVALID, RULE_LABEL_INVALID, RULE_TARGETS_INVALID, RULE_TARGETS_COUNTS, RULE_TARGETS_DEEP,
+    RULE_DROPS_FILE,
 )
 
 BOX_EPS = 1e-3  # boxes are float32 in resized pixels, clipped to the image; allow float32 rounding
@@ -670,6 +674,64 @@ def _check_totals(manifest: dict) -> list[Problem]:
             for k, v in want.items() if totals.get(k) != v]
 
 
+def _drop_lines(data: bytes, name: str) -> tuple[list[tuple[int, str]], list[Problem]]:
+    """(row, reason) of every line of a drops file, and a problem for each line that is not a drop record."""
+    rows, problems = [], []
+    for i, line in enumerate(data.splitlines(), 1):
+        try:
+            d = json.loads(line)
+            row, reason = d["row"], d["reason"]
+            if type(row) is not int or not isinstance(reason, str):
+                raise TypeError("row must be an integer and reason a string")
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(Problem(name, "", RULE_DROPS_FILE, f"line {i} is not a dropped row's record "
+                                                               f"({type(e).__name__}: {e})"))
+            continue
+        rows.append((row, reason))
+    return rows, problems
+
+
+def _check_drops(store, manifest: dict) -> list[Problem]:
+    """The dropped rows' file against the manifest: as many records as ``drops.rows``, each row once and in
+    order, within the split's rows, and per shard the reasons its manifest entry counts."""
+    drops = manifest.get("drops") or {}
+    name = drops.get("file")
+    if not name:
+        return []  # a manifest that names no such file
+    try:
+        data = store.read_bytes(name)
+    except FileNotFoundError:
+        return [Problem(name, "", RULE_DROPS_FILE, f"the manifest lists its {drops.get('rows')} dropped row(s) in "
+                                                   f"{name}, which is not in the folder")]
+    except OSError as e:
+        return [Problem(name, "", RULE_DROPS_FILE, f"cannot be read: {e}")]
+    rows, problems = _drop_lines(data, name)
+    if len(rows) + len(problems) != drops.get("rows"):
+        problems.append(Problem(name, "", RULE_DROPS_FILE, f"{len(rows) + len(problems)} line(s), the manifest's "
+                                                           f"drops.rows is {drops.get('rows')}"))
+    given = manifest.get("layout") or {}
+    n_rows, per = given.get("rows"), given.get("rows_per_shard")
+    if not (isinstance(n_rows, int) and isinstance(per, int) and per > 0):
+        return problems  # no layout to place the rows in
+    layout = Layout(n_rows, per)
+    found: dict[int, Counter] = {}
+    for i, (row, reason) in enumerate(rows):
+        if i and row <= rows[i - 1][0]:
+            problems.append(Problem(name, "", RULE_DROPS_FILE, f"row {row} follows row {rows[i - 1][0]}: "
+                                                               "each dropped row is listed once, in row order"))
+        if not 0 <= row < n_rows:
+            problems.append(Problem(name, "", RULE_DROPS_FILE, f"row {row} is outside the split's rows 0..{n_rows - 1}"))
+        found.setdefault(layout.shard_of(row), Counter())[reason] += 1
+    for entry in manifest["shards"]:
+        m = SHARD_RE.match(entry["name"])
+        listed = Counter(found.pop(int(m["index"]), {})) if m else Counter()
+        if m and listed != Counter(entry.get("drops") or {}):
+            problems.append(Problem(name, "", RULE_DROPS_FILE, f"lists {dict(sorted(listed.items()))} for the rows of "
+                                                               f"{entry['name']}, whose manifest entry counts "
+                                                               f"{dict(sorted((entry.get('drops') or {}).items()))}"))
+    return problems
+
+
 def _running_total(progress: Callable[[int, int], None] | None,
                    entries: list[dict]) -> Callable[[int], None] | None:
     """The per-shard increments as progress(done, total) calls, total from the manifest entries."""
@@ -708,6 +770,7 @@ def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: 
                                 "the build did not finish (resume it with the same command); "
                                 "only the listed shards were checked"))
     problems.extend(_check_totals(manifest))
+    problems.extend(_check_drops(store, manifest))
     on_store = set(store.names())
     problems.extend(_check_directory(on_store, manifest))
     entries = [e for e in manifest["shards"] if e["name"] in on_store]  # missing ones are reported above
