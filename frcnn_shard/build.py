@@ -6,7 +6,6 @@ manifest rewritten after each one, which is what makes an interrupted build resu
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import glob
 import json
@@ -27,6 +26,7 @@ import numpy as np
 from . import __version__, anchors as anc
 from .errors import BuildError, BuildInterrupted, LockedError, MergeError, OptionError, SourceError  # noqa: F401
 from .format import FORMAT_VERSION
+from .malloc import tune_worker_malloc
 from .format.members import sample_members
 from .format.record import Record
 from .format.targets import label_counts, pack_targets
@@ -178,28 +178,6 @@ class BuildResult:
 # Worker side: one process-global state, set once per worker by the pool initializer.
 
 _W: dict = {}
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-WORKER_HEAP_KEEP = 64 << 20  # free heap a worker keeps instead of returning it to the system
-WORKER_MMAP_FROM = 16 << 20  # allocations from this size up get pages of their own
-
-
-def tune_worker_malloc() -> bool:
-    """Let this (worker) process reuse the memory it frees instead of faulting fresh pages in; glibc only.
-
-    Every row allocates and frees megabytes (the unpickled source image, PIL's decoded and resized
-    images): with glibc's default thresholds those are handed back to the system and faulted in
-    again row after row, which cost a build worker much of its system time (docs/BENCHMARKS.md,
-    "Build"). Only the build's own worker processes call this: it changes the process's allocator.
-    Returns whether the allocator took the settings.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows): its allocator as it is
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, WORKER_HEAP_KEEP)) and bool(mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_FROM))
 
 
 def _init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConfig, match: bool,

@@ -38,6 +38,7 @@ from .format.members import (
 )
 from .format.record import Record
 from .format.targets import SparseTargets, unpack_targets
+from .malloc import tune_worker_malloc
 from .shards import MANIFEST_NAME, read_manifest, sample_error, store_of, tar_members
 from .transform import IMAGENET_MEAN, IMAGENET_STD
 
@@ -808,6 +809,11 @@ def _decoded_batches(raws: Iterator, cfg: _StreamConfig, shared: bool, skips: li
         yield pending, rows
 
 
+def _init_worker(_: int) -> None:
+    """A DataLoader worker of ours keeps the memory it frees (a mirrored sample's images were faulted in afresh)."""
+    tune_worker_malloc()
+
+
 def _passthrough(item):
     # DataLoader with batch_size=None applies collate_fn per item; ours arrive already collated.
     return item
@@ -907,7 +913,8 @@ class ShardLoader:
             kw = {"prefetch_factor": o.prefetch_factor} if o.prefetch_factor else {}
             # Pinning happens in unpack, on the dense tensors the training loop receives.
             items = iter(torch.utils.data.DataLoader(
-                stream, batch_size=None, num_workers=o.num_workers, collate_fn=_passthrough, timeout=o.timeout, **kw,
+                stream, batch_size=None, num_workers=o.num_workers, collate_fn=_passthrough, timeout=o.timeout,
+                worker_init_fn=_init_worker, **kw,
             ))
         for item in items:
             if item.skipped:

@@ -62,6 +62,7 @@ from PIL import Image  # noqa: E402
 
 from frcnn_shard.codec import fast_jpeg_hw  # noqa: E402
 from frcnn_shard.format.record import flip_boxes  # noqa: E402
+from frcnn_shard.malloc import tune_worker_malloc  # noqa: E402
 from frcnn_shard.transform import (  # noqa: E402
     TransformConfig, box_drop_reasons, decode_image, encode_image, open_image, process_row, resize_geometry,
     resize_image, to_rgb,
@@ -135,7 +136,7 @@ def _init_floor(tcfg: TransformConfig, match: bool) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    fb.tune_worker_malloc()  # the build's workers' allocator settings: the same processes in every run
+    tune_worker_malloc()  # the build's workers' allocator settings: the same processes in every run
     _FLOOR["tcfg"] = tcfg
     if match:
         opts = fb.BuildOptions()

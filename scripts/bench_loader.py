@@ -609,7 +609,8 @@ def report(runs: dict[tuple[str, int], Run], stages: list[tuple[str, float]], nb
         f"{runs[('u8', w)].images} images from shards of {bc.SAMPLES_PER_SHARD}; streaming loop on "
         f"{runs[('stream', w)].images} images)", "",
         _runs_table(runs, worker_counts), "",
-        "Steady state = images after the first batch / time after the first batch; ratios use it. "
+        f"Steady state = images after the first batch / time after the first batch; ratios use it; each run the "
+        f"best of {args.rounds} interleaved rounds. "
         "The epoch numbers include worker start-up (the streaming loop's includes load_dataset in each worker). "
         f"With 0 workers the streaming loop's brute-force matching runs on torch's {torch.get_num_threads()} intra-op "
         "threads (DataLoader workers use one each), which stall when other processes hold the cores: on a shared "
@@ -640,6 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-images", type=int, default=600, help="images for the streaming loop (default 600)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers (default: all cores)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every throughput run (best kept)")
     p.add_argument("--stage-images", type=int, default=160, help="samples for the per-stage timings")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each micro-timing (best is kept)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
@@ -678,12 +680,12 @@ def main(argv: list[str] | None = None) -> None:
             plans += [("floor_bare", w, "decode-only floor", lambda w=w: run_floor(shards, b, w, False)),
                       ("floor_norm", w, "PIL delivered floor, normalised",
                        lambda w=w: run_floor(shards, b, w, True, normalize=True))]
-    # Interleaved, best of two each: the machine is shared and noisy. (The streaming loop with 0 workers
+    # Interleaved, best of --rounds each: the machine is shared and noisy. (The streaming loop with 0 workers
     # runs torch's brute-force matching on its intra-op threads, which stall badly when other processes
     # hold the cores: compare it only on an otherwise idle machine.)
-    for attempt in range(2):
+    for attempt in range(args.rounds):
         for key, w, what, fn in plans:
-            bc.log(f"{what}, {w} workers (run {attempt + 1} of 2)")
+            bc.log(f"{what}, {w} workers (run {attempt + 1} of {args.rounds})")
             run = fn()
             runs[(key, w)] = max(runs.get((key, w), run), run, key=lambda r: r.steady_ips)
     bc.log("per-stage timings")

@@ -253,7 +253,7 @@ def test_pool_workers_keep_the_memory_they_free():
     # a row frees stay in the heap: allocating them again faults no new pages in.
     code = """
 import resource, sys
-from frcnn_shard.build import tune_worker_malloc
+from frcnn_shard.malloc import tune_worker_malloc
 tuned = tune_worker_malloc() if sys.argv[1] == "tuned" else None
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def row():
