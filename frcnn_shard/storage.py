@@ -52,7 +52,7 @@ def pid_alive(pid: int) -> bool:
 
 
 SPOOL_PREFIX = "frcnn-shard_"
-_SPOOL_NAME = re.compile(r"^frcnn-shard_(?P<host>[^_]+)_(?P<pid>\d+)_[^/]*\.part$")
+_SPOOL_NAME = re.compile(rf"^{re.escape(SPOOL_PREFIX)}(?P<host>[^_]+)_(?P<pid>\d+)_[^/]*\.part$")
 _spools_swept = False
 
 
