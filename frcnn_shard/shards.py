@@ -8,29 +8,17 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
 from .format import FORMAT_VERSION
+from .format.manifest import MAX_JSON_BYTES, ManifestError, check_manifest, parse_json
+from .format.names import MANIFEST_NAME, PARTS_DIR, SHARD_RE, shard_name  # noqa: F401 - re-exported
 from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the build and the tests
 from .format.members import MAX_MEMBER_BYTES, Member, RawSample, ShardFormatError, group_by_key
 from .storage import PARTIAL_SUFFIX, FsspecStore, LocalStore, open_store  # noqa: F401 - PARTIAL_SUFFIX is re-exported
-
-MANIFEST_NAME = "manifest.json"
-PARTS_DIR = "_parts"  # part records and locks of a build in progress (see parts.py)
-SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
-
-
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable or of an unknown format version."""
-
-
-def shard_name(split: str, index: int) -> str:
-    """File name of shard ``index`` of ``split``."""
-    return f"{split}-{index:06d}.tar"
 
 
 @dataclass
@@ -162,11 +150,15 @@ def store_of(location: str | os.PathLike | LocalStore | FsspecStore, storage_opt
 
 
 def read_manifest(location, storage_options: dict | None = None) -> dict:
-    """Read and validate ``<location>/manifest.json`` (local or a URL); ManifestError names the problem."""
+    """Read and validate ``<location>/manifest.json`` (local or a URL); ManifestError names the file and the rule.
+
+    The file is read up to MAX_JSON_BYTES and its structure checked (``format.manifest.check_manifest``)
+    before anything uses it.
+    """
     store = store_of(location, storage_options)
     where = store.location(MANIFEST_NAME)
     try:
-        manifest = json.loads(store.read_bytes(MANIFEST_NAME))
+        data = read_bounded(store, MANIFEST_NAME, MAX_JSON_BYTES)
     except FileNotFoundError:
         parts = [n for n in store.sub(PARTS_DIR).names() if n.endswith(".json")]
         if parts:
@@ -176,16 +168,25 @@ def read_manifest(location, storage_options: dict | None = None) -> dict:
         raise ManifestError(f"{where}: no manifest (is this a frcnn-shard output directory?)") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"{where}: unreadable manifest: {e}") from None
+    manifest = parse_json(data, where)
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise ManifestError(f"{where}: not a frcnn-shard manifest (no format_version)")
     major = str(manifest["format_version"]).split(".")[0]
     if major != FORMAT_VERSION.split(".")[0]:
         raise ManifestError(
-            f"{where}: format version {manifest['format_version']} is not readable by this version "
+            f"{where}: format version {str(manifest['format_version'])[:20]!r} is not readable by this version "
             f"(reads {FORMAT_VERSION.split('.')[0]}.x)"
         )
-    return manifest
+    return check_manifest(manifest, where)
 
+
+def read_bounded(store, name: str, limit: int) -> bytes:
+    """The bytes of a small file of the store, refused (ValueError) beyond ``limit`` bytes without reading them all."""
+    with store.open_read(name) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"over {limit} bytes, the most a {name} may hold")
+    return data
 
 def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     """sha256 hex digest of a file, read in blocks."""

@@ -1,0 +1,253 @@
+"""The manifest's structure, checked once when it is read, before any reader uses a field of it.
+
+Every byte of a split folder is untrusted. ``parse_json`` bounds the size and nesting of a JSON file;
+``check_manifest`` checks the type and range of every field a reader uses (the build, the loader,
+``check``, ``info``, ``stats``, ``show``, ``coco-gt``): shard names are ``<split>-NNNNNN.tar`` of the
+manifest's own split, in index order (so none is listed twice), the drops file is ``drops.jsonl``, sizes
+and counts are integers within bounds, and the anchor spec gives the recorded anchor count before any
+anchor is made. Whether the numbers agree with each other and with the files is ``check``'s business:
+a manifest passes here when every reader can use it without a traceback and without unbounded memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Callable
+
+from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
+
+MAX_JSON_BYTES = 64 << 20  # a manifest of 100k shards is ~40 MB; part records and locks are far smaller
+MAX_JSON_DEPTH = 16  # manifests and part records nest 5 levels deep
+MAX_ANCHORS = 1 << 22  # 4M anchors = 64 MB of float32 boxes; 800 x 1333 letterboxed FPN has 268,569
+MAX_SIDE = 1 << 14  # canvas pixels per side
+MAX_SHARD_SAMPLES = 1 << 24
+MAX_SHARD_BYTES = 1 << 42  # 4 TiB
+MAX_CLASSES = 1 << 16
+MAX_LEVELS, MAX_CELL_SHAPES = 16, 64  # an anchor spec's feature levels; sizes per level, ratios
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable, malformed or of an unknown format version."""
+
+
+def parse_json(data: bytes, where: str, error: Callable[[str], Exception] = ManifestError) -> Any:
+    """The JSON value of ``data``, at most MAX_JSON_BYTES long and MAX_JSON_DEPTH deep; else ``error(message)``
+    naming ``where`` and the rule (never a RecursionError or a decoding traceback)."""
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"{where}: {len(data)} bytes, over the {MAX_JSON_BYTES}-byte limit of a JSON file")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` deep (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+# ------------------------------------------------------------------------------------ field rules
+# Each returns why the value breaks its rule, or None.
+
+
+def is_int(value: Any, lo: int = 0, hi: int = MAX_SHARD_BYTES) -> bool:
+    """An integer (not a bool, not 1.0) within lo..hi."""
+    return type(value) is int and lo <= value <= hi
+
+
+def _want_int(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda v: None if is_int(v, lo, hi) else f"must be an integer within {lo}..{hi} (got {_short(v)})"
+
+
+def _want(kind: type, what: str) -> Callable[[Any], str | None]:
+    def rule(v: Any) -> str | None:
+        ok = type(v) is bool if kind is bool else isinstance(v, kind)  # True is an int, but not a count
+        return None if ok else f"must be {what} (got {_short(v)})"
+    return rule
+
+
+def _counts(v: Any) -> str | None:
+    """{reason: n} with string reasons and integer counts."""
+    if not isinstance(v, dict) or not all(isinstance(k, str) and is_int(n, 0, MAX_SHARD_BYTES) for k, n in v.items()):
+        return f"must be an object of counts {{reason: n}} (got {_short(v)})"
+    return None
+
+
+def _numbers(n: int, positive: bool) -> Callable[[Any], str | None]:
+    def rule(v: Any) -> str | None:
+        ok = isinstance(v, list) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in v)
+        return None if ok else f"must be {n} finite{' positive' if positive else ''} numbers (got {_short(v)})"
+    return rule
+
+
+def _size(v: Any) -> str | None:
+    ok = isinstance(v, list) and len(v) == 2 and all(is_int(x, 1, MAX_SIDE) for x in v)
+    return None if ok else f"must be [H, W], integers within 1..{MAX_SIDE} (got {_short(v)})"
+
+
+def _short_list(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if isinstance(v, list) and 1 <= len(v) <= n else f"must be a list of 1..{n} items (got {_short(v)})"
+
+
+def _sha256(v: Any) -> str | None:
+    return None if isinstance(v, str) and _SHA256_RE.match(v) else f"must be 64 lowercase hex digits (got {_short(v)})"
+
+
+def _key(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) and len(v) <= 256 else f"must be a key or null (got {_short(v)})"
+
+
+def _short(v: Any) -> str:
+    text = repr(v) if not isinstance(v, (dict, list)) else f"a {'list' if isinstance(v, list) else 'object'}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(obj: dict, path: str, rule: Callable[[Any], str | None], required: bool = True) -> str | None:
+    """The problem of obj's field ``path`` (dotted), or None; a missing optional field is fine."""
+    node: Any = obj
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return f"{path}: missing" if required else None
+        node = node[part]
+    why = rule(node)
+    return f"{path}: {why}" if why else None
+
+
+_OBJECT = _want(dict, "an object")
+_HEADER_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
+    ("format_version", _want(str, "a string"), True),
+    ("split", lambda v: None if isinstance(v, str) and SPLIT_RE.match(v) else
+     f"must be a split name of letters, digits and _ (got {_short(v)})", True),
+    ("tool", _OBJECT, False), ("source", _OBJECT, False), ("source_stats", _OBJECT, False),
+    ("bbox_format", _OBJECT, False), ("options", _OBJECT, False),
+    ("layout.rows", _want_int(0, MAX_SHARD_BYTES), True),
+    ("layout.rows_per_shard", _want_int(1, MAX_SHARD_SAMPLES), True),
+    ("layout.shards", _want_int(0, MAX_SHARD_BYTES), True),
+    ("image.size", _size, True),
+    ("image.format", lambda v: None if v in ("jpg", "png") else f"must be 'jpg' or 'png' (got {_short(v)})", True),
+    ("image.resize", _want(str, "a string"), False),
+    ("normalization.mean", _numbers(3, False), False),
+    ("normalization.std", _numbers(3, True), False),
+    ("classes", lambda v: None if isinstance(v, list) and 2 <= len(v) <= MAX_CLASSES and all(
+        isinstance(c, str) for c in v) else f"must be a list of 2..{MAX_CLASSES} names (got {_short(v)})", True),
+    ("anchors.count", _want_int(1, MAX_ANCHORS), True),
+    ("anchors.sha256", _sha256, True),
+    ("anchors.spec", _OBJECT, True),
+    ("anchors.matching", _OBJECT, True),
+    ("anchors.flip_targets", _want(bool, "true or false"), False),
+)
+_MANIFEST_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
+    ("complete", _want(bool, "true or false"), True),
+    ("shards", _want(list, "a list of shard entries"), True),
+    ("totals", _OBJECT, False),
+    *((f"totals.{k}", _want_int(0, MAX_SHARD_BYTES), False) for k in ("samples", "shards", "bytes", "rows")),
+    ("drops.images", _counts, False), ("drops.boxes", _counts, False), ("drops.annotations", _counts, False),
+    ("drops.file", lambda v: None if v == DROPS_NAME else f"must be {DROPS_NAME!r} (got {_short(v)})", False),
+    ("drops.rows", _want_int(0, MAX_SHARD_BYTES), False),
+    ("run", _OBJECT, False),
+)
+_ENTRY_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
+    ("index", _want_int(0, MAX_SHARD_BYTES), True),
+    ("samples", _want_int(0, MAX_SHARD_SAMPLES), True),
+    ("bytes", _want_int(0, MAX_SHARD_BYTES), True),
+    ("sha256", _sha256, True),
+    ("first_key", _key, True), ("last_key", _key, True),
+    ("rows", lambda v: None if isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v) and v[0] <= v[1]
+     else f"must be [start, stop] with 0 <= start <= stop (got {_short(v)})", True),
+    ("drops", _counts, False), ("box_drops", _counts, False),
+)
+
+
+def _problems(obj: dict, rules) -> list[str]:
+    return [p for path, rule, required in rules if (p := _field(obj, path, rule, required))]
+
+
+def header_problems(header: Any) -> list[str]:
+    """What breaks the rules in the fields every part computes alike (the manifest's and part records' header)."""
+    if not isinstance(header, dict):
+        return [f"must be a JSON object (got {_short(header)})"]
+    problems = _problems(header, _HEADER_RULES)
+    if not problems:
+        problems += _anchor_count_problems(header["anchors"])
+    return problems
+
+
+def _anchor_count_problems(section: dict) -> list[str]:
+    """The spec must give the recorded count before anything makes the anchors (bounds their memory)."""
+    from ..anchors.spec import AnchorSpec  # the anchors package imports format: import here, not at the top
+
+    spec = section["spec"]
+    shape = [_field(spec, "image_hw", _size), _field(spec, "strides", _short_list(MAX_LEVELS)),
+             _field(spec, "ratios", _short_list(MAX_CELL_SHAPES)), _field(spec, "sizes", _short_list(MAX_LEVELS))]
+    if not any(shape):  # AnchorSpec makes each level's cell anchors: bound their number first
+        shape = [f"sizes[{i}]: {why}" for i, level in enumerate(spec["sizes"])
+                 if (why := _short_list(MAX_CELL_SHAPES)(level))]
+    if any(shape):
+        return [f"anchors.spec.{p}" for p in shape if p]
+    try:
+        n = AnchorSpec.from_dict(spec).num_anchors()
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as e:
+        return [f"anchors.spec: unreadable ({type(e).__name__}: {e})"]
+    return [] if n == section["count"] else [f"anchors.spec gives {n} anchors, anchors.count says {section['count']}"]
+
+
+def shard_entries_problems(entries: Any, split: str) -> list[str]:
+    """What breaks the rules in a list of shard entries (manifest or part record): each an object with the
+    fields below, named ``<split>-NNNNNN.tar`` for its own ``index``, indices strictly increasing (no shard
+    listed twice)."""
+    if not isinstance(entries, list):
+        return [f"shards: must be a list of shard entries (got {_short(entries)})"]
+    problems: list[str] = []
+    last = -1
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            problems.append(f"shards[{i}]: must be an object (got {_short(entry)})")
+            continue
+        own = _problems(entry, _ENTRY_RULES)
+        if not own:
+            name_problem = shard_name_problem(entry.get("name"), split, entry["index"])
+            own += [name_problem] if name_problem else []
+            if entry["index"] <= last:
+                own.append(f"index {entry['index']} follows index {last}: each shard is listed once, in index order")
+            last = entry["index"]
+        problems += [f"shards[{i}]: {p}" for p in own]
+        if len(problems) >= 5:
+            break  # enough to say what is wrong; a hostile list may be long
+    return problems
+
+
+def manifest_problems(man: Any) -> list[str]:
+    """Every rule a manifest breaks (empty when every reader can use it); at most a few shard-entry problems."""
+    if not isinstance(man, dict):
+        return [f"must be a JSON object (got {_short(man)})"]
+    problems = header_problems(man) + _problems(man, _MANIFEST_RULES)
+    if not problems:
+        problems += shard_entries_problems(man["shards"], man["split"])
+    return problems
+
+
+def check_manifest(man: Any, where: str) -> dict:
+    """``man`` when it keeps every rule, else ManifestError naming ``where`` and the first rules broken."""
+    problems = manifest_problems(man)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ManifestError(f"{where}: malformed manifest: {'; '.join(problems[:3])}{more}")
+    return man
