@@ -1,13 +1,15 @@
 """COCO evaluation from shards: a split's ground truth as a COCO annotations file, and model outputs as
 COCO results, both in the original image's pixels with the official category ids.
 
-No torch and no pycocotools here: ``coco_ground_truth`` needs only the shards' JSON records, and
-``coco_results`` takes anything array-like (tensors on any device included). Feed both to
-pycocotools' ``COCOeval``.
+No torch here, and pycocotools only inside ``evaluate_bbox``: ``coco_ground_truth`` needs only the
+shards' JSON records, and ``coco_results`` takes anything array-like (tensors on any device included).
+``evaluate_bbox`` feeds both to pycocotools' ``COCOeval`` (and scores an empty result list as zeros,
+where ``loadRes([])`` fails inside pycocotools).
 
 Boxes go back to the original image by the record's ``scale`` (sy, sx) = content_size / orig_size:
 the content of the canvas sits at its top-left (stretch fills the canvas, letterbox pads at the bottom
-and right), so x_orig = x / sx, y_orig = y / sy, clipped to the original image.
+and right), so x_orig = x / sx, y_orig = y / sy, clipped to the original image. A sample the loader
+mirrored (``flipped``) has its boxes mirrored back on the canvas first (format.record.flip_boxes).
 
 The ground truth's ``area`` is the box's w * h in original pixels: the shards do not keep COCO's
 ``area`` (the segmentation's). COCOeval uses ``area`` only to bin AP_small / medium / large; AP,
@@ -16,6 +18,8 @@ AP50, AP75 and AR do not depend on it. For official small / medium / large numbe
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -25,7 +29,7 @@ import numpy as np
 
 from .anchors.spec import as_numpy
 from .format.members import JSON_EXT
-from .format.record import Record
+from .format.record import Record, flip_boxes
 from .labels import coco_categories, label_to_coco_id
 from .shards import iter_tar_samples, read_manifest, store_of
 from .storage import LocalStore
@@ -46,13 +50,17 @@ def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping
 
     ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..80 and ``scores`` (what
     torchvision's detection models return in eval mode). ``targets``: the loader's per-image dicts of
-    the same images, in the same order (their ``image_id``, ``scale`` and ``orig_size`` are used).
+    the same images, in the same order (their ``image_id``, ``scale``, ``orig_size``, and ``size`` and
+    ``flipped`` for a mirrored sample (hflip), are used).
     """
     if len(outputs) != len(targets):
         raise ValueError(f"coco_results: {len(outputs)} outputs for {len(targets)} targets (one each per image)")
     results = []
     for out, t in zip(outputs, targets):
-        boxes = original_xywh(out["boxes"], t["scale"], t["orig_size"])
+        boxes = as_numpy(out["boxes"])
+        if t.get("flipped"):  # the model saw the mirrored canvas: mirror its boxes back before undoing the scale
+            boxes = flip_boxes(boxes, int(t["size"][1]))
+        boxes = original_xywh(boxes, t["scale"], t["orig_size"])
         labels = as_numpy(out["labels"]).reshape(-1)
         scores = np.asarray(as_numpy(out["scores"]), dtype=np.float64).reshape(-1)
         if not len(boxes) == len(labels) == len(scores):
@@ -114,3 +122,37 @@ def write_coco_ground_truth(split_dir: str | os.PathLike, out: str | os.PathLike
     store.write_atomic(out.name, json.dumps(gt).encode())  # an old file survives a failure
     return {"images": len(gt["images"]), "annotations": len(gt["annotations"]),
             "crowd": sum(a["iscrowd"] for a in gt["annotations"])}
+
+
+# pycocotools' COCOeval.stats, in its order.
+BBOX_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+
+
+def evaluate_bbox(ground_truth: dict | str | os.PathLike, results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """pycocotools' bbox COCOeval of ``results`` (coco_results) against ``ground_truth`` (a COCO annotations
+    dict, or the file ``frcnn-shard coco-gt`` wrote): {name: value} for BBOX_STATS, plus ``detections``.
+
+    No detections at all (a young model, nothing above its score threshold) scores every stat 0.0:
+    pycocotools itself fails on an empty result list (IndexError in loadRes). pycocotools' printed
+    summary is not printed here; print the returned numbers.
+    """
+    try:
+        from pycocotools.coco import COCO  # optional (the [torchvision] extra), needed only here
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as e:
+        raise ImportError(f"evaluate_bbox needs pycocotools: pip install 'frcnn-shard[torchvision]' ({e})") from e
+
+    if not results:
+        return {**{name: 0.0 for name in BBOX_STATS}, "detections": 0}
+    if not isinstance(ground_truth, dict):
+        ground_truth = json.loads(Path(ground_truth).read_text())
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        gt = COCO()
+        gt.dataset = json.loads(json.dumps(ground_truth))  # a copy: createIndex and loadRes change it
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(list(results)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {**{name: float(v) for name, v in zip(BBOX_STATS, ev.stats)}, "detections": len(results)}

@@ -36,10 +36,12 @@ from .format.image import decode_stored_image
 from .format.members import (
     JSON_EXT, TARGETS_EXT, RawSample, ShardFormatError, group_by_key, image_member, members_problems,
 )
-from .format.record import Record
+from .format.record import Record, num_classes_of, parse_json, record_problems
+from .labels import NUM_CLASSES
 from .format.targets import SparseTargets, unpack_targets
 from .malloc import tune_worker_malloc
 from .shards import MANIFEST_NAME, read_manifest, sample_error, store_of, tar_members
+from .storage import StoreOutage
 from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 ON_ERROR_CHOICES = ("raise", "skip")
@@ -132,6 +134,7 @@ class _Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     flip_targets: bool | None = None  # the shards store the mirrored image's targets (None: no manifest says)
+    num_classes: int = NUM_CLASSES  # background included (the manifest's classes): labels lie in 1..num_classes-1
 
 
 # ------------------------------------------------------------------------------------ normalisation
@@ -237,6 +240,7 @@ def _folder_source(text: str, storage_options: dict | None, allow_incomplete: bo
                               f"{', '.join(splits)}: pass {store.sub(splits[0]).url}")
     man = read_manifest(store)  # ManifestError says why there is none (an unfinished build, ...)
     _check_complete(man, store.url, allow_incomplete)
+    _check_not_empty(man, store.url)
     shards = man.get("shards") or []
     return _Source([store.location(s["name"]) for s in shards], [int(s["samples"]) for s in shards], man)
 
@@ -266,6 +270,7 @@ def resolve_source(
     if man is None:
         return _Source(urls, None, None)
     _check_complete(man, where, allow_incomplete)
+    _check_not_empty(man, where)
     listed = {s["name"]: int(s["samples"]) for s in man.get("shards") or []}
     counts = []
     for u in urls:
@@ -285,6 +290,19 @@ def _check_complete(man: dict, where: str | None, allow_incomplete: bool) -> Non
             f"the manifest{f' in {where}' if where else ''} is not complete (the build was interrupted "
             "or is still running); resume the build, or pass allow_incomplete=True to read the shards "
             "published so far"
+        )
+
+
+def _check_not_empty(man: dict, where: str | None) -> None:
+    """A split whose manifest lists no sample at all is refused: training on it would silently train on nothing."""
+    shards = man.get("shards") or []
+    if sum(int(s["samples"]) for s in shards) == 0:
+        at = f" in {where}" if where else ""
+        info = f"frcnn-shard info {where}" if where else "frcnn-shard info <split folder>"
+        raise LoaderError(
+            f"the manifest{at} lists 0 samples ({len(shards)} shard(s)): every row of the source was dropped or "
+            f"none was built; drops.jsonl next to the manifest says why each row was dropped (run `{info}` for "
+            "a summary), then fix the source or the build options and rebuild"
         )
 
 
@@ -363,14 +381,18 @@ def _open_url(url: str, storage_options: dict | None = None):
 
 
 def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None, expected: int | None = None,
-                     storage_options: dict | None = None) -> Iterator[tuple[str, RawSample]]:
+                     storage_options: dict | None = None, store_down: StoreOutage | None = None
+                     ) -> Iterator[tuple[str, RawSample]]:
     """Yield (url, encoded sample) for one shard URL; never unpickles, never uses a member name as a path.
 
     A sample breaking a member rule (pickle-type extension, traversal name, non-file, oversized,
     duplicate) raises ShardFormatError naming the URL and key, or with on_error="skip" is yielded
     with its problems (decode_sample then refuses it). A broken stream raises, or is skipped from
     that point on: ``skips`` gets (samples lost, message), the samples lost being what the manifest's
-    count (``expected``) says never arrived, or 1 when the count is unknown.
+    count (``expected``) says never arrived, or 1 when the count is unknown. A shard that ends with
+    fewer samples than ``expected`` is the same loss; one with more is an error too (with "skip", the
+    samples beyond the count are not delivered, and counted). ``store_down``: the stream's record of a
+    store that failed for good (see StoreOutage): while it says so, a remote shard gets one attempt.
     """
     key, got = None, 0
     try:
@@ -378,17 +400,25 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
     except OSError as e:
         _fail(on_error, skips, f"{url}: cannot open shard: {e}", expected if expected else 1)
         return
+    if store_down is not None:
+        store_down.arm(stream)
     finished = False
     try:
-        for raw in group_by_key(tar_members(stream), where=url if on_error == "raise" else None):
+        samples = group_by_key(tar_members(stream), where=url if on_error == "raise" else None)
+        for raw in samples:
             key = raw.key or key
             got += 1
+            if expected is not None and got > expected:
+                _too_many(url, expected, samples, on_error, skips)
+                break
             yield url, raw
         finished = True
     except (tarfile.TarError, OSError, EOFError) as e:
         after = f" after key {key!r}" if key is not None else ""
         lost = max(expected - got, 1) if expected is not None else 1
         _fail(on_error, skips, f"{url}: unreadable shard{after}, {lost} sample(s) lost: {type(e).__name__}: {e}", lost)
+        if store_down is not None:
+            store_down.failed(e)
     finally:
         try:
             stream.close()  # a pipe: stream raises here when its command failed
@@ -396,6 +426,27 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
             # Only a stream read to its end can be blamed; one closed early may see SIGPIPE.
             if finished:
                 _fail(on_error, skips, f"{url}: shard stream failed on close: {e}", 1)
+    if finished and store_down is not None:
+        store_down.succeeded()
+    if finished and expected is not None and got < expected:
+        after = f" after key {key!r}" if key is not None else ""
+        _fail(on_error, skips, f"{url}: the shard ends{after} with {got} sample(s) where the manifest says "
+                               f"{expected}: {expected - got} sample(s) lost", expected - got)
+
+
+def _too_many(url: str, expected: int, rest: Iterator, on_error: str, skips: list | None) -> None:
+    """A shard holding more samples than its manifest entry: an error, or with "skip" the extra ones counted."""
+    where = f"{url}: more samples than the manifest's {expected}"
+    if on_error == "raise":
+        _fail(on_error, skips, f"{where}; the shard does not match its manifest (rebuild it, or run frcnn-shard "
+                               "check on the folder)", 1)
+    extra = 1
+    try:
+        for _ in rest:  # counted only (one encoded sample in memory at a time), never delivered
+            extra += 1
+    except (tarfile.TarError, OSError, EOFError, ShardFormatError):
+        pass  # the shard is already refused beyond its count; its tail's damage changes nothing
+    _fail(on_error, skips, f"{where} ({expected + extra}): the {extra} sample(s) beyond it are not delivered", extra)
 
 
 def _fail(on_error: str, skips: list | None, message: str, lost: int) -> None:
@@ -504,11 +555,17 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
     try:
         image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip, out=out)
         stage = "json"
-        record = Record.from_json(raw.members[JSON_EXT])
+        meta = parse_json(raw.members[JSON_EXT])
+        problems, _ = record_problems(meta, ds.image_hw, ds.num_classes, raw.key)  # check's rules, check's words
+        if problems:
+            raise ShardFormatError(f"{where}: {problems[0][0]}: {problems[0][1]}")
+        record = Record.from_dict(meta)
         stage = "anchor targets"
         targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors, flipped=flip)
         if len(targets.matched) and targets.matched.max() >= len(record.boxes):
             raise ValueError(f"a positive anchor is matched to a box index outside 0..{len(record.boxes) - 1}")
+    except ShardFormatError:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL, json, zipfile and numpy raise assorted types on bad bytes
         raise ShardFormatError(f"{where}: corrupt {stage}: {type(e).__name__}: {e}") from e
     if flip:
@@ -674,10 +731,10 @@ class _StreamConfig:
     epoch: int
     storage_options: dict | None = None  # for shards on object storage (not recorded anywhere)
 
-    def shard(self, i: int, skips: list) -> Iterator[tuple[str, RawSample]]:
-        """The encoded samples of shard i."""
+    def shard(self, i: int, skips: list, outage: StoreOutage | None = None) -> Iterator[tuple[str, RawSample]]:
+        """The encoded samples of shard i (``outage``: the stream's, shared by its shards)."""
         return iter_raw_samples(self.urls[i], self.opts.on_error, skips, self.counts[i] if self.counts else None,
-                                self.storage_options)
+                                self.storage_options, outage)
 
     @property
     def workers(self) -> int:
@@ -702,9 +759,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
 def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iterator[tuple[str, RawSample]]:
     """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
     own = cfg.plan.slots[slot]
+    outage = StoreOutage()  # a store found down costs one attempt per later shard, until one is read whole
     if cfg.plan.quotas is None:
         for i in own:
-            yield from cfg.shard(i, skips)
+            yield from cfg.shard(i, skips, outage)
         return
     # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
     rng = _rng(_TAG_RESAMPLE, cfg.opts.seed, cfg.epoch, cfg.opts.rank, worker)
@@ -715,7 +773,7 @@ def _raw_stream(cfg: _StreamConfig, slot: int, worker: int, skips: list) -> Iter
         if i is None:
             i = int(rng.integers(len(cfg.urls)))
         got = 0
-        for item in cfg.shard(i, skips):
+        for item in cfg.shard(i, skips, outage):
             yield item
             got += 1
             n += 1
@@ -960,7 +1018,7 @@ def _dataset(src: _Source, source: Any, num_anchors: int | None) -> _Dataset:
         raise LoaderError(f"num_anchors={num_anchors} but the manifest records {count} anchors")
     norm = man.get("normalization") or {}
     return _Dataset(count, tuple(int(v) for v in man["image"]["size"]), *_mean_std(norm.get("mean"), norm.get("std")),
-                    flip_targets=anc.has_flip_targets(man))
+                    flip_targets=anc.has_flip_targets(man), num_classes=num_classes_of(man))
 
 
 def make_loader(

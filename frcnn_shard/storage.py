@@ -29,6 +29,12 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 PARTIAL_SUFFIX = ".partial"
 READ_RETRIES = 5  # consecutive failures of one remote request before it gives up
 READ_BACKOFF_S = 0.5  # first wait; doubles per consecutive failure
+READ_DEADLINE_S = 60.0  # no new attempt of one remote request starts this long after its first
+# Each attempt's own bound, as fsspec options of s3:// (the caller's storage_options win): botocore's and
+# s3fs's own retries off, so that _retry's are the only ones and an attempt on a store that does not
+# answer ends within about connect + read timeout per request (RELIABILITY.md, "A store that stays down").
+S3_REQUEST_DEFAULTS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 1}}
+S3FS_RETRIES = 1  # s3fs's own attempts per request (its default, 5, multiplies ours)
 REMOTE_READ_BYTES = 8 << 20  # bytes per GET of a streaming read (memory: about two of these)
 UPLOAD_PART_BYTES = 8 << 20  # multipart part size of an upload
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
@@ -365,18 +371,52 @@ def _transient(exc: BaseException) -> bool:
                                                     "httpx", "fsspec", "s3fs", "gcsfs")
 
 
-def _retry(fn: Callable[[], Any], what: str, retries: int = READ_RETRIES, backoff: float = READ_BACKOFF_S):
-    """fn(), retried with doubling waits on transient errors; the last error is raised as OSError naming ``what``."""
+def _retry(fn: Callable[[], Any], what: str, retries: int = READ_RETRIES, backoff: float = READ_BACKOFF_S,
+           deadline: float = READ_DEADLINE_S):
+    """fn(), retried with doubling waits on transient errors; the last error is raised as OSError naming ``what``.
+
+    No retry starts once ``deadline`` seconds have passed since the first attempt (nor one whose wait
+    would end after it), so a request costs at most about deadline + one attempt.
+    """
+    start = time.monotonic()
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified by _transient
-            if not _transient(e) or attempt == retries:
+            wait = backoff * 2 ** attempt
+            if not _transient(e) or attempt == retries or time.monotonic() + wait - start > deadline:
                 if isinstance(e, OSError):
                     raise
                 raise OSError(f"{what} failed: {type(e).__name__}: {e}") from e
-            time.sleep(backoff * 2 ** attempt)
+            time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class StoreOutage:
+    """What one reader stream (a loader's rank and worker) knows of its store being down.
+
+    A shard read that gave up on transient errors (its retries spent) marks the store down; while it
+    is down, every later shard of the stream gets one attempt, without retries or waits, so a store
+    that stays down costs one retried read and then one attempt per shard. The first shard read whole
+    marks it up again, and reads retry as before.
+    """
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def arm(self, reader: Any) -> None:
+        """Give a freshly opened reader one attempt while the store is down (local files have no retries)."""
+        if self.down and isinstance(reader, RetryingReader):
+            reader.retries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A shard read gave up with ``exc``: the store is down when that was a transient error."""
+        if _transient(exc):
+            self.down = True
+
+    def succeeded(self) -> None:
+        """A shard was read whole: the store is up."""
+        self.down = False
 
 
 class RetryingReader:
@@ -389,6 +429,7 @@ class RetryingReader:
 
     def __init__(self, fs: Any, path: str, bufsize: int = REMOTE_READ_BYTES):
         self.fs, self.path, self.bufsize = fs, path, bufsize
+        self.retries = READ_RETRIES  # of each request; StoreOutage sets 0 while the store is down
         self.offset = 0  # bytes handed out so far
         self._buf, self._pos, self._eof = b"", 0, False
         self._f = None
@@ -408,7 +449,7 @@ class RetryingReader:
                 self._drop()
                 raise
 
-        data = _retry(attempt, f"read of {self.path} at byte {at}")
+        data = _retry(attempt, f"read of {self.path} at byte {at}", retries=self.retries)
         self._eof = not data
         self._buf, self._pos = self._buf[self._pos:] + data, 0
 
@@ -486,8 +527,20 @@ def _filesystem(scheme: str, options: dict):
 
     key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str))
     if key not in _FILESYSTEMS:
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **_bounded_requests(scheme, options))
         if options and callable(getattr(fs, "connect", None)):
             fs.connect()  # s3fs builds its session lazily: an unknown option would fail in the first request
+        if scheme in ("s3", "s3a"):
+            fs.retries = S3FS_RETRIES  # an attribute, not a constructor option, of s3fs
         _FILESYSTEMS[key] = fs
     return _FILESYSTEMS[key]
+
+
+def _bounded_requests(scheme: str, options: dict) -> dict:
+    """``options`` with S3_REQUEST_DEFAULTS under config_kwargs for s3:// (a key the caller gives wins)."""
+    if scheme not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    for k, v in S3_REQUEST_DEFAULTS.items():
+        config.setdefault(k, v)
+    return {**options, "config_kwargs": config}

@@ -49,16 +49,16 @@ def average_precision(gt: dict, results: list[dict]) -> np.ndarray:
     return ev.stats
 
 
-def loader_predictions(split_dir: Path, shift: tuple[float, float] = (0.0, 0.0)) -> list[dict]:
+def loader_predictions(split_dir: Path, shift: tuple[float, float] = (0.0, 0.0), hflip: float = 0.0) -> list[dict]:
     """The loader's boxes as detections (score falling with the box's rank in its image), moved by ``shift``
-    original pixels, through coco_results."""
+    original pixels, through coco_results; ``hflip``: the loader's, the boxes then the mirrored ones."""
     import torch
 
     from frcnn_shard.coco_eval import coco_results
     from frcnn_shard.loader import make_loader
 
     outputs, targets = [], []
-    for _, batch in make_loader(split_dir, 8, shuffle=False, num_workers=0):
+    for _, batch in make_loader(split_dir, 8, shuffle=False, num_workers=0, hflip=hflip):
         for t in batch:
             sy, sx = t["scale"]
             move = torch.tensor([shift[0] * sx, shift[1] * sy] * 2, dtype=torch.float32)
@@ -117,6 +117,31 @@ def test_ground_truth_as_predictions_scores_ap_one(shards, request, tiny_coco, t
     on_crowd = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
                 for a in gt["annotations"] if a["iscrowd"]]
     assert len(on_crowd) == 5 and average_precision(gt, preds + on_crowd)[0] == 1.0
+
+
+@pytest.mark.parametrize("shards", ["tiny_shards", "tv_letterbox"])
+def test_mirrored_samples_fed_back_score_ap_one(shards, request, tmp_path):
+    """With hflip=1.0 every sample (and its boxes) is mirrored: coco_results mirrors the detections back."""
+    from frcnn_shard.coco_eval import evaluate_bbox
+
+    split = request.getfixturevalue(shards)
+    gt = coco_gt(split, tmp_path / "gt.json")
+    preds = loader_predictions(split, hflip=1.0)
+    assert len(preds) == 465
+    assert average_precision(gt, preds)[0] == 1.0
+    assert evaluate_bbox(gt, preds)["AP"] == 1.0 and evaluate_bbox(tmp_path / "gt.json", preds)["AP"] == 1.0
+
+
+def test_evaluate_bbox_scores_no_detections_as_zeros(tiny_shards, tmp_path):
+    """A young model with no detection above its threshold: zeros, not an IndexError inside pycocotools."""
+    require_extra("pycocotools")
+    from frcnn_shard.coco_eval import BBOX_STATS, evaluate_bbox
+
+    gt = coco_gt(tiny_shards, tmp_path / "gt.json")
+    assert evaluate_bbox(gt, []) == {**{name: 0.0 for name in BBOX_STATS}, "detections": 0}
+    got = evaluate_bbox(gt, loader_predictions(tiny_shards))
+    assert got["AP"] == 1.0 and got["detections"] == 465
+    assert [got[name] for name in BBOX_STATS] == list(average_precision(gt, loader_predictions(tiny_shards)))
 
 
 @pytest.mark.parametrize("shards", ["tiny_shards", "tv_letterbox"])

@@ -350,7 +350,7 @@ def test_a_skipped_image_leaves_no_pixels_in_the_batch(tiny_shards, tmp_path, wo
     if workers:
         man = read_manifest(d)
         shutil.copy(d / man["shards"][0]["name"], d / "train2017-000001.tar")
-        man["shards"].append({**man["shards"][0], "name": "train2017-000001.tar"})
+        man["shards"].append({**man["shards"][0], "name": "train2017-000001.tar", "index": 1})
         (d / "manifest.json").write_text(json.dumps(man))
     loader = make_loader(d, BATCH, num_workers=workers, shuffle=False, normalize=False, on_error="skip",
                          decode_threads=threads)

@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 
+from ..labels import NUM_CLASSES
+from .image import RULE_IMAGE_SIZE
+
 REQUIRED_FIELDS = ("image_id", "size", "boxes", "labels", "rpn")  # what a sound record must hold
+BOX_EPS = 1e-3  # boxes are float32 in resized pixels, clipped to the image; allow float32 rounding
+
+# Rule names of record_problems, as check reports them and tests match them; docs/INSPECT.md explains each one.
+RULE_KEY_MISMATCH = "key_mismatch"
+RULE_JSON_INVALID = "json_invalid"
+RULE_BOX_INVALID = "box_invalid"
+RULE_LABEL_INVALID = "label_invalid"
 
 
 class RecordError(ValueError):
@@ -158,3 +168,140 @@ def parse_json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError as e:  # UnicodeDecodeError is a ValueError too
         raise RecordError(f"not valid JSON: {e}") from None
+
+
+# ------------------------------------------------------------------------------ the record rules
+
+
+def num_classes_of(manifest: Any) -> int:
+    """The class count (background included) of a manifest's ``classes``; labels lie in 1..count-1.
+
+    labels.NUM_CLASSES when the manifest lists no classes (shards read without one).
+    """
+    classes = manifest.get("classes") if isinstance(manifest, dict) else None
+    return len(classes) if isinstance(classes, list) and len(classes) > 1 else NUM_CLASSES
+
+
+def record_problems(meta: Any, canvas_hw: tuple[int, int] | None, num_classes: int, key: str
+                    ) -> tuple[list[tuple[str, str]], int | None]:
+    """The record rules, for check and the loader alike: ([(rule, detail)], number of boxes or None).
+
+    ``meta``: the parsed JSON member; ``canvas_hw``: the manifest's image size (None without a manifest:
+    the record's own ``size`` bounds the boxes); ``num_classes``: background included (num_classes_of),
+    so labels must be integers in 1..num_classes-1; ``key``: the sample's key, which must be the
+    12-digit image_id (and the record's own ``key``, when it has one). The common, sound record is
+    decided in plain Python, in one pass over its boxes and labels.
+    """
+    if not isinstance(meta, dict):
+        return [(RULE_JSON_INVALID, f"JSON member is a {type(meta).__name__}, expected an object")], None
+    out = _field_problems(meta, key)
+    if canvas_hw is None:
+        size = meta.get("size")
+        if not (type(size) is list and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+            return out + [(RULE_JSON_INVALID, f"size {size!r} is not a pair of positive integers")], None
+        canvas_hw = (size[0], size[1])
+    elif "size" in meta and meta["size"] != list(canvas_hw):
+        out.append((RULE_IMAGE_SIZE, f"JSON size {meta['size']!r} differs from the manifest's {list(canvas_hw)}"))
+    num_boxes = _box_problems(meta.get("boxes"), meta.get("crowd_boxes"), canvas_hw, out)
+    if num_boxes is None:
+        return out, None
+    labels = meta.get("labels")
+    if (type(labels) is list and len(labels) == num_boxes
+            and all(type(v) is int and 0 < v < num_classes for v in labels)):
+        return out, num_boxes  # the common case, in one pass; _label_problems words any problem
+    out += _label_problems(labels, num_boxes, num_classes)
+    return out, num_boxes
+
+
+def _field_problems(meta: dict, key: str) -> list[tuple[str, str]]:
+    """Required fields present; key == the 12-digit image_id and the record's own key."""
+    out: list[tuple[str, str]] = []
+    missing = [f for f in REQUIRED_FIELDS if f not in meta]
+    if missing:
+        out.append((RULE_JSON_INVALID, f"JSON member lacks {', '.join(missing)}"))
+    image_id = meta.get("image_id")
+    if "image_id" in meta:
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or key_of(image_id) != key:
+            out.append((RULE_KEY_MISMATCH, f"key is not the 12-digit image_id ({image_id!r})"))
+    if "key" in meta and meta["key"] != key:
+        out.append((RULE_KEY_MISMATCH, f"JSON 'key' is {meta['key']!r}"))
+    return out
+
+
+def _box_problems(boxes_v: Any, crowd_v: Any, hw: tuple[int, int], out: list[tuple[str, str]]) -> int | None:
+    """Append the problems of the boxes and crowd boxes to ``out``; the number of boxes (None: unreadable)."""
+    w, h = hw[1] + BOX_EPS, hw[0] + BOX_EPS
+    if _boxes_clean(boxes_v, w, h) and _boxes_clean(crowd_v, w, h):
+        return len(boxes_v) if boxes_v is not None else 0
+    boxes, why = _box_array_or_why(boxes_v, "boxes")
+    if boxes is None:
+        out.append((RULE_BOX_INVALID, why))
+        return None
+    bad = _bad_boxes(boxes, hw)
+    if len(bad):
+        i = int(bad[0])
+        out.append((RULE_BOX_INVALID, f"{len(bad)} of {len(boxes)} boxes non-finite, empty or outside "
+                                      f"{hw[1]}x{hw[0]} (first: #{i} {boxes[i].tolist()})"))
+    crowd, why = _box_array_or_why(crowd_v, "crowd_boxes")
+    if crowd is None:
+        out.append((RULE_BOX_INVALID, why))
+    elif len(bad_c := _bad_boxes(crowd, hw)):
+        out.append((RULE_BOX_INVALID, f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
+    return len(boxes)
+
+
+def _label_problems(labels: Any, num_boxes: int, num_classes: int) -> list[tuple[str, str]]:
+    """Labels: a list of integers (not bools, not 1.5), one per box, each in 1..num_classes-1."""
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        return [(RULE_LABEL_INVALID, "labels is not a list of integers")]
+    out = []
+    if len(labels) != num_boxes:
+        out.append((RULE_LABEL_INVALID, f"{len(labels)} labels for {num_boxes} boxes"))
+    wrong = [v for v in labels if not 1 <= v < num_classes]
+    if wrong:
+        out.append((RULE_LABEL_INVALID, f"labels outside 1..{num_classes - 1}: {sorted(set(wrong))[:5]}"))
+    return out
+
+
+def _box_array_or_why(value: Any, what: str) -> tuple[np.ndarray | None, str]:
+    """JSON list -> float64 [N,4] array, or (None, why)."""
+    try:
+        return box_array(value, what, np.float64), ""
+    except RecordError as e:
+        return None, str(e)
+
+
+def _boxes_clean(value: Any, w: float, h: float) -> bool:
+    """True when ``value`` is None or a list of [x1, y1, x2, y2] number lists with every box inside the
+    image (w, h: the image size plus BOX_EPS) and not empty: the common case, decided in plain Python,
+    which for a handful of boxes is several times faster than building arrays. False means "look
+    closer": _box_array_or_why / _bad_boxes then find (and word) the problem, or find none.
+
+    The comparisons are _bad_boxes' own, so a box passes here only if it passes there: a NaN fails
+    every comparison, an infinity fails one of the bounds, a non-number raises TypeError.
+    """
+    if value is None:
+        return True
+    if type(value) is not list:
+        return False
+    lo = -BOX_EPS
+    try:
+        for b in value:
+            if type(b) is not list or len(b) != 4:
+                return False
+            x1, y1, x2, y2 = b
+            if not (lo <= x1 < x2 <= w and lo <= y1 < y2 <= h):
+                return False
+    except TypeError:
+        return False
+    return True
+
+
+def _bad_boxes(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Indices of boxes that are non-finite, outside the image (beyond BOX_EPS) or empty."""
+    h, w = hw
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(a).all(axis=1)
+        bad |= (a[:, 0] < -BOX_EPS) | (a[:, 1] < -BOX_EPS) | (a[:, 2] > w + BOX_EPS) | (a[:, 3] > h + BOX_EPS)
+        bad |= ~(a[:, 2] > a[:, 0]) | ~(a[:, 3] > a[:, 1])
+    return np.flatnonzero(bad)

@@ -32,7 +32,10 @@ from ..format.members import (
     IMAGE_EXTS, JSON_EXT, RULE_MEMBER_NAME, RULE_MEMBERS, TARGETS_EXT, Member, RawSample, group_by_key,
     image_member, member_name_problem, members_problems, split_member_name,
 )
-from ..format.record import REQUIRED_FIELDS, RecordError, box_array, flip_boxes, key_of, parse_json
+from ..format.record import (
+    RULE_BOX_INVALID, RULE_JSON_INVALID, RULE_KEY_MISMATCH, RULE_LABEL_INVALID, RecordError, box_array, flip_boxes,
+    num_classes_of, parse_json, record_problems,
+)
 from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
 from ..parts import Layout
@@ -55,10 +58,6 @@ RULE_TAR_TRAILING = "tar_trailing"
 RULE_SHARD_COUNT = "shard_count"
 RULE_SHARD_KEYS = "shard_keys"
 RULE_KEY_DUPLICATE = "key_duplicate"
-RULE_KEY_MISMATCH = "key_mismatch"
-RULE_JSON_INVALID = "json_invalid"
-RULE_BOX_INVALID = "box_invalid"
-RULE_LABEL_INVALID = "label_invalid"
 RULE_TARGETS_INVALID = "targets_invalid"
 RULE_TARGETS_COUNTS = "targets_counts"
 RULE_TARGETS_DEEP = "targets_deep"
@@ -73,7 +72,6 @@ RULES: tuple[str, ...] = (
     RULE_DROPS_FILE,
 )
 
-BOX_EPS = 1e-3  # boxes are float32 in resized pixels, clipped to the image; allow float32 rounding
 PROGRESS_EVERY = 64  # samples between progress callbacks (the callback may be a tqdm bar)
 # Below this many shard bytes a check runs in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_BYTES = 256 << 20
@@ -160,6 +158,7 @@ class _Context:
     flip_targets: bool = False  # the manifest says every member also holds the mirrored image's targets
     deep_fn: Callable | None = None  # (meta, flipped) -> recomputed labels, built lazily
     expected_members: frozenset = frozenset()  # {image ext, json, targets ext}: the members of a sound sample
+    num_classes: int = NUM_CLASSES  # background included: labels lie in 1..num_classes-1 (the manifest's classes)
 
 
 def _require(manifest: dict, *path: str):
@@ -185,6 +184,7 @@ def _make_context(manifest: dict, deep: bool, fraction: float, seed: int) -> _Co
         raise ManifestError(f"manifest image size or anchor count unreadable: {e}") from None
     ext = str(manifest.get("image", {}).get("format", "jpg"))
     ctx = _Context(image_hw, ext, num_anchors, deep, fraction, seed, anc.has_flip_targets(manifest))
+    ctx.num_classes = num_classes_of(manifest)
     if ext in IMAGE_EXTS:
         ctx.expected_members = frozenset((ext, JSON_EXT, TARGETS_EXT))
     if deep:
@@ -233,100 +233,10 @@ def _check_image(data: bytes, ext: str, ctx: _Context, full: bool) -> Found:
     return []
 
 
-def _box_array(value, what: str) -> tuple[np.ndarray | None, str]:
-    """JSON list -> float64 [N,4] array, or (None, why)."""
-    try:
-        return box_array(value, what, np.float64), ""
-    except RecordError as e:
-        return None, str(e)
-
-
-def _boxes_clean(value, w: float, h: float) -> bool:
-    """True when ``value`` is None or a list of [x1, y1, x2, y2] number lists with every box inside the
-    image (w, h: the image size plus BOX_EPS) and not empty: the common case, decided in plain Python,
-    which for a handful of boxes is several times faster than building arrays. False means "look
-    closer": _box_array / _bad_boxes then find (and word) the problem, or find none.
-
-    The comparisons are _bad_boxes' own, so a box passes here only if it passes there: a NaN fails
-    every comparison, an infinity fails one of the bounds, a non-number raises TypeError.
-    """
-    if value is None:
-        return True
-    if type(value) is not list:
-        return False
-    lo = -BOX_EPS
-    try:
-        for b in value:
-            if type(b) is not list or len(b) != 4:
-                return False
-            x1, y1, x2, y2 = b
-            if not (lo <= x1 < x2 <= w and lo <= y1 < y2 <= h):
-                return False
-    except TypeError:
-        return False
-    return True
-
-
-def _bad_boxes(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Indices of boxes that are non-finite, outside the image (beyond BOX_EPS) or empty."""
-    h, w = hw
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(a).all(axis=1)
-        bad |= (a[:, 0] < -BOX_EPS) | (a[:, 1] < -BOX_EPS) | (a[:, 2] > w + BOX_EPS) | (a[:, 3] > h + BOX_EPS)
-        bad |= ~(a[:, 2] > a[:, 0]) | ~(a[:, 3] > a[:, 1])
-    return np.flatnonzero(bad)
-
-
 def _check_meta(key: str, meta, ctx: _Context) -> tuple[Found, int | None]:
-    """JSON member rules: key, size, boxes, labels. Returns ([(rule, detail)], number of boxes or None)."""
-    if not isinstance(meta, dict):
-        return [(RULE_JSON_INVALID, f"JSON member is a {type(meta).__name__}, expected an object")], None
-    out: list[tuple[str, str]] = []
-    missing = [f for f in REQUIRED_FIELDS if f not in meta]
-    if missing:
-        out.append((RULE_JSON_INVALID, f"JSON member lacks {', '.join(missing)}"))
-    image_id = meta.get("image_id")
-    if "image_id" in meta:
-        if not isinstance(image_id, int) or isinstance(image_id, bool) or key_of(image_id) != key:
-            out.append((RULE_KEY_MISMATCH, f"key is not the 12-digit image_id ({image_id!r})"))
-    if "key" in meta and meta["key"] != key:
-        out.append((RULE_KEY_MISMATCH, f"JSON 'key' is {meta['key']!r}"))
-    if "size" in meta and meta["size"] != list(ctx.image_hw):
-        out.append((RULE_IMAGE_SIZE, f"JSON size {meta['size']!r} differs from the manifest's {list(ctx.image_hw)}"))
-    boxes_v, crowd_v = meta.get("boxes"), meta.get("crowd_boxes")
-    w, h = ctx.image_hw[1] + BOX_EPS, ctx.image_hw[0] + BOX_EPS
-    if _boxes_clean(boxes_v, w, h) and _boxes_clean(crowd_v, w, h):
-        num_boxes = len(boxes_v) if boxes_v is not None else 0
-    else:
-        boxes, why = _box_array(boxes_v, "boxes")
-        if boxes is None:
-            out.append((RULE_BOX_INVALID, why))
-            return out, None
-        bad = _bad_boxes(boxes, ctx.image_hw)
-        if len(bad):
-            i = int(bad[0])
-            out.append((RULE_BOX_INVALID, f"{len(bad)} of {len(boxes)} boxes non-finite, empty or outside "
-                                          f"{ctx.image_hw[1]}x{ctx.image_hw[0]} (first: #{i} {boxes[i].tolist()})"))
-        crowd, why = _box_array(crowd_v, "crowd_boxes")
-        if crowd is None:
-            out.append((RULE_BOX_INVALID, why))
-        elif len(bad_c := _bad_boxes(crowd, ctx.image_hw)):
-            out.append((RULE_BOX_INVALID,
-                        f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
-        num_boxes = len(boxes)
-    labels = meta.get("labels")
-    if (type(labels) is list and len(labels) == num_boxes
-            and all(type(v) is int and 0 < v < NUM_CLASSES for v in labels)):
-        return out, num_boxes  # the common case, in one pass; the general rules below word any problem
-    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        out.append((RULE_LABEL_INVALID, "labels is not a list of integers"))
-    else:
-        if len(labels) != num_boxes:
-            out.append((RULE_LABEL_INVALID, f"{len(labels)} labels for {num_boxes} boxes"))
-        wrong = [v for v in labels if not 1 <= v < NUM_CLASSES]
-        if wrong:
-            out.append((RULE_LABEL_INVALID, f"labels outside 1..{NUM_CLASSES - 1}: {sorted(set(wrong))[:5]}"))
-    return out, num_boxes
+    """JSON member rules (format.record.record_problems, the loader's own): key, size, boxes, labels.
+    Returns ([(rule, detail)], number of boxes or None)."""
+    return record_problems(meta, ctx.image_hw, ctx.num_classes, key)
 
 
 def _check_targets(data: bytes, meta, num_boxes: int | None, ctx: _Context
