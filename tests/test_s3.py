@@ -272,3 +272,45 @@ def test_a_lock_on_object_storage_names_its_holder(s3, fs, sample_hub):
     r = cli(*build_args(sample_hub, f"s3://{BUCKET}/lk"))
     assert r.returncode == 1 and "held by pid 4242 on other-machine" in r.stderr, r.stderr
     assert not [p for p in fs.find(f"{BUCKET}/lk") if p.endswith(".tar")]
+
+# The loader in its own process, so that a hang is ended: it reads the manifest, says so, waits for a line
+# on stdin (the server is gone by then), reads one epoch with on_error="skip" and prints what it got.
+_EPOCH_WHILE_DOWN = """
+import json, sys
+from frcnn_shard.loader import make_loader
+loader = make_loader(sys.argv[1], 2, num_workers=0, shuffle=False, on_error="skip", rpn_batch_size=None)
+print("ready", flush=True)
+sys.stdin.readline()
+got = sum(len(targets) for _, targets in loader)
+print(json.dumps({"delivered": got, "skipped": loader.skipped, "log": loader.skip_log[:2]}), flush=True)
+"""
+# Far more than the bounded epoch needs (one retried shard read, then one attempt per shard: RELIABILITY.md),
+# far less than the 12 shards cost when each one spent every retry (about a minute each).
+DOWN_EPOCH_WAIT_S = 240
+
+
+def test_an_epoch_ends_when_the_store_stays_down_and_counts_every_sample(s3, fs, sample_hub, local):
+    """The server is killed before the epoch and stays down: with on_error="skip" the epoch ends (a bounded
+    wait, not a timing) with no sample delivered and every one of the manifest's samples counted as skipped."""
+    args = build_args(sample_hub, f"s3://{BUCKET}/down")
+    args[args.index("--rows-per-shard") + 1] = "2"  # 12 shards
+    assert cli(*args).returncode == 0
+    total = json.loads(fs.cat(f"{BUCKET}/down/train/manifest.json"))["totals"]["samples"]
+    proc = subprocess.Popen([sys.executable, "-c", _EPOCH_WHILE_DOWN, f"s3://{BUCKET}/down/train"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)
+        s3.kill()
+        try:
+            out, err = proc.communicate("go\n", timeout=DOWN_EPOCH_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the epoch did not end within {DOWN_EPOCH_WAIT_S} s with the store down")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        s3.start()
+    assert proc.returncode == 0, err
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["delivered"] == 0 and got["skipped"] == total, got
+    assert "train-000000.tar" in got["log"][0], got
