@@ -112,13 +112,14 @@ _NAME = _NPZ_MEMBER.encode()
 _ZIP_VERSION = 20  # "version needed" of a deflated entry, as zipfile writes it
 
 
-def _plain_npz_member(data: bytes) -> bytes | None:
+def _plain_npz_member(data: bytes, limit: int) -> bytes | None:
     """The member 't.npy' of a zip laid out exactly as _write_npz writes it, None for any other zip.
 
     Plain: one deflated entry named t.npy (zip version 2.0), no flags, extras or comments, the local header, central
     directory and end record agreeing, the inflated bytes of the declared size and CRC. On exactly
     these zipfile reads the same bytes, at a fraction of the cost; anything else goes to zipfile,
-    which gives the verdict.
+    which gives the verdict. ``limit``: the most bytes the member may inflate to (ValueError beyond);
+    the inflate never produces more than the declared size, which is held to it first.
     """
     n_name = len(_NAME)
     if len(data) < _LOCAL.size + n_name + _CENTRAL.size + n_name + _END.size:
@@ -135,26 +136,79 @@ def _plain_npz_member(data: bytes) -> bytes | None:
             or c[16] != 0 or data[cd + _CENTRAL.size:cd + _CENTRAL.size + n_name] != _NAME
             or e != (b"PK\x05\x06", 0, 0, 1, 1, _CENTRAL.size + n_name, cd, 0)):
         return None
+    _check_inflated_size(usize, limit)  # before any byte is inflated: the declared size is the attacker's
+    inflate = zlib.decompressobj(-15)
     try:
-        raw = zlib.decompress(data[start:cd], -15, usize)
+        # max_length: a stream that goes on past the declared size stops there (zipfile then gives the verdict)
+        raw = inflate.decompress(data[start:cd], usize)
     except zlib.error:
         return None
-    return raw if len(raw) == usize and zlib.crc32(raw) == crc else None
+    whole = inflate.eof and not inflate.unconsumed_tail
+    return raw if whole and len(raw) == usize and zlib.crc32(raw) == crc else None
 
 
-def _read_npz(data: bytes) -> np.ndarray:
+_NPY_HEAD_MAX = 256  # .npy magic, version, header length and header: NumPy writes 64 or 128 bytes
+_ZIP_OVERHEAD_MAX = 64 << 10  # headers, names, extras and comments a zip may add around its one member
+
+
+def max_inflated_bytes(num_anchors: int) -> int:
+    """The most bytes the array member of a sound ``rpn.npz`` for ``num_anchors`` anchors inflates to.
+
+    Per orientation at most ``num_anchors`` positive plus ignored indices (they are distinct anchors) of
+    the index dtype, and one box index (at most 4 bytes: the header's uint32) per positive; two
+    orientations at most, the header and the .npy header on top. docs/RELIABILITY.md "Bounds".
+    """
+    n = max(int(num_anchors), 0)
+    per_orientation = n * (_index_dtype(max(n - 1, 0)).itemsize + 4)
+    return _NPY_HEAD_MAX + 4 * (_HEAD_FIXED + _HEAD_PER * len(ORIENTATIONS)) + len(ORIENTATIONS) * per_orientation
+
+
+def max_member_bytes(num_anchors: int) -> int:
+    """The most bytes a sound ``rpn.npz`` member for ``num_anchors`` anchors holds (deflate never grows
+    data by more than 5 bytes per 16 KiB block), zip headers included."""
+    inflated = max_inflated_bytes(num_anchors)
+    return inflated + inflated // 1024 + _ZIP_OVERHEAD_MAX
+
+
+def _check_inflated_size(size: int, limit: int) -> None:
+    """ValueError when a member declares (or reaches) more inflated bytes than ``limit`` allows."""
+    if size > limit:
+        raise ValueError(f"'t' inflates to more than {limit} bytes, the most its anchor count allows "
+                         f"(a zip bomb is refused before it is inflated)")
+
+
+def _zip_member(data: bytes, limit: int) -> bytes:
+    """The member 't.npy' through zipfile, inflated at most to ``limit`` bytes whatever the zip declares."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        if names != [_NPZ_MEMBER]:
+            raise ValueError(f"expected exactly one array 't', found {[n.removesuffix('.npy') for n in names]}")
+        info = zf.getinfo(_NPZ_MEMBER)
+        # zipfile inflates bzip2 and lzma chunks without an output limit: only stored and deflated are read
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"'t' uses zip compression method {info.compress_type}; only stored (0) and "
+                             f"deflated (8) are read")
+        _check_inflated_size(info.file_size, limit)
+        with zf.open(info) as f:
+            raw = f.read(limit + 1)  # read(n) inflates in steps of at most n bytes: the cap holds while inflating
+    _check_inflated_size(len(raw), limit)
+    return raw
+
+
+def _read_npz(data: bytes, num_anchors: int) -> np.ndarray:
     """The array 't' of a pack_targets npz; anything else (other members, dtypes, pickles) is refused.
 
     Parses the one .npy header against the exact uint8 form instead of np.load's generic (and
-    slower) path; a pickle can never be loaded because only raw uint8 bytes are accepted.
+    slower) path; a pickle can never be loaded because only raw uint8 bytes are accepted. Memory is
+    bounded by ``num_anchors``: a member larger than max_member_bytes is refused unread, and no path
+    inflates more than max_inflated_bytes.
     """
-    raw = _plain_npz_member(data)
+    if len(data) > (most := max_member_bytes(num_anchors)):
+        raise ValueError(f"the member holds {len(data)} bytes, more than the {most} its {num_anchors} anchors allow")
+    limit = max_inflated_bytes(num_anchors)
+    raw = _plain_npz_member(data, limit)
     if raw is None:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            names = zf.namelist()
-            if names != [_NPZ_MEMBER]:
-                raise ValueError(f"expected exactly one array 't', found {[n.removesuffix('.npy') for n in names]}")
-            raw = zf.read(_NPZ_MEMBER)
+        raw = _zip_member(data, limit)
     if raw[:6] != b"\x93NUMPY" or raw[6:8] not in (b"\x01\x00", b"\x02\x00", b"\x03\x00"):
         raise ValueError("member 't' is not a .npy array")
     hlen_size = 2 if raw[6] == 1 else 4
@@ -209,7 +263,7 @@ def pack_targets(labels: np.ndarray, matched: np.ndarray,
 def _layout(data: bytes, num_anchors: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The body of a packed member and, per orientation, (P, I, NB, offset); the lengths checked against the header."""
     try:
-        body = _read_npz(data)
+        body = _read_npz(data, num_anchors)
     except (OSError, EOFError, KeyError, NotImplementedError, RuntimeError, struct.error, zipfile.BadZipFile,
             zlib.error) as e:  # what zipfile raises for a damaged or unsupported (encrypted, newer) zip
         raise ValueError(f"packed targets: not a readable npz without pickles ({e})") from e
