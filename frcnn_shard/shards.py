@@ -5,7 +5,6 @@ What a sample is (its members and their rules) is ``frcnn_shard.format``; this m
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -18,7 +17,9 @@ from .format.manifest import MAX_JSON_BYTES, ManifestError, check_manifest, pars
 from .format.names import MANIFEST_NAME, PARTS_DIR, SHARD_RE, shard_name  # noqa: F401 - re-exported
 from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the build and the tests
 from .format.members import MAX_MEMBER_BYTES, Member, RawSample, ShardFormatError, group_by_key
-from .storage import PARTIAL_SUFFIX, FsspecStore, LocalStore, open_store  # noqa: F401 - PARTIAL_SUFFIX is re-exported
+from .storage import (  # noqa: F401 - PARTIAL_SUFFIX is re-exported
+    PARTIAL_SUFFIX, FsspecStore, LocalStore, open_regular, open_store,
+)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def read_bounded(store, name: str, limit: int) -> bytes:
 def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     """sha256 hex digest of a file, read in blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or device would never end, a link could point anywhere
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
@@ -364,16 +365,17 @@ def sample_error(raw: RawSample, where: str) -> ShardFormatError | None:
 
 def iter_tar_samples(
     fileobj: IO[bytes], where: str, select: Callable[[int, str], bool] | None = None,
-    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_member_bytes: int = MAX_MEMBER_BYTES, seekable: bool = True,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) from a tar stream, in memory only; unknown extensions are ignored.
 
     Any member rule broken (``format.members``) raises ShardFormatError naming ``where`` and the key.
-    ``select(index, key)`` reads only the samples it accepts (the others are yielded without members).
+    ``select(index, key)`` reads only the samples it accepts (the others are yielded without members);
+    on a ``seekable`` file it seeks past them, otherwise it reads past them.
     """
     key = None
     try:
-        members = tar_members(fileobj, "r|" if select is None else "r:")
+        members = tar_members(fileobj, "r|" if select is None or not seekable else "r:")
         for raw in group_by_key(members, select=select, max_member_bytes=max_member_bytes, where=where):
             key = raw.key
             yield raw.key, raw.members
@@ -383,8 +385,8 @@ def iter_tar_samples(
 
 def iter_shard(path: str | os.PathLike, select: Callable[[int, str], bool] | None = None
                ) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield the samples of one local shard file (see iter_tar_samples)."""
-    with open(path, "rb") as f:
+    """Yield the samples of one local shard file, a regular file only (see iter_tar_samples)."""
+    with open_regular(path) as f:
         yield from iter_tar_samples(f, str(path), select)
 
 
@@ -392,14 +394,12 @@ def iter_store_shard(store, name: str, select: Callable[[int, str], bool] | None
                      ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield the samples of shard ``name`` of a store: a local file, or a remote object (streamed).
 
-    A remote shard is read whole when ``select`` is given: skipping samples needs a seekable file.
+    A remote shard is streamed with ``select`` too (the samples passed over are read past in bounded
+    chunks): memory stays at a member, never a whole shard.
     """
-    if select is not None and not store.is_local:
-        f = io.BytesIO(store.read_bytes(name))
-    else:
-        f = store.open_read(name)
+    f = store.open_read(name)
     try:
-        yield from iter_tar_samples(f, store.location(name), select)
+        yield from iter_tar_samples(f, store.location(name), select, seekable=store.is_local)
     finally:
         f.close()
 

@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,49 @@ _INSTALL_HINT = {"s3": "s3fs (pip install 'frcnn-shard[s3]')", "gs": "gcsfs", "g
 
 class StorageError(ValueError):
     """A location that cannot be used: an unknown scheme, a package missing, bad storage options."""
+
+
+# Rule names of the read side (messages carry them; docs/RELIABILITY.md "Bounds" explains each).
+RULE_REGULAR_FILE = "regular_file"  # readers open regular files only: no FIFO, device, socket, link, directory
+
+
+class NotRegularFileError(OSError):
+    """A path to read is not a regular file (a FIFO, a device, a socket, a directory, a symbolic link)."""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    return next((words for test, words in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, bufsize: int = 1 << 20) -> IO[bytes]:
+    """A binary reader of ``path``, which must be a regular file (NotRegularFileError names it otherwise).
+
+    O_NOFOLLOW refuses a symbolic link in the last component, O_NONBLOCK makes opening a FIFO return
+    at once instead of waiting for a writer, and fstat of the opened descriptor (not of the path: it
+    cannot change in between) tells a regular file from a FIFO, device, socket or directory.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise NotRegularFileError(errno.ELOOP, f"{path}: {RULE_REGULAR_FILE}: a symbolic link; only regular "
+                                               "files are read") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, f"{path}: {RULE_REGULAR_FILE}: {_kind(mode)}; only regular "
+                                                    "files are read")
+        return os.fdopen(fd, "rb", buffering=bufsize)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def pid_alive(pid: int) -> bool:
@@ -140,20 +184,25 @@ class LocalStore:
         return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
 
     def size(self, name: str) -> int:
-        """Size in bytes."""
-        return (self.path / name).stat().st_size
+        """Size in bytes of a regular file (NotRegularFileError for anything else, a link included)."""
+        st = os.lstat(self.path / name)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(errno.EINVAL, f"{self.path / name}: {RULE_REGULAR_FILE}: {_kind(st.st_mode)}; "
+                                                    "only regular files are read")
+        return st.st_size
 
     def makedirs(self) -> None:
         """Create this directory (and its parents)."""
         self.path.mkdir(parents=True, exist_ok=True)
 
     def open_read(self, name: str, bufsize: int = 1 << 20) -> IO[bytes]:
-        """A streaming binary reader."""
-        return open(self.path / name, "rb", buffering=bufsize)
+        """A streaming binary reader of a regular file (NotRegularFileError for a FIFO, device, link, ...)."""
+        return open_regular(self.path / name, bufsize)
 
     def read_bytes(self, name: str) -> bytes:
-        """The whole file."""
-        return (self.path / name).read_bytes()
+        """The whole regular file (NotRegularFileError for anything else)."""
+        with self.open_read(name) as f:
+            return f.read()
 
     def remove(self, name: str) -> None:
         """Delete a file (no error when it is already gone)."""
