@@ -39,7 +39,10 @@ from ..format.record import (
 from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
 from ..parts import Layout
-from ..shards import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, plain_header, read_manifest, store_of
+from ..shards import (
+    MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, plain_header, read_bounded, read_manifest,
+    store_of,
+)
 from ..storage import LocalStore
 from ..words import human_bytes, plural
 from .info import listed_samples
@@ -62,6 +65,7 @@ RULE_TARGETS_INVALID = "targets_invalid"
 RULE_TARGETS_COUNTS = "targets_counts"
 RULE_TARGETS_DEEP = "targets_deep"
 RULE_DROPS_FILE = "drops_file"
+RULE_SPLIT_EMPTY = "split_empty"
 
 RULES: tuple[str, ...] = (
     RULE_MANIFEST_INCOMPLETE, RULE_MANIFEST_TOTALS, RULE_SHARD_MISSING, RULE_SHARD_EXTRA,
@@ -69,13 +73,20 @@ RULES: tuple[str, ...] = (
     RULE_TAR_TRAILING, RULE_MEMBER_NAME, RULE_MEMBERS, RULE_SHARD_COUNT, RULE_SHARD_KEYS,
     RULE_KEY_DUPLICATE, RULE_KEY_MISMATCH, RULE_JSON_INVALID, RULE_IMAGE_DECODE, RULE_IMAGE_SIZE,
     RULE_BOX_INVALID, RULE_LABEL_INVALID, RULE_TARGETS_INVALID, RULE_TARGETS_COUNTS, RULE_TARGETS_DEEP,
-    RULE_DROPS_FILE,
+    RULE_DROPS_FILE, RULE_SPLIT_EMPTY,
 )
 
 PROGRESS_EVERY = 64  # samples between progress callbacks (the callback may be a tqdm bar)
 # Below this many shard bytes a check runs in-process: starting worker processes would cost more than it saves.
 PARALLEL_MIN_BYTES = 256 << 20
 MAX_WORKERS = 16
+# The most bytes of one shard a check holds in memory (it reads a shard whole, one ahead: two at most per
+# process); a larger shard is reported under shard_size, unread. docs/RELIABILITY.md "Bounds".
+MAX_CHECK_SHARD_BYTES = 1 << 30
+# The most bytes one line of drops.jsonl may take (a record is {"row": ..., "reason": ...}, under 100 bytes),
+# and the file as a whole (about 4 million dropped rows).
+MAX_DROP_LINE_BYTES = 1024
+MAX_DROPS_BYTES = 256 << 20
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 Found = list[tuple[str, str]]  # (rule, detail) pairs found for one sample
@@ -436,42 +447,69 @@ class _ShardResult:
     deep_samples: int = 0
 
 
-def _read_shard(store, name: str) -> tuple[bytes, str] | OSError:
+@dataclass
+class _Loaded:
+    """One shard file as the reader thread leaves it: its size and, when it was read, its bytes and sha256."""
+
+    size: int
+    data: bytes | None = None  # None: not read (larger than the manifest says, or than MAX_CHECK_SHARD_BYTES)
+    sha256: str | None = None
+
+
+def _read_shard(store, entry: dict) -> _Loaded | OSError:
     """One shard read once, read-only (from disk or object storage), and the sha256 of those bytes; or the error.
 
-    Both steps release the GIL, so _shard_results runs this in a thread for the next shard while the
-    current one is walked: the read and the hash overlap the per-sample work.
+    Bounded: the size is looked up first (fstat of the opened regular file, locally) and a file larger
+    than the manifest's size or than MAX_CHECK_SHARD_BYTES is not read at all; at most that many bytes
+    are read even if the file grows meanwhile. Both steps release the GIL, so _shard_results runs this
+    in a thread for the next shard while the current one is walked.
     """
+    name = entry["name"]
     try:
-        data = store.read_bytes(name)
+        with store.open_read(name) as f:
+            size = os.fstat(f.fileno()).st_size if store.is_local else store.size(name)
+            listed = entry.get("bytes")
+            if not isinstance(listed, int) or size > listed or size > MAX_CHECK_SHARD_BYTES:
+                return _Loaded(size)
+            data = f.read(size)  # a file shorter than the manifest's is read (to name the cut sample)
     except OSError as e:
         return e
-    return data, hashlib.sha256(data).hexdigest()
+    return _Loaded(len(data), data, hashlib.sha256(data).hexdigest())
+
+
+def _file_problems(name: str, entry: dict, loaded: _Loaded) -> list[Problem]:
+    """Size and sha256 of a shard file against its manifest entry ([] when both agree)."""
+    out = []
+    if loaded.size != entry.get("bytes"):
+        unread = "; not read" if loaded.data is None else ""
+        out.append(Problem(name, "", RULE_SHARD_SIZE, f"{loaded.size} bytes, the manifest says {entry.get('bytes')}"
+                                                      f"{unread}"))
+    elif loaded.data is None:
+        out.append(Problem(name, "", RULE_SHARD_SIZE, f"{loaded.size} bytes, more than the {MAX_CHECK_SHARD_BYTES} "
+                                                      "a check holds in memory; not read (build smaller shards)"))
+    if loaded.data is not None and loaded.sha256 != entry.get("sha256"):
+        out.append(Problem(name, "", RULE_SHARD_SHA256, f"sha256 {loaded.sha256[:16]}... differs from the manifest's "
+                                                        f"{str(entry.get('sha256'))[:16]}..."))
+    return out
 
 
 def _check_shard(store, entry: dict, ctx: _Context, progress: Callable[[int], None] | None = None,
-                 loaded: tuple[bytes, str] | OSError | None = None) -> _ShardResult:
-    """Apply every file-, tar- and sample-level rule to one shard (``loaded``: _read_shard(path), done ahead)."""
+                 loaded: _Loaded | OSError | None = None) -> _ShardResult:
+    """Apply every file-, tar- and sample-level rule to one shard (``loaded``: _read_shard(entry), done ahead)."""
     name = entry["name"]
     res = _ShardResult(name)
     problems = res.problems
     if loaded is None:
-        loaded = _read_shard(store, name)
+        loaded = _read_shard(store, entry)
     if isinstance(loaded, OSError):
         problems.append(Problem(name, "", RULE_SHARD_UNREADABLE, str(loaded)))
         return res
-    data, digest = loaded
+    problems.extend(_file_problems(name, entry, loaded))
+    if loaded.data is None:
+        return res
+    data = loaded.data
     res.bytes = len(data)
-    intact = True
-    if len(data) != entry.get("bytes"):
-        problems.append(Problem(name, "", RULE_SHARD_SIZE,
-                                f"{len(data)} bytes, the manifest says {entry.get('bytes')}"))
-        intact = False
-    if digest != entry.get("sha256"):
-        problems.append(Problem(name, "", RULE_SHARD_SHA256,
-                                f"sha256 {digest[:16]}... differs from the manifest's "
-                                f"{str(entry.get('sha256'))[:16]}..."))
-        intact = False
+    intact = not problems
     # A shard whose bytes are not the published ones gets its pixels decoded, to name the damaged sample.
     full_decode = not intact
     keys = res.keys
@@ -535,11 +573,10 @@ def _shard_results(store, manifest: dict, ctx: _Context, entries: list[dict], wo
         # One reader thread stays a shard ahead (read + sha256); this thread walks the shard before it.
         # At most two shards are in memory at once.
         with ThreadPoolExecutor(1, thread_name_prefix="check-read") as reader:
-            names = [e["name"] for e in entries]
-            ahead = reader.submit(_read_shard, store, names[0]) if names else None
+            ahead = reader.submit(_read_shard, store, entries[0]) if entries else None
             for i, entry in enumerate(entries):
                 loaded = ahead.result()
-                ahead = reader.submit(_read_shard, store, names[i + 1]) if i + 1 < len(names) else None
+                ahead = reader.submit(_read_shard, store, entries[i + 1]) if i + 1 < len(entries) else None
                 yield _check_shard(store, entry, ctx, progress, loaded)
                 del loaded
         return
@@ -608,12 +645,14 @@ def _check_drops(store, manifest: dict) -> list[Problem]:
     name = drops.get("file")
     if not name:
         return []  # a manifest that names no such file
+    listed = drops.get("rows") if type(drops.get("rows")) is int else 0
+    limit = min(max(listed, 0) * MAX_DROP_LINE_BYTES, MAX_DROPS_BYTES) + MAX_DROP_LINE_BYTES
     try:
-        data = store.read_bytes(name)
+        data = read_bounded(store, name, limit)  # a regular file only, never more than its rows can take
     except FileNotFoundError:
         return [Problem(name, "", RULE_DROPS_FILE, f"the manifest lists its {drops.get('rows')} dropped row(s) in "
                                                    f"{name}, which is not in the folder")]
-    except OSError as e:
+    except (OSError, ValueError) as e:
         return [Problem(name, "", RULE_DROPS_FILE, f"cannot be read: {e}")]
     rows, problems = _drop_lines(data, name)
     if len(rows) + len(problems) != drops.get("rows"):
@@ -680,6 +719,10 @@ def check_shards(shard_dir, *, deep: bool = False, fraction: float = 1.0, seed: 
                                 "the build did not finish (resume it with the same command); "
                                 "only the listed shards were checked"))
     problems.extend(_check_totals(manifest))
+    if listed_samples(manifest) == 0:
+        problems.append(Problem(MANIFEST_NAME, "", RULE_SPLIT_EMPTY,
+                                "the manifest lists no samples: a loader would yield nothing (every row dropped? "
+                                "see drops.jsonl)"))
     problems.extend(_check_drops(store, manifest))
     on_store = set(store.names())
     problems.extend(_check_directory(on_store, manifest))
