@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 PARTIAL_SUFFIX = ".partial"
 READ_RETRIES = 5  # consecutive failures of one remote request before it gives up
 READ_BACKOFF_S = 0.5  # first wait; doubles per consecutive failure
+READ_DEADLINE_S = 60.0  # no new attempt of one remote request starts this long after its first
+# Each attempt's own bound, as fsspec options of s3:// (the caller's storage_options win): botocore's and
+# s3fs's own retries off, so that _retry's are the only ones and an attempt on a store that does not
+# answer ends within about connect + read timeout per request (RELIABILITY.md, "A store that stays down").
+S3_REQUEST_DEFAULTS = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 1}}
+S3FS_RETRIES = 1  # s3fs's own attempts per request (its default, 5, multiplies ours)
 REMOTE_READ_BYTES = 8 << 20  # bytes per GET of a streaming read (memory: about two of these)
 UPLOAD_PART_BYTES = 8 << 20  # multipart part size of an upload
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
@@ -38,6 +45,49 @@ _INSTALL_HINT = {"s3": "s3fs (pip install 'frcnn-shard[s3]')", "gs": "gcsfs", "g
 
 class StorageError(ValueError):
     """A location that cannot be used: an unknown scheme, a package missing, bad storage options."""
+
+
+# Rule names of the read side (messages carry them; docs/RELIABILITY.md "Bounds" explains each).
+RULE_REGULAR_FILE = "regular_file"  # readers open regular files only: no FIFO, device, socket, link, directory
+
+
+class NotRegularFileError(OSError):
+    """A path to read is not a regular file (a FIFO, a device, a socket, a directory, a symbolic link)."""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    return next((words for test, words in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, bufsize: int = 1 << 20) -> IO[bytes]:
+    """A binary reader of ``path``, which must be a regular file (NotRegularFileError names it otherwise).
+
+    O_NOFOLLOW refuses a symbolic link in the last component, O_NONBLOCK makes opening a FIFO return
+    at once instead of waiting for a writer, and fstat of the opened descriptor (not of the path: it
+    cannot change in between) tells a regular file from a FIFO, device, socket or directory.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise NotRegularFileError(errno.ELOOP, f"{path}: {RULE_REGULAR_FILE}: a symbolic link; only regular "
+                                               "files are read") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(errno.EINVAL, f"{path}: {RULE_REGULAR_FILE}: {_kind(mode)}; only regular "
+                                                    "files are read")
+        return os.fdopen(fd, "rb", buffering=bufsize)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def pid_alive(pid: int) -> bool:
@@ -134,20 +184,25 @@ class LocalStore:
         return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
 
     def size(self, name: str) -> int:
-        """Size in bytes."""
-        return (self.path / name).stat().st_size
+        """Size in bytes of a regular file (NotRegularFileError for anything else, a link included)."""
+        st = os.lstat(self.path / name)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(errno.EINVAL, f"{self.path / name}: {RULE_REGULAR_FILE}: {_kind(st.st_mode)}; "
+                                                    "only regular files are read")
+        return st.st_size
 
     def makedirs(self) -> None:
         """Create this directory (and its parents)."""
         self.path.mkdir(parents=True, exist_ok=True)
 
     def open_read(self, name: str, bufsize: int = 1 << 20) -> IO[bytes]:
-        """A streaming binary reader."""
-        return open(self.path / name, "rb", buffering=bufsize)
+        """A streaming binary reader of a regular file (NotRegularFileError for a FIFO, device, link, ...)."""
+        return open_regular(self.path / name, bufsize)
 
     def read_bytes(self, name: str) -> bytes:
-        """The whole file."""
-        return (self.path / name).read_bytes()
+        """The whole regular file (NotRegularFileError for anything else)."""
+        with self.open_read(name) as f:
+            return f.read()
 
     def remove(self, name: str) -> None:
         """Delete a file (no error when it is already gone)."""
@@ -408,18 +463,52 @@ def _transient(exc: BaseException) -> bool:
                                                     "httpx", "fsspec", "s3fs", "gcsfs")
 
 
-def _retry(fn: Callable[[], Any], what: str, retries: int = READ_RETRIES, backoff: float = READ_BACKOFF_S):
-    """fn(), retried with doubling waits on transient errors; the last error is raised as OSError naming ``what``."""
+def _retry(fn: Callable[[], Any], what: str, retries: int = READ_RETRIES, backoff: float = READ_BACKOFF_S,
+           deadline: float = READ_DEADLINE_S):
+    """fn(), retried with doubling waits on transient errors; the last error is raised as OSError naming ``what``.
+
+    No retry starts once ``deadline`` seconds have passed since the first attempt (nor one whose wait
+    would end after it), so a request costs at most about deadline + one attempt.
+    """
+    start = time.monotonic()
     for attempt in range(retries + 1):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified by _transient
-            if not _transient(e) or attempt == retries:
+            wait = backoff * 2 ** attempt
+            if not _transient(e) or attempt == retries or time.monotonic() + wait - start > deadline:
                 if isinstance(e, OSError):
                     raise
                 raise OSError(f"{what} failed: {type(e).__name__}: {e}") from e
-            time.sleep(backoff * 2 ** attempt)
+            time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class StoreOutage:
+    """What one reader stream (a loader's rank and worker) knows of its store being down.
+
+    A shard read that gave up on transient errors (its retries spent) marks the store down; while it
+    is down, every later shard of the stream gets one attempt, without retries or waits, so a store
+    that stays down costs one retried read and then one attempt per shard. The first shard read whole
+    marks it up again, and reads retry as before.
+    """
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def arm(self, reader: Any) -> None:
+        """Give a freshly opened reader one attempt while the store is down (local files have no retries)."""
+        if self.down and isinstance(reader, RetryingReader):
+            reader.retries = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """A shard read gave up with ``exc``: the store is down when that was a transient error."""
+        if _transient(exc):
+            self.down = True
+
+    def succeeded(self) -> None:
+        """A shard was read whole: the store is up."""
+        self.down = False
 
 
 class RetryingReader:
@@ -432,6 +521,7 @@ class RetryingReader:
 
     def __init__(self, fs: Any, path: str, bufsize: int = REMOTE_READ_BYTES):
         self.fs, self.path, self.bufsize = fs, path, bufsize
+        self.retries = READ_RETRIES  # of each request; StoreOutage sets 0 while the store is down
         self.offset = 0  # bytes handed out so far
         self._buf, self._pos, self._eof = b"", 0, False
         self._f = None
@@ -451,7 +541,7 @@ class RetryingReader:
                 self._drop()
                 raise
 
-        data = _retry(attempt, f"read of {self.path} at byte {at}")
+        data = _retry(attempt, f"read of {self.path} at byte {at}", retries=self.retries)
         self._eof = not data
         self._buf, self._pos = self._buf[self._pos:] + data, 0
 
@@ -529,8 +619,20 @@ def _filesystem(scheme: str, options: dict):
 
     key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str))
     if key not in _FILESYSTEMS:
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **options)
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **_bounded_requests(scheme, options))
         if options and callable(getattr(fs, "connect", None)):
             fs.connect()  # s3fs builds its session lazily: an unknown option would fail in the first request
+        if scheme in ("s3", "s3a"):
+            fs.retries = S3FS_RETRIES  # an attribute, not a constructor option, of s3fs
         _FILESYSTEMS[key] = fs
     return _FILESYSTEMS[key]
+
+
+def _bounded_requests(scheme: str, options: dict) -> dict:
+    """``options`` with S3_REQUEST_DEFAULTS under config_kwargs for s3:// (a key the caller gives wins)."""
+    if scheme not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    for k, v in S3_REQUEST_DEFAULTS.items():
+        config.setdefault(k, v)
+    return {**options, "config_kwargs": config}
