@@ -24,7 +24,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import __version__, anchors as anc
-from .errors import BuildError, BuildInterrupted, LockedError, MergeError, OptionError, SourceError  # noqa: F401
+from .errors import (  # noqa: F401 - re-exported for callers of the build
+    BuildError, BuildInterrupted, LockedError, MergeError, OptionError, RecordError, SourceError,
+)
 from .format import FORMAT_VERSION
 from .malloc import tune_worker_malloc
 from .format.members import sample_members
@@ -33,12 +35,11 @@ from .format.targets import label_counts, pack_targets
 from .labels import CLASS_NAMES
 from .records import Dropped, Sample, SourceRow
 from .shards import (
-    MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, file_sha256, read_manifest,
-    shard_name,
+    MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ShardInfo, ShardWriter, fault_point, read_manifest, shard_name,
 )
 from .parts import (
-    DROPS_NAME, PARTS_DIR, Layout, acquire_lock, holder, merge, parse_part, read_records, record_name,
-    refuse_another_split, release_lock, sum_counts, write_record,
+    DROPS_NAME, PARTS_DIR, Layout, acquire_lock, differing_keys, holder, merge, parse_part, read_records,
+    record_name, release_lock, same_build, shard_differs, sum_counts, take_over, write_record,
 )
 from .sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, open_source
 from .storage import StorageError, open_store
@@ -172,6 +173,7 @@ class BuildResult:
     part: tuple[int, int] | None = None  # (I, N) for a part build; None for the whole build
     dropped: list = field(default_factory=list)  # the first dropped rows (drop records)
     drops_file: str | None = None  # where every dropped row is listed
+    rows_read: int = 0  # source rows this run read (a resumed or finished build reads fewer than ``rows``)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,12 +453,33 @@ class _PartWriter:
 
     def __init__(self, store, layout: Layout, shards: range, record: dict, progress):
         self.store, self.layout, self.range, self.record, self.progress = store, layout, shards, record, progress
-        self.cur = shards.start + len(record["shards"])  # the shard being filled
+        # Shards the record lists already (its own earlier runs, or taken over from a build split another
+        # way: then not necessarily a prefix of the range); only the others are built.
+        self.done = {e["index"] for e in record["shards"]}
+        self.cur = shards.start - 1  # the shard being filled
+        self._advance()
         self.writer: ShardWriter | None = None
+        self.writing = store.url  # the file being written, for a message when a write fails
         self.samples = sum(e["samples"] for e in record["shards"])
         self.rows_done = sum(e["rows"][1] - e["rows"][0] for e in record["shards"])
         self.rows_total = sum(b - a for a, b in map(layout.shard_rows, shards))
         self._reset()
+
+    def _advance(self) -> None:
+        """Move to the next shard of the range that is not listed yet (range.stop when none is left)."""
+        self.cur += 1
+        while self.cur in self.done:
+            self.cur += 1
+
+    def missing_rows(self) -> list[tuple[int, int]]:
+        """The row ranges [start, stop) of the shards still to build, contiguous shards joined."""
+        spans: list[tuple[int, int]] = []
+        for i in (i for i in self.range if i not in self.done):
+            start, stop = self.layout.shard_rows(i)
+            if spans and spans[-1][1] == start:
+                start = spans.pop()[0]
+            spans.append((start, stop))
+        return spans
 
     def _reset(self) -> None:
         self.drops: Counter = Counter()
@@ -465,7 +488,9 @@ class _PartWriter:
 
     def _open(self) -> ShardWriter:
         if self.writer is None:
-            self.writer = ShardWriter(self.store, shard_name(self.record["header"]["split"], self.cur))
+            name = shard_name(self.record["header"]["split"], self.cur)
+            self.writing = self.store.location(name)
+            self.writer = ShardWriter(self.store, name)
         return self.writer
 
     def _close(self) -> None:
@@ -477,10 +502,16 @@ class _PartWriter:
         self.record["shards"].append({
             **asdict(info), "index": self.cur, "rows": [start, stop], "drops": dict(sorted(self.drops.items())),
             "box_drops": dict(sorted(self.box_drops.items())), "dropped": self.dropped})
-        write_record(self.store, self.record, fault_n=self.cur)
+        self.record["shards"].sort(key=lambda e: e["index"])  # listed in index order, taken-over ones too
+        self.done.add(self.cur)
+        self._write_record(fault_n=self.cur)
         fault_point("shard_done", self.cur)
         self._reset()
-        self.cur += 1
+        self._advance()
+
+    def _write_record(self, fault_n: int | None = None) -> None:
+        self.writing = self.store.sub(PARTS_DIR).location(record_name(*self.record["part"]))
+        write_record(self.store, self.record, fault_n=fault_n)
 
     def _to(self, row: int) -> None:
         """Close every shard before the one holding ``row``."""
@@ -514,7 +545,7 @@ class _PartWriter:
             self._close()  # the shard's last row: publish it now, not when the next row arrives
         if self.progress is not None:
             self.progress({"rows": self.rows_done, "rows_total": self.rows_total, "samples": self.samples,
-                           "shards": self.cur - self.range.start, "shards_total": len(self.range)})
+                           "shards": len(self.done), "shards_total": len(self.range)})
 
     def finish(self) -> None:
         """Publish the part's remaining shards and mark the part complete."""
@@ -522,7 +553,7 @@ class _PartWriter:
             self._close()
         self.record["complete"] = True
         self.record["run"]["finished"] = _now()
-        write_record(self.store, self.record)
+        self._write_record()
 
     def abort(self) -> None:
         """Drop the open shard; the part record lists exactly the published ones."""
@@ -557,7 +588,7 @@ def _header(opts: BuildOptions, source, options: dict, layout: Layout) -> dict:
 
 
 def _differing(a: dict, b: dict) -> str:
-    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+    return ", ".join(differing_keys(a, b))
 
 
 def split_state(store, header: dict, opts: BuildOptions, shards: range | None, part: tuple[int, int]) -> bool:
@@ -572,7 +603,7 @@ def split_state(store, header: dict, opts: BuildOptions, shards: range | None, p
     if not store.exists(MANIFEST_NAME):
         return False
     built = read_manifest(store)
-    if {k: v for k, v in built.items() if k in header} != header:
+    if not same_build({k: built.get(k) for k in header}, header):
         raise BuildError(f"{store.url} was built with different options or source (differing: "
                          f"{_differing({k: built.get(k) for k in header}, header)}); re-run with the same "
                          "options, or build with the overwrite option to start again")
@@ -582,32 +613,37 @@ def split_state(store, header: dict, opts: BuildOptions, shards: range | None, p
 def _prepare_part(store, header: dict, part: tuple[int, int], shards: range, opts: BuildOptions) -> dict | None:
     """The part record to continue from (a fresh one when there is none); None when the split is already complete.
 
-    Refuses (BuildError) a split built with other options or split another way, unless overwrite.
+    Refuses (BuildError) a split built with other options, unless overwrite. The shards that records of
+    a build split another way list in this part's range are taken over (parts.take_over): their bytes
+    do not depend on the split.
     """
     whole = opts.part is None
     if split_state(store, header, opts, None if whole else shards, part) and whole:
         return None
     records = read_records(store)
-    refuse_another_split(store, records, part[1])  # the whole build is its one part of 1
     record = records.get(record_name(*part))
-    if record is None:
-        return {"part": list(part), "shard_range": [shards.start, shards.stop], "header": header, "shards": [],
-                "complete": False, "run": {}}
-    if record["header"] != header:
+    if record is not None and not same_build(record["header"], header):
         raise BuildError(f"{store.url}: part {part[0]} of {part[1]} was built with different options or source "
                          f"(differing: {_differing(record['header'], header)}); re-run with the same options, or "
                          "build with the overwrite option")
+    if record is None:
+        record = {"part": list(part), "shard_range": [shards.start, shards.stop], "header": header, "shards": [],
+                  "complete": False, "run": {}}
     _verify_listed(store, record)
+    taken = take_over(store, records, part, shards, header, adopt=not opts.overwrite)
+    # A taken-over shard that is missing or changed is simply built again (same bytes).
+    taken = [e for e in taken if shard_differs(store, e, hash_it=store.is_local) is None]
+    if taken:
+        record["shards"] = sorted(record["shards"] + taken, key=lambda e: e["index"])
+        record["complete"] = len(record["shards"]) == len(shards)
+        write_record(store, record)
     return record
 
 
 def _verify_listed(store, record: dict) -> None:
     """Every shard a part record lists is there, with its size (and, on local disk, its sha256)."""
     for e in record["shards"]:
-        ok = store.exists(e["name"]) and store.size(e["name"]) == e["bytes"]
-        if ok and store.is_local:
-            ok = file_sha256(store.path / e["name"]) == e["sha256"]
-        if not ok:
+        if shard_differs(store, e, hash_it=store.is_local):
             raise BuildError(f"{store.location(e['name'])}: listed in {PARTS_DIR}/{record_name(*record['part'])} but "
                              "missing or changed since; build with the overwrite option to rebuild")
 
@@ -712,6 +748,7 @@ def signum(e: BaseException) -> int:
 
 def open_output(opts: BuildOptions, spec) -> tuple:
     """(source, store of the split, layout, header): what every part of a build, on any engine, agrees on."""
+    opts = replace(opts, source=_without_trailing_slash(opts.source))  # "DIR/" and "DIR" are one source
     source = open_source(opts.source, opts.split, revision=opts.revision, bbox_format=opts.bbox_format,
                          detect_rows=opts.detect_rows)
     split = source.info["split"]
@@ -721,10 +758,16 @@ def open_output(opts: BuildOptions, spec) -> tuple:
     return source, store, layout, _header(opts, source, output_options(opts, split, spec), layout)
 
 
+def _without_trailing_slash(source: str) -> str:
+    """A source folder's name without trailing slashes (the root stays "/"); a Hub id has none."""
+    head, sep, path = source.rpartition("coco:") if source.startswith("coco:") else ("", "", source)
+    return head + sep + (path.rstrip("/") or path[:1])
+
+
 def _build_part(opts, part, progress, device, spec, pool, match_batch, t0) -> BuildResult:
     """The body of build_part, with the worker pool running."""
     source, store, layout, header = open_output(opts, spec)
-    lock = acquire_lock(store, *part)
+    lock = acquire_lock(store, *part, layout.part_shards(*part))
     try:
         res = _build_locked_part(opts, part, progress, device, pool, match_batch, t0, source, store, layout, header)
     except BaseException:
@@ -751,26 +794,32 @@ def _build_locked_part(opts, part, progress, device, pool, match_batch, t0, sour
     resumed = len(record["shards"])
     record["run"] = {**holder(), "workers": opts.workers, "device": device, "engine": opts.engine, "started": _now()}
     w = _PartWriter(store, layout, shards, record, progress)
+    rows_before = w.rows_done
     if not was_complete:
         if store.is_local:  # interrupted writes: this part's own (or, for the whole build, any)
-            for n in store.names():
-                m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
-                if n.endswith(PARTIAL_SUFFIX) and m and (opts.part is None or int(m.group("index")) in shards):
-                    store.remove(n)
+            _remove_dead_partials(store, None if opts.part is None else shards)
         _run(opts, source, w, pool, match_batch, layout)
     if was_complete and opts.part is not None:
         status = "already complete"
     else:
         status = "resumed" if resumed else "built"
-    return _part_result(store, record, status, device, t0, resumed)
+    return _part_result(store, record, status, device, t0, resumed, rows_read=w.rows_done - rows_before)
+
+
+def _remove_dead_partials(store, shards: range | None) -> None:
+    """Remove the ``*.partial`` shards of ``shards`` (None: all). The caller holds the lock of a part that
+    covers them, which excludes every live writer of these shards: each is a dead writer's."""
+    for n in store.names():
+        m = SHARD_RE.match(n.removesuffix(PARTIAL_SUFFIX))
+        if n.endswith(PARTIAL_SUFFIX) and m and (shards is None or int(m.group("index")) in shards):
+            store.remove(n)
 
 
 def _run(opts: BuildOptions, source, w: _PartWriter, pool, match_batch, layout: Layout) -> None:
-    """Stream the part's remaining rows through the workers into the writer; on failure drop only the open shard."""
-    start = layout.shard_rows(w.cur)[0] if w.cur < w.range.stop else layout.rows
-    stop = layout.shard_rows(w.range.stop - 1)[1] if len(w.range) else start
+    """Stream the rows of the part's missing shards through the workers into the writer; on failure drop
+    only the open shard."""
     fmt = source.bbox_format["decision"]
-    rows = resilient_rows(source, start, stop, opts)
+    rows = (row for start, stop in w.missing_rows() for row in resilient_rows(source, start, stop, opts))
     jobs = ((fmt, chunk) for chunk in _chunks(rows, opts.chunk_size))
     if pool is not None:
         results = _ordered_results(pool, jobs, max_inflight=4 * opts.workers)
@@ -797,9 +846,9 @@ def _run(opts: BuildOptions, source, w: _PartWriter, pool, match_batch, layout: 
                       "after the last complete shard.") from e.__cause__
     except OSError as e:
         w.abort()
-        raise BuildError(f"write failed in {w.store.url}: {e}. The unfinished shard was removed; {kept}. "
-                         "Fix the cause (space, permissions, the storage service) and run the same command "
-                         "again to resume.") from e
+        raise BuildError(f"write failed in {w.store.url} (writing {w.writing}): {e}. The unfinished shard was "
+                         f"removed; {kept}. Fix the cause (space, permissions, the storage service) and run the "
+                         "same command again to resume.") from e
     except BaseException:
         w.abort()
         raise
@@ -841,7 +890,8 @@ def _bad_fraction(drops: dict, rows: int) -> tuple[int, float]:
     return bad, bad / rows if rows else 0.0
 
 
-def _part_result(store, record: dict, status: str, device: str, t0: float, resumed: int) -> BuildResult:
+def _part_result(store, record: dict, status: str, device: str, t0: float, resumed: int, rows_read: int = 0
+                 ) -> BuildResult:
     """What one part did, from its record."""
     entries = record["shards"]
     drops = sum_counts(e["drops"] for e in entries)
@@ -852,7 +902,7 @@ def _part_result(store, record: dict, status: str, device: str, t0: float, resum
         samples=sum(e["samples"] for e in entries), shards=len(entries), bytes=sum(e["bytes"] for e in entries),
         rows=rows, drops=drops, box_drops=sum_counts(e["box_drops"] for e in entries),
         bbox_format=record["header"]["bbox_format"], device=device, seconds=time.perf_counter() - t0,
-        resumed_shards=resumed, bad_fraction=frac, part=tuple(record["part"]),
+        resumed_shards=resumed, bad_fraction=frac, part=tuple(record["part"]), rows_read=rows_read,
         dropped=[d for e in entries for d in e["dropped"]][:DROPS_SHOWN],
         drops_file=store.sub(PARTS_DIR).location(record_name(*record["part"])))
 
@@ -871,10 +921,16 @@ def _result(store, manifest: dict, status: str, device: str, t0: float, resumed:
 
 
 def check_bad_fraction(res: BuildResult, max_bad_fraction: float) -> None:
-    """Raise BuildError when more rows than allowed were bad input (everything written is kept)."""
+    """Raise BuildError when the split holds no sample, or more rows than allowed were bad input (everything
+    written is kept)."""
+    named = "; ".join(f"row {d['row']} (image id {d['image_id']}): {d['reason']}" for d in res.dropped)
+    if res.samples == 0:
+        why = (f"all {res.rows} rows were dropped, by reason: {res.drops}. First dropped: {named}. Every dropped "
+               f"row is listed in {res.drops_file}") if res.rows else "the source split has no rows"
+        raise BuildError(f"the split in {res.out_dir} holds no samples: {why}. Fix the source (or the options), "
+                         "then build again with the overwrite option.")
     if res.bad_fraction > max_bad_fraction:
         bad = sum(res.drops.get(r, 0) for r in BAD_INPUT_REASONS)
-        named = "; ".join(f"row {d['row']} (image id {d['image_id']}): {d['reason']}" for d in res.dropped)
         raise BuildError(
             f"{bad} of {res.rows} rows were skipped as bad input ({res.bad_fraction:.2%} > max_bad_fraction "
             f"{max_bad_fraction:.2%}); by reason: {res.drops}. First dropped: {named}. Every dropped row is listed in "
@@ -911,7 +967,7 @@ def build(opts: BuildOptions, progress: Callable[[dict], None] | None = None) ->
         if part_res.status != "already complete" or not store.exists(MANIFEST_NAME):
             merge(store)
         res = _result(store, read_manifest(store), part_res.status, part_res.device, 0.0, part_res.resumed_shards)
-        res.seconds = part_res.seconds
+        res.seconds, res.rows_read = part_res.seconds, part_res.rows_read
     check_bad_fraction(res, opts.max_bad_fraction)
     return res
 

@@ -139,10 +139,12 @@ def build(no_low_quality: bool, **kw) -> None:
 @click.option("--storage-options", default=None, help="JSON object of fsspec options for SPLIT_DIR.")
 def merge(split_dir: str, storage_options: str | None) -> None:
     """Once every part of a build is done: check the parts, then write drops.jsonl and the manifest."""
-    from .build import BuildError, merge_split, parse_storage_options
+    from .build import BuildError, RecordError, merge_split, parse_storage_options
 
     try:
         res = merge_split(split_dir, parse_storage_options(storage_options) if storage_options else None)
+    except RecordError as e:  # a malformed part record: bad input, like a malformed manifest
+        _fail(_cli_words(str(e)), 2)
     except (BuildError, ValueError, OSError) as e:
         _fail(_cli_words(str(e)), 1)
     _print_build_summary(res)
@@ -179,12 +181,12 @@ def _print_build_summary(res) -> None:
     from .inspect.info import bbox_format_text
     from .words import human_bytes, plural
 
-    rate = res.rows / res.seconds if res.seconds > 0 else 0.0
+    rate = res.rows_read / res.seconds if res.seconds > 0 else 0.0  # only the rows this run read
     what = f"part {res.part[0]} of {res.part[1]}" if res.part else "split"
     click.echo(f"{res.status} ({what}): {res.out_dir}")
     click.echo(f"  {plural(res.samples, 'sample')} in {plural(res.shards, 'shard')}, {human_bytes(res.bytes)}"
                + (f" (resumed after {plural(res.resumed_shards, 'shard')})" if res.resumed_shards else ""))
-    click.echo(f"  {plural(res.rows, 'row')} read, {rate:.1f} rows/s, {res.seconds:.1f} s, "
+    click.echo(f"  {plural(res.rows_read, 'row')} read, {rate:.1f} rows/s, {res.seconds:.1f} s, "
                f"anchors matched on {res.device}")
     click.echo(f"  bbox format: {bbox_format_text(res.bbox_format)}")
     click.echo(f"  images dropped: {res.drops or 'none'}")

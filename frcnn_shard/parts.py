@@ -10,6 +10,7 @@ consistent, then writes ``drops.jsonl`` and, last, ``manifest.json``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -18,9 +19,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .errors import BuildError, LockedError, MergeError
-from .shards import MANIFEST_NAME, PARTS_DIR, fault_point
+from .errors import BuildError, LockedError, MergeError, RecordError
+from .format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_json, shard_entries_problems
+from .shards import MANIFEST_NAME, PARTS_DIR, fault_point, read_bounded
 from .storage import pid_alive
+
+LOCK_SUFFIX = ".lock"
+HASH_BLOCK = 1 << 20  # bytes per read while merge hashes a shard (memory stays at about this)
 
 DROPS_NAME = "drops.jsonl"
 _PART_ENV = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE"))
@@ -74,12 +79,14 @@ def record_name(part: int, parts: int) -> str:
     return f"part-{part:06d}-of-{parts:06d}.json"
 
 
-def _parse_record_name(name: str) -> tuple[int, int] | None:
-    stem = name.removesuffix(".json")
-    bits = stem.split("-")
-    if len(bits) != 4 or bits[0] != "part" or bits[2] != "of" or not name.endswith(".json"):
+def _parse_record_name(name: str, suffix: str = ".json") -> tuple[int, int] | None:
+    """(I, N) of ``part-IIIIII-of-NNNNNN<suffix>``; None for any other name."""
+    bits = name.removesuffix(suffix).split("-")
+    if not name.endswith(suffix) or len(bits) != 4 or bits[0] != "part" or bits[2] != "of" \
+            or not all(b.isdigit() and len(b) == 6 for b in (bits[1], bits[3])):
         return None
-    return int(bits[1]), int(bits[3])
+    i, n = int(bits[1]), int(bits[3])
+    return (i, n) if 0 <= i < n else None
 
 
 def dumps(obj: dict) -> bytes:
@@ -87,26 +94,86 @@ def dumps(obj: dict) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
-def refuse_another_split(store, records: Iterable[str], parts: int) -> None:
-    """BuildError when ``records`` (part record names) hold one of a build split into other than ``parts`` parts."""
-    other = [n for n in records if _parse_record_name(n)[1] != parts]
-    if other:
-        raise BuildError(f"{store.url} holds part records of a build split another way ({other[0]}, ...); "
-                         "finish that build (same parts, then merge), or build with the overwrite option")
+def same_build(a: dict, b: dict) -> bool:
+    """Whether two headers are of one build: equal apart from the split's name as the user typed it
+    (``--split validation`` and ``--split val`` build the same split, named in ``split``)."""
+    return _identity(a) == _identity(b)
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """The top-level keys in which two headers differ (as same_build compares them)."""
+    a, b = _identity(a), _identity(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _identity(header: dict) -> dict:
+    source = header.get("source")
+    if isinstance(source, dict):
+        header = {**header, "source": {k: v for k, v in source.items() if k != "requested_split"}}
+    return header
+
+
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v) and v[0] <= v[1]
+
+
+def record_problems(record, part: tuple[int, int]) -> list[str]:
+    """What breaks the part record rules (docs/FORMAT.md): the fields' types, the header's rules (as the
+    manifest's), shard entries named for their split and index, in order, each within ``shard_range``."""
+    if not isinstance(record, dict):
+        return [f"must be a JSON object (got a {type(record).__name__})"]
+    problems = [f"{k}: missing" for k in ("part", "shard_range", "header", "shards", "complete", "run")
+                if k not in record]
+    if problems:
+        return problems
+    if record["part"] != list(part):
+        problems.append(f"part: must be {list(part)}, as the file name says (got {str(record['part'])[:40]})")
+    if not _pair(record["shard_range"]):
+        problems.append("shard_range: must be [start, stop] with 0 <= start <= stop")
+    if type(record["complete"]) is not bool:
+        problems.append("complete: must be true or false")
+    if not isinstance(record["run"], dict):
+        problems.append("run: must be an object")
+    problems += [f"header.{p}" for p in header_problems(record["header"])]
+    if problems:
+        return problems
+    problems += shard_entries_problems(record["shards"], record["header"]["split"])
+    if not problems:
+        problems += _entry_problems(record["shards"], range(*record["shard_range"]))
+    return problems
+
+
+def _entry_problems(entries: list[dict], shards: range) -> list[str]:
+    """A part record's own shard-entry rules: within its range, with a list of drop records."""
+    problems = []
+    for i, e in enumerate(entries):
+        if e["index"] not in shards:
+            problems.append(f"shards[{i}]: index {e['index']} is outside shard_range [{shards.start}, {shards.stop}]")
+        if not isinstance(e.get("dropped"), list) or not all(isinstance(d, dict) for d in e["dropped"]):
+            problems.append(f"shards[{i}].dropped: must be a list of drop records")
+    return problems[:5]
+
+
+def read_record(parts_store, name: str) -> dict:
+    """One part record, read bounded and checked; RecordError naming the file and the rules it breaks."""
+    where = parts_store.location(name)
+    try:
+        data = read_bounded(parts_store, name, MAX_JSON_BYTES)
+    except (OSError, ValueError) as e:
+        raise RecordError(f"{where}: unreadable part record: {e}") from None
+    record = parse_json(data, where, RecordError)
+    problems = record_problems(record, _parse_record_name(name))
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RecordError(f"{where}: malformed part record: {'; '.join(problems[:3])}{more}. Build that part "
+                          "again with the overwrite option, or delete the record (its shards are then rebuilt)")
+    return record
 
 
 def read_records(store) -> dict[str, dict]:
-    """The part records of a split, by file name (unreadable ones raise MergeError naming them)."""
+    """The part records of a split, by file name, each checked (RecordError names a malformed one)."""
     parts = store.sub(PARTS_DIR)
-    out = {}
-    for name in parts.names():
-        if _parse_record_name(name) is None:
-            continue
-        try:
-            out[name] = json.loads(parts.read_bytes(name))
-        except (OSError, ValueError) as e:
-            raise MergeError(f"{parts.location(name)}: unreadable part record: {e}") from None
-    return out
+    return {name: read_record(parts, name) for name in parts.names() if _parse_record_name(name) is not None}
 
 
 def write_record(store, record: dict, fault_n: int | None = None) -> None:
@@ -128,32 +195,95 @@ def holder() -> dict:
     return me
 
 
-def acquire_lock(store, part: int, parts: int) -> str:
-    """Take the lock of one part of a split; LockedError naming the holder when another build has it.
+def acquire_lock(store, part: int, parts: int, shards: range) -> str:
+    """Take the lock of one part of a split, which builds ``shards``; LockedError naming the holder when
+    another build has it, or holds a part of another split whose shards overlap these.
 
     A lock whose holder was a process of this host that no longer runs is stale and is taken over.
-    Returns the lock's name (for release_lock).
+    Two builds of different part counts may take their locks at once: each looks at the other locks
+    after taking its own, so at least one sees the other and backs off (both may). Returns the lock's
+    name (for release_lock).
     """
     locks = store.sub(PARTS_DIR)
     locks.makedirs()
-    name = record_name(part, parts).replace(".json", ".lock")
-    me = holder()
+    name = record_name(part, parts).replace(".json", LOCK_SUFFIX)
+    me = {**holder(), "part": [part, parts], "shards": [shards.start, shards.stop]}
     for _ in range(3):
-        if locks.create_exclusive(name, dumps(me)):
-            return name
-        try:
-            other = json.loads(locks.read_bytes(name))
-        except (OSError, ValueError):
-            other = {}
-        same_host = other.get("host") == me["host"]
-        stale = (same_host and not pid_alive(int(other.get("pid", -1)))) or (me.get("task") and other.get("task") == me["task"])
-        if not stale:
-            raise LockedError(
-                f"another build is writing {store.url} (part {part} of {parts}): held by pid {other.get('pid', '?')} "
-                f"on {other.get('host', '?')} since {other.get('since', '?')}. Wait for it to finish; if that build is "
-                f"gone, delete {locks.location(name)}")
+        if _create_lock(locks, name, me):
+            break
+        other = _read_lock(store, locks, name)
+        if other is not None and not _stale(other, me):
+            raise _locked(store, locks, name, other)
         locks.remove(name)
-    raise LockedError(f"could not take the lock {locks.location(name)}")
+    else:
+        raise LockedError(f"could not take the lock {locks.location(name)}")
+    try:
+        _refuse_overlapping(store, locks, name, me)
+    except BaseException:
+        release_lock(store, name)
+        raise
+    return name
+
+
+def _create_lock(locks, name: str, me: dict) -> bool:
+    """create_exclusive of the lock; a failed write (full disk, ...) is a BuildError naming the file."""
+    try:
+        return locks.create_exclusive(name, dumps(me))
+    except OSError as e:
+        raise BuildError(f"{locks.location(name)}: could not write the lock: {e}. Nothing was written to the "
+                         "split; fix the cause (space, permissions, the storage service) and run the same command "
+                         "again") from None
+
+
+def _read_lock(store, locks, name: str) -> dict | None:
+    """A lock's holder; None when it is gone; LockedError naming the file when it is not a lock we write."""
+    where = locks.location(name)
+    try:
+        other = parse_json(read_bounded(locks, name, 1 << 16), "its bytes", ValueError)
+    except FileNotFoundError:
+        return None  # released meanwhile
+    except (OSError, ValueError) as e:
+        other = str(e)
+    ok = isinstance(other, dict) and isinstance(other.get("host"), str) and is_int(other.get("pid"), 1, 1 << 31) \
+        and (other.get("shards") is None or _pair(other["shards"]))
+    if not ok:
+        why = other if isinstance(other, str) else "no host and pid of its holder"
+        raise LockedError(f"{where}: not a lock this tool writes ({why}); a build may still be writing "
+                          f"{store.url}. If none is, delete {where} and run the same command again")
+    return other
+
+
+def _stale(other: dict, me: dict) -> bool:
+    """Whether a lock's holder is gone: a dead process of this host, or an earlier attempt of this Ray task."""
+    return (other["host"] == me["host"] and not pid_alive(other["pid"])) or \
+        bool(me.get("task") and other.get("task") == me["task"])
+
+
+def _locked(store, locks, name: str, other: dict) -> LockedError:
+    part, parts = _parse_record_name(name, LOCK_SUFFIX)
+    return LockedError(
+        f"another build is writing {store.url} (part {part} of {parts}): held by pid {other['pid']} "
+        f"on {other['host']} since {str(other.get('since', '?'))[:40]}. Wait for it to finish; if that build is "
+        f"gone, delete {locks.location(name)}")
+
+
+def _refuse_overlapping(store, locks, mine: str, me: dict) -> None:
+    """LockedError when a live lock of another part count covers a shard of ours (a stale one is removed)."""
+    start, stop = me["shards"]
+    for name in locks.names():
+        bits = _parse_record_name(name, LOCK_SUFFIX)
+        if bits is None or name == mine or bits[1] == me["part"][1]:
+            continue  # parts of one count never overlap
+        other = _read_lock(store, locks, name)
+        if other is None:
+            continue
+        o_start, o_stop = other.get("shards") or (0, float("inf"))  # an older lock: it may cover any shard
+        if o_start >= stop or start >= o_stop or o_start == o_stop or start == stop:
+            continue
+        if _stale(other, me):
+            locks.remove(name)
+            continue
+        raise _locked(store, locks, name, other)
 
 
 def release_lock(store, name: str) -> None:
@@ -180,7 +310,9 @@ def _complete_records(store) -> tuple[int, list[dict]]:
     counts = sorted({_parse_record_name(n)[1] for n in records})
     if len(counts) > 1:
         raise MergeError(f"{store.url}: part records of builds split {', '.join(map(str, counts))} ways are mixed "
-                         f"in {PARTS_DIR}/; rebuild with the overwrite option, or remove the stale records")
+                         f"in {PARTS_DIR}/: run every part of the split you mean to finish (each takes over the "
+                         "shards the others published in its range), then merge again; or rebuild with the "
+                         "overwrite option")
     n = counts[0]
     missing = [i for i in range(n) if record_name(i, n) not in records]
     if missing:
@@ -199,8 +331,8 @@ def _check_consistent(store, n: int, records: list[dict]) -> Layout:
     """Every part built from the same source and options, and together they cover every shard once."""
     head = records[0]["header"]
     for r in records[1:]:
-        if r["header"] != head:
-            keys = sorted(k for k in set(head) | set(r["header"]) if head.get(k) != r["header"].get(k))
+        if not same_build(r["header"], head):
+            keys = differing_keys(head, r["header"])
             raise MergeError(f"{store.url}: part {r['part'][0]} of {n} differs from part 0 in {', '.join(keys)} "
                              "(different options, source or tool version); rebuild it with the same ones")
     layout = Layout(head["layout"]["rows"], head["layout"]["rows_per_shard"])
@@ -228,6 +360,12 @@ def merge(store, run: dict | None = None) -> dict:
     if absent:
         raise MergeError(f"{store.url}: {len(absent)} shard(s) listed by the part records are missing "
                          f"({absent[0]}, ...); run their part(s) again")
+    for r in records:
+        for s in r["shards"]:
+            why = shard_differs(store, s)
+            if why:
+                raise MergeError(f"{store.location(s['name'])} {why} ({PARTS_DIR}/{record_name(*r['part'])}); "
+                                 f"build part {r['part'][0]} of {n} again with the overwrite option, then merge")
     dropped = [d for s in shards for d in s["dropped"]]
     entries = [{k: v for k, v in s.items() if k != "dropped"} for s in shards]
     head = records[0]["header"]
@@ -241,7 +379,77 @@ def merge(store, run: dict | None = None) -> dict:
                          "annotations": annotation_drops(head.get("source_stats") or {}),
                          "file": DROPS_NAME, "rows": len(dropped)}
     manifest["run"] = {"parts": n, "merged_by": holder(), **(run or {}), "part_runs": [r["run"] for r in records]}
-    store.write_atomic(DROPS_NAME, b"".join(json.dumps(d, separators=(",", ":")).encode() + b"\n" for d in dropped))
+    _write_merged(store, DROPS_NAME, b"".join(json.dumps(d, separators=(",", ":")).encode() + b"\n" for d in dropped))
     fault_point("merge", 0)
-    store.write_atomic(MANIFEST_NAME, dumps(manifest))
+    _write_merged(store, MANIFEST_NAME, dumps(manifest))
     return manifest
+
+
+def _write_merged(store, name: str, data: bytes) -> None:
+    """Write a file of the merge; a failure (full disk, ...) is a MergeError naming the file and what to do."""
+    try:
+        store.write_atomic(name, data, before_rest=lambda: fault_point("merge_write", int(name == MANIFEST_NAME)))
+    except OSError as e:
+        raise MergeError(f"{store.location(name)}: could not write it: {e}. The shards and part records are kept; "
+                         f"fix the cause (space, permissions, the storage service), then run `frcnn-shard merge "
+                         f"{store.url}` (or the same build command) again") from None
+
+
+def stored_sha256(store, name: str) -> str:
+    """sha256 hex digest of a file of the store, streamed in HASH_BLOCK reads (local disk or object storage)."""
+    h = hashlib.sha256()
+    with store.open_read(name, HASH_BLOCK) as f:
+        while chunk := f.read(HASH_BLOCK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_differs(store, entry: dict, hash_it: bool = True) -> str | None:
+    """How a shard on the store differs from its entry (missing, its size, its sha256), or None."""
+    if not store.exists(entry["name"]):
+        return "is missing"
+    size = store.size(entry["name"])
+    if size != entry["bytes"]:
+        return f"has {size} bytes, its record says {entry['bytes']}"
+    if hash_it:
+        digest = stored_sha256(store, entry["name"])
+        if digest != entry["sha256"]:
+            return f"has sha256 {digest[:16]}..., its record says {entry['sha256'][:16]}..."
+    return None
+
+
+# ---------------------------------------------------------------------------------------- takeover
+
+
+def _overlaps(record: dict, shards: range) -> bool:
+    start, stop = record["shard_range"]
+    return start < shards.stop and shards.start < stop
+
+
+def take_over(store, records: dict[str, dict], part: tuple[int, int], shards: range, header: dict,
+              adopt: bool = True) -> list[dict]:
+    """Retire what part records of other part counts list in ``shards``; returns those entries when ``adopt``.
+
+    A shard's bytes do not depend on how the build was split, so part ``part`` keeps them: each record
+    of another count that overlaps ``shards`` is rewritten without them (deleted once it lists none),
+    and the caller lists them in its own record. Retired first, listed second: a crash in between
+    leaves a shard listed nowhere (rebuilt, to the same bytes), never listed twice. The caller holds the
+    lock of ``part``, which excludes every live build of an overlapping part. A record of other options
+    is refused (BuildError) unless ``adopt`` is False (overwrite: its entries in ``shards`` are dropped).
+    """
+    taken: list[dict] = []
+    parts_store = store.sub(PARTS_DIR)
+    for name, rec in sorted(records.items()):
+        if rec["part"][1] == part[1] or not _overlaps(rec, shards):
+            continue
+        if adopt and not same_build(rec["header"], header):
+            raise BuildError(f"{store.url}: {PARTS_DIR}/{name} (a build split {rec['part'][1]} ways) was built with "
+                             f"different options or source; re-run it with its own options, or build with the "
+                             "overwrite option")
+        keep = [e for e in rec["shards"] if e["index"] not in shards]
+        taken += [e for e in rec["shards"] if e["index"] in shards]
+        if keep:
+            write_record(store, {**rec, "shards": keep, "complete": False})
+        else:
+            parts_store.remove(name)
+    return sorted(taken, key=lambda e: e["index"]) if adopt else []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BuildError
-from .parts import Layout, merge, read_records, refuse_another_split
+from .parts import Layout, merge, read_records
 
 # Set before Ray starts: read by the driver and inherited by every Ray process, so that nothing of
 # Ray's tries to reach outside this machine: no usage report, no token file, the node on loopback.
@@ -67,7 +67,8 @@ def _run_part(opts, part: tuple[int, int], matcher=None) -> dict:
         def match_batch(boxes, crowd):
             return ray.get(matcher.match.remote(boxes, crowd))
     res = build_part(opts, part, match_batch=match_batch)
-    return {"part": part, "samples": res.samples, "shards": res.shards, "rows": res.rows, "status": res.status}
+    return {"part": part, "samples": res.samples, "shards": res.shards, "rows": res.rows, "status": res.status,
+            "rows_read": res.rows_read}
 
 
 class MatchActor:
@@ -114,16 +115,17 @@ def build_on_ray(opts, progress: Callable[[dict], None] | None = None):
     n = plan_parts(layout.shards, ray.cluster_resources().get("CPU", 1))
     if split_state(store, header, opts, None, (0, 1)):
         return _result(store, store_manifest(store), "already complete", opts.device, t0)
-    refuse_another_split(store, read_records(store), n)
     device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and ray.cluster_resources().get("GPU")) else "cpu"
     actors = _actors(ray, opts, device)
     task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError, ConnectionError])(_run_part)
     part_opts = replace(opts, engine="local", overwrite=False, workers=0, device="cpu")
     pending = [task.remote(replace(part_opts, part=(i, n)), (i, n), actors[i % len(actors)] if actors else None)
                for i in range(n)]
-    _wait(ray, pending, store, layout, progress)
+    rows_read = _wait(ray, pending, store, layout, progress)
     merge(store, run={"engine": "ray", "parts": n, "matching": device})
-    return _result(store, store_manifest(store), "built", device, t0)
+    res = _result(store, store_manifest(store), "built", device, t0)
+    res.rows_read = rows_read
+    return res
 
 
 def store_manifest(store) -> dict:
@@ -133,14 +135,15 @@ def store_manifest(store) -> dict:
     return read_manifest(store)
 
 
-def _wait(ray, pending: list, store, layout: Layout, progress) -> None:
-    """Wait for every task, reporting progress from the part records; a task that fails for good raises."""
-    left = list(pending)
+def _wait(ray, pending: list, store, layout: Layout, progress) -> int:
+    """Wait for every task, reporting progress from the part records; a task that fails for good raises.
+    Returns the source rows the tasks read."""
+    left, rows_read = list(pending), 0
     while left:
         done, left = ray.wait(left, num_returns=len(left), timeout=_POLL_S)
         for ref in done:
             try:
-                ray.get(ref)
+                rows_read += ray.get(ref)["rows_read"]
             except Exception as e:  # noqa: BLE001 - Ray wraps the task's own exception
                 # Ray retries a task TASK_RETRIES times only for a lost worker or an OSError; others end it at once.
                 raise BuildError(f"a part of the build failed on Ray: {e}. Every shard "
@@ -152,3 +155,4 @@ def _wait(ray, pending: list, store, layout: Layout, progress) -> None:
             progress({"rows": sum(s["rows"][1] - s["rows"][0] for s in shards), "rows_total": layout.rows,
                       "samples": sum(s["samples"] for s in shards), "shards": len(shards),
                       "shards_total": layout.shards})
+    return rows_read

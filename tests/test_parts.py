@@ -106,12 +106,22 @@ def test_merge_refuses_parts_built_with_other_options(hub, whole, tmp_path):
     same_output(tmp_path / "train", whole)
 
 
-def test_a_split_built_another_way_is_refused(hub, tmp_path):
-    build(opts(hub, tmp_path, part=(0, 2)))
-    with pytest.raises(BuildError, match="split another way"):
-        build(opts(hub, tmp_path, part=(0, 3)))
-    with pytest.raises(BuildError, match="split another way"):
-        build(opts(hub, tmp_path))
+def test_a_split_built_another_way_is_taken_over(hub, whole, tmp_path):
+    """The shards of a build split another way are kept (their bytes do not depend on the split)."""
+    build(opts(hub, tmp_path, part=(0, 2)))  # shards 0..2 of 7
+    res = build(opts(hub, tmp_path, part=(0, 3)))  # shards 0..1: both taken over, nothing to build
+    assert res.status == "already complete" and res.resumed_shards == 2 and res.rows_read == 0
+    left = json.loads((tmp_path / "train" / "_parts" / "part-000000-of-000002.json").read_text())
+    assert [s["index"] for s in left["shards"]] == [2] and not left["complete"]  # listed once, by one record
+    with pytest.raises(MergeError, match="ways are mixed"):
+        merge_split(tmp_path / "train")
+    res = build(opts(hub, tmp_path))
+    assert res.status == "resumed" and res.resumed_shards == 3
+    assert sorted(p.name for p in (tmp_path / "train" / "_parts").iterdir()) == ["part-000000-of-000001.json"]
+    same_output(tmp_path / "train", whole)
+    # Options that change the bytes still need the overwrite option.
+    with pytest.raises(BuildError, match="different options"):
+        build(opts(hub, tmp_path, part=(1, 2), transform=TransformConfig(image_size=(96, 96), quality=80)))
 
 
 def test_each_part_reads_only_its_own_rows(hub, tmp_path, monkeypatch):

@@ -115,3 +115,22 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(ray_cluster, tiny_coco, tmp_p
 
     with pytest.raises(BuildError, match="no GPU"):
         build(opts(tiny_coco, tmp_path, rows_per_shard=25, engine="ray", device="cuda"))
+
+
+def test_a_ray_build_resumed_on_fewer_cpus_keeps_the_shards(ray_cluster, tiny_coco, tmp_path):
+    """Interrupted with 6 parts (3 CPUs), resumed with 4 (2 CPUs): the published shards are kept, not rebuilt."""
+    from frcnn_shard.build import build
+
+    out = tmp_path / "ray"
+    for i in (0, 2):  # what the 6-part run had finished when it was stopped: shards 0 and 2..3
+        build(opts(tiny_coco, out, rows_per_shard=7, part=(i, 6)))
+    split = out / "train2017"
+    kept = {p.name: p.stat().st_ino for p in split.glob("*.tar")}
+    assert len(kept) == 3
+    res = build(opts(tiny_coco, out, rows_per_shard=7, engine="ray"))
+    assert {n: (split / n).stat().st_ino for n in kept} == kept
+    assert res.rows_read == 50 - 3 * 7
+    assert sorted(p.name for p in (split / "_parts").glob("*.json")) == [
+        f"part-00000{i}-of-000004.json" for i in range(4)]
+    local = build(opts(tiny_coco, tmp_path / "local", rows_per_shard=7, workers=2))
+    same_output(res.out_dir, local.out_dir)

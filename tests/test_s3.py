@@ -273,6 +273,24 @@ def test_a_lock_on_object_storage_names_its_holder(s3, fs, sample_hub):
     assert r.returncode == 1 and "held by pid 4242 on other-machine" in r.stderr, r.stderr
     assert not [p for p in fs.find(f"{BUCKET}/lk") if p.endswith(".tar")]
 
+
+def test_a_whole_build_and_a_part_build_at_once_exclude_each_other_on_s3(s3, fs, sample_hub, local):
+    """As on local disk (test_concurrent_builds): at least one backs off, nothing is torn, the split finishes."""
+    from test_concurrent_builds import race
+
+    from frcnn_shard.build import BuildOptions, build
+
+    for i in range(4):
+        out = f"s3://{BUCKET}/race{i}"
+        o = BuildOptions(source=str(sample_hub), split="train", out=out, rows_per_shard=5, workers=0, device="cpu")
+        codes = race(o, BuildOptions(**{**o.__dict__, "part": (0, 2)}))
+        assert 3 in codes and set(codes) <= {0, 3}, codes
+        fs.invalidate_cache()
+        assert not [p for p in fs.find(f"{BUCKET}/race{i}") if p.endswith(".lock")]
+        build(o)
+        same_as_local(fs, f"{BUCKET}/race{i}/train", local)
+
+
 # The loader in its own process, so that a hang is ended: it reads the manifest, says so, waits for a line
 # on stdin (the server is gone by then), reads one epoch with on_error="skip" and prints what it got.
 _EPOCH_WHILE_DOWN = """
