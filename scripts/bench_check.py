@@ -226,7 +226,7 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
         for _, m in walked:
             unpack_all_targets(m["rpn.npz"], ctx.num_anchors)
 
-    loaded = (data, entry["sha256"])
+    loaded = chk._Loaded(len(data), data, entry["sha256"])  # what the reader thread hands over
     rows = [
         ("read the shard file (page cache, one read())", per_sample(lambda: path.read_bytes()), "reader thread"),
         ("sha256 of the shard bytes", per_sample(lambda: hashlib.sha256(data).digest()), "reader thread"),
