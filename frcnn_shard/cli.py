@@ -5,8 +5,11 @@ import json
 import os
 import re
 import sys
+import tarfile
+import zipfile
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from typing import Callable
+from typing import Callable, Iterator
 
 import click
 
@@ -19,6 +22,25 @@ from .transform import TransformConfig
 def _fail(message: str, code: int = 1) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
+
+
+# What reading a split folder raises on malformed input: the library's errors (ManifestError, ShardFormatError,
+# RecordError, StorageError, LoaderError are ValueErrors), the file system's, and the decoders' own types.
+_INPUT_ERRORS = (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile, RecursionError, MemoryError)
+
+
+@contextmanager
+def _refusing_bad_input(code: int = 2) -> Iterator[None]:
+    """Malformed input ends the command with its message (which names the file or sample and the rule) and
+    ``code``, never a traceback."""
+    from PIL import Image
+
+    try:
+        yield
+    except (*_INPUT_ERRORS, Image.DecompressionBombError) as e:
+        from .shards import ManifestError
+
+        _fail(str(e) if isinstance(e, ManifestError) else f"{type(e).__name__}: {e}", code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -223,13 +245,11 @@ def sample(out_dir: str, n_train: int, n_val: int, seed: int) -> None:
 def check(shard_dir: str, deep: bool, fraction: float, as_json: bool) -> None:
     """Verify shards against their manifest. Exit 0 clean, 1 problems found, 2 could not run."""
     from .inspect.check import check_shards
-    from .shards import ManifestError
 
     bar = _Bar("check", "sample")
     try:
-        report = check_shards(shard_dir, deep=deep, fraction=fraction, progress=None if as_json else bar.update)
-    except (ManifestError, OSError) as e:
-        _fail(str(e), 2)
+        with _refusing_bad_input():
+            report = check_shards(shard_dir, deep=deep, fraction=fraction, progress=None if as_json else bar.update)
     finally:
         bar.close()
     if as_json:
@@ -246,13 +266,10 @@ def check(shard_dir: str, deep: bool, fraction: float, as_json: bool) -> None:
 def info(shard_dir: str) -> None:
     """A short table from the manifest: source, options, counts, drops, bbox format, anchors."""
     from .inspect.info import info_rows
-    from .shards import ManifestError, read_manifest
+    from .shards import read_manifest
 
-    try:
-        manifest = read_manifest(shard_dir)
-    except ManifestError as e:
-        _fail(str(e), 2)
-    rows = info_rows(manifest)
+    with _refusing_bad_input():
+        rows = info_rows(read_manifest(shard_dir))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k.ljust(width)}  {v}")
@@ -266,18 +283,13 @@ def coco_gt(split_dir: str, out: str, storage_options: str | None) -> None:
     """Write a split's ground truth as a COCO annotations json (original pixels, COCO ids) for pycocotools."""
     from .build import parse_storage_options
     from .coco_eval import write_coco_ground_truth
-    from .shards import ManifestError
 
     try:
         options = parse_storage_options(storage_options) if storage_options else None
     except ValueError as e:
         _fail(f"--storage-options {e}", 2)
-    try:
+    with _refusing_bad_input():  # a broken manifest, shard or record (ShardFormatError, RecordError), or the output
         counts = write_coco_ground_truth(split_dir, out, options)
-    except ManifestError as e:
-        _fail(str(e), 2)
-    except (ValueError, OSError) as e:  # a broken shard or record (ShardFormatError, RecordError), or the output
-        _fail(f"{type(e).__name__}: {e}", 1)
     click.echo(f"{out}: {counts['images']} images, {counts['annotations']} annotations ({counts['crowd']} crowd, "
                "iscrowd=1); boxes in original pixels, area = box area")
 
@@ -297,14 +309,12 @@ def _need_matplotlib() -> None:
 def stats(shard_dir: str, out: str, limit: int | None, top: int) -> None:
     """Class distribution, boxes per image, box sizes and anchor labels, as a table and a PNG."""
     _need_matplotlib()
-    from .shards import ManifestError
     from .inspect.stats import compute_stats, plot_stats, stats_table
 
     bar = _Bar("stats", "sample")
     try:
-        st = compute_stats(shard_dir, limit=limit, progress=bar.update)
-    except ManifestError as e:
-        _fail(str(e), 2)
+        with _refusing_bad_input():
+            st = compute_stats(shard_dir, limit=limit, progress=bar.update)
     finally:
         bar.close()
     click.echo(stats_table(st, top=top))
@@ -323,23 +333,16 @@ def stats(shard_dir: str, out: str, limit: int | None, top: int) -> None:
 def show(shard_dir: str, keys: tuple, indices: tuple, with_anchors: bool, flip: bool, out: str) -> None:
     """Draw samples with their boxes and class names (and positive anchors) into one PNG grid."""
     _need_matplotlib()
-    from .shards import ManifestError
     from .inspect.show import render_samples
 
     if not keys and not indices:
         _fail("give at least one --key or --index", 2)
-    import tarfile
-
-    from PIL import Image
-
     try:
-        shown = render_samples(shard_dir, keys=list(keys), indices=list(indices), anchors=with_anchors, out=out,
-                               flip=flip)
-    except (ManifestError, KeyError, IndexError) as e:
+        with _refusing_bad_input():  # shards from elsewhere: a refused member, a broken tar, record or image
+            shown = render_samples(shard_dir, keys=list(keys), indices=list(indices), anchors=with_anchors, out=out,
+                                   flip=flip)
+    except (KeyError, IndexError) as e:  # no such key or index in the split
         _fail(str(e).strip("'\""), 2)
-    except (ValueError, OSError, tarfile.TarError, Image.DecompressionBombError) as e:
-        # Shards from elsewhere: a refused member (ShardFormatError), a broken tar or image.
-        _fail(f"{type(e).__name__}: {e}", 2)
     click.echo(f"{out}: {', '.join(shown)}")
 
 

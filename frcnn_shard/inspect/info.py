@@ -31,16 +31,21 @@ def listed_samples(manifest: dict) -> int:
 
 def bbox_format_text(bf: dict | None) -> str:
     """The bbox-format decision in words, from the manifest's bbox_format record (build summary and info)."""
-    bf = bf or {}
+    bf = _obj(bf)
     text = f"{bf.get('decision', '?')} (requested {bf.get('requested', '?')}"
     text += f"; {bf['rule']})" if bf.get("rule") else ")"
     if bf.get("contradicted_by_evidence"):
         text += "; CONTRADICTED by the evidence"
     evidence = bf.get("evidence")
     if evidence not in (None, "", {}):
-        rows = f" ({plural(bf['rows_examined'], 'row')})" if bf.get("rows_examined") is not None else ""
+        rows = f" ({plural(bf['rows_examined'], 'row')})" if isinstance(bf.get("rows_examined"), int) else ""
         text += f"; evidence{rows}: {_evidence_text(evidence)}"
     return text
+
+
+def _obj(value) -> dict:
+    """An informational section as a dict: the manifest's check leaves their insides free-form."""
+    return value if isinstance(value, dict) else {}
 
 
 def _yes(v) -> str:
@@ -49,15 +54,11 @@ def _yes(v) -> str:
 
 def info_rows(manifest: dict) -> list[tuple[str, str]]:
     """A short (label, value) table describing a build from its manifest alone."""
-    src = manifest.get("source") or {}
-    opts = manifest.get("options") or {}
-    tf = opts.get("transform") or {}
-    image = manifest.get("image") or {}
-    totals = manifest.get("totals") or {}
-    drops = manifest.get("drops") or {}
-    anc = manifest.get("anchors") or {}
+    src, opts, tool = _obj(manifest.get("source")), _obj(manifest.get("options")), _obj(manifest.get("tool"))
+    tf = _obj(opts.get("transform"))
+    image, totals, drops = _obj(manifest.get("image")), _obj(manifest.get("totals")), _obj(manifest.get("drops"))
+    anc = _obj(manifest.get("anchors"))
     m = anc.get("matching") or {}
-    tool = manifest.get("tool") or {}
 
     source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
     revision = src.get("revision") or opts.get("revision")
