@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__, anchors as anc
 from .errors import (  # noqa: F401 - re-exported for callers of the build
-    BuildError, BuildInterrupted, LockedError, MergeError, OptionError, RecordError, SourceError,
+    BuildError, BuildInterrupted, LockedError, MergeError, OptionError, PartRecordError, SourceError,
 )
 from .format import FORMAT_VERSION
 from .malloc import tune_worker_malloc

@@ -161,11 +161,11 @@ def build(no_low_quality: bool, **kw) -> None:
 @click.option("--storage-options", default=None, help="JSON object of fsspec options for SPLIT_DIR.")
 def merge(split_dir: str, storage_options: str | None) -> None:
     """Once every part of a build is done: check the parts, then write drops.jsonl and the manifest."""
-    from .build import BuildError, RecordError, merge_split, parse_storage_options
+    from .build import BuildError, PartRecordError, merge_split, parse_storage_options
 
     try:
         res = merge_split(split_dir, parse_storage_options(storage_options) if storage_options else None)
-    except RecordError as e:  # a malformed part record: bad input, like a malformed manifest
+    except PartRecordError as e:  # a malformed part record: bad input, like a malformed manifest
         _fail(_cli_words(str(e)), 2)
     except (BuildError, ValueError, OSError) as e:
         _fail(_cli_words(str(e)), 1)

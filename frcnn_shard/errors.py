@@ -34,5 +34,5 @@ class MergeError(BuildError):
     """The parts of a build cannot be merged yet: one is missing, unfinished or inconsistent (named)."""
 
 
-class RecordError(BuildError):
+class PartRecordError(BuildError):
     """A part record that breaks its rules (malformed, not JSON, too deep): the message names the file and rule."""

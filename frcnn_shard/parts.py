@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .errors import BuildError, LockedError, MergeError, RecordError
+from .errors import BuildError, LockedError, MergeError, PartRecordError
 from .format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_json, shard_entries_problems
 from .shards import MANIFEST_NAME, PARTS_DIR, fault_point, read_bounded
 from .storage import pid_alive
@@ -155,23 +155,23 @@ def _entry_problems(entries: list[dict], shards: range) -> list[str]:
 
 
 def read_record(parts_store, name: str) -> dict:
-    """One part record, read bounded and checked; RecordError naming the file and the rules it breaks."""
+    """One part record, read bounded and checked; PartRecordError naming the file and the rules it breaks."""
     where = parts_store.location(name)
     try:
         data = read_bounded(parts_store, name, MAX_JSON_BYTES)
     except (OSError, ValueError) as e:
-        raise RecordError(f"{where}: unreadable part record: {e}") from None
-    record = parse_json(data, where, RecordError)
+        raise PartRecordError(f"{where}: unreadable part record: {e}") from None
+    record = parse_json(data, where, PartRecordError)
     problems = record_problems(record, _parse_record_name(name))
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise RecordError(f"{where}: malformed part record: {'; '.join(problems[:3])}{more}. Build that part "
+        raise PartRecordError(f"{where}: malformed part record: {'; '.join(problems[:3])}{more}. Build that part "
                           "again with the overwrite option, or delete the record (its shards are then rebuilt)")
     return record
 
 
 def read_records(store) -> dict[str, dict]:
-    """The part records of a split, by file name, each checked (RecordError names a malformed one)."""
+    """The part records of a split, by file name, each checked (PartRecordError names a malformed one)."""
     parts = store.sub(PARTS_DIR)
     return {name: read_record(parts, name) for name in parts.names() if _parse_record_name(name) is not None}
 

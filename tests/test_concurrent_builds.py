@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from frcnn_shard.build import (
-    BuildError, BuildOptions, LockedError, MergeError, RecordError, build, merge_split,
+    BuildError, BuildOptions, LockedError, MergeError, PartRecordError, build, merge_split,
 )
 from frcnn_shard.cli import main
 from frcnn_shard.shards import FAULT_ENV, MANIFEST_NAME, read_manifest
@@ -178,9 +178,9 @@ def test_a_malformed_part_record_is_named_never_a_traceback(hub, tmp_path, how, 
     r = CliRunner().invoke(main, ["merge", str(split)])
     assert r.exit_code == 2 and str(rec_path) in r.output and rule in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
-    with pytest.raises(RecordError, match=rule):  # a BuildError: the build command exits 1 with it
+    with pytest.raises(PartRecordError, match=rule):  # a BuildError: the build command exits 1 with it
         build(opts(hub, tmp_path, part=(1, 2)))
-    with pytest.raises(RecordError, match=str(rec_path)):
+    with pytest.raises(PartRecordError, match=str(rec_path)):
         build(opts(hub, tmp_path))
 
 
