@@ -28,10 +28,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .anchors.spec import as_numpy
-from .format.members import JSON_EXT
-from .format.record import Record, flip_boxes
+from .format.record import Record, flip_boxes, num_classes_of
 from .labels import coco_categories, label_to_coco_id
-from .shards import iter_tar_samples, read_manifest, store_of
+from .shards import iter_store_shard, read_manifest, sample_record, store_of
 from .storage import LocalStore
 
 
@@ -75,10 +74,10 @@ def iter_records(split_dir: str | os.PathLike, storage_options: dict | None = No
     """The JSON records of a split (local folder or URL), in manifest order."""
     store = store_of(os.fspath(split_dir), storage_options)
     manifest = read_manifest(store)
-    for entry in manifest.get("shards") or []:
-        with store.open_read(entry["name"]) as f:
-            for _, members in iter_tar_samples(f, store.location(entry["name"])):
-                yield Record.from_json(members[JSON_EXT])
+    canvas, num_classes = tuple(manifest["image"]["size"]), num_classes_of(manifest)
+    for entry in manifest["shards"]:
+        for key, members in iter_store_shard(store, entry["name"]):  # ShardFormatError names a bad sample
+            yield sample_record(members, key, store.location(entry["name"]), canvas, num_classes)
 
 
 def _annotations(r: Record) -> list[dict]:

@@ -36,7 +36,7 @@ from .format.image import decode_stored_image
 from .format.members import (
     JSON_EXT, TARGETS_EXT, RawSample, ShardFormatError, group_by_key, image_member, members_problems,
 )
-from .format.record import Record, num_classes_of, parse_json, record_problems
+from .format.record import Record, RecordError, checked_record, num_classes_of
 from .labels import NUM_CLASSES
 from .format.targets import SparseTargets, unpack_targets
 from .malloc import tune_worker_malloc
@@ -555,17 +555,15 @@ def decode_sample(url: str, raw: RawSample, ds: _Dataset, opts: LoaderOptions, e
     try:
         image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip, out=out)
         stage = "json"
-        meta = parse_json(raw.members[JSON_EXT])
-        problems, _ = record_problems(meta, ds.image_hw, ds.num_classes, raw.key)  # check's rules, check's words
-        if problems:
-            raise ShardFormatError(f"{where}: {problems[0][0]}: {problems[0][1]}")
-        record = Record.from_dict(meta)
+        record = checked_record(raw.members[JSON_EXT], ds.image_hw, ds.num_classes, raw.key)  # check's rules
         stage = "anchor targets"
         targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors, flipped=flip)
         if len(targets.matched) and targets.matched.max() >= len(record.boxes):
             raise ValueError(f"a positive anchor is matched to a box index outside 0..{len(record.boxes) - 1}")
     except ShardFormatError:
         raise
+    except RecordError as e:  # a record rule broken: "rule: detail", as check words it
+        raise ShardFormatError(f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL, json, zipfile and numpy raise assorted types on bad bytes
         raise ShardFormatError(f"{where}: corrupt {stage}: {type(e).__name__}: {e}") from e
     if flip:

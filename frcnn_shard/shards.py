@@ -16,7 +16,9 @@ from .format import FORMAT_VERSION
 from .format.manifest import MAX_JSON_BYTES, ManifestError, check_manifest, parse_json
 from .format.names import MANIFEST_NAME, PARTS_DIR, SHARD_RE, shard_name  # noqa: F401 - re-exported
 from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the build and the tests
-from .format.members import MAX_MEMBER_BYTES, Member, RawSample, ShardFormatError, group_by_key
+from .format.members import JSON_EXT, MAX_MEMBER_BYTES, TARGETS_EXT, Member, RawSample, ShardFormatError, group_by_key
+from .format.record import Record, RecordError, checked_record
+from .format.targets import SparseTargets, unpack_targets
 from .storage import (  # noqa: F401 - PARTIAL_SUFFIX is re-exported
     PARTIAL_SUFFIX, FsspecStore, LocalStore, open_regular, open_store,
 )
@@ -361,6 +363,30 @@ def sample_error(raw: RawSample, where: str) -> ShardFormatError | None:
         return None
     at = f"{where}: key {raw.key!r}" if raw.key else where
     return ShardFormatError(f"{at}: {raw.problems[0][1]}")
+
+
+def sample_record(members: dict[str, bytes], key: str, where: str, canvas_hw: tuple[int, int], num_classes: int
+                  ) -> Record:
+    """The checked record of a sample read from ``where`` (format.record.checked_record: the loader's and check's
+    rules); ShardFormatError naming ``where``, the key and the rule when it breaks one."""
+    if JSON_EXT not in members:
+        raise ShardFormatError(f"{where}: key {key!r}: no {JSON_EXT} member (run frcnn-shard check)")
+    try:
+        return checked_record(members[JSON_EXT], canvas_hw, num_classes, key)
+    except RecordError as e:
+        raise ShardFormatError(f"{where}: key {key!r}: {e}") from None
+
+
+def sample_targets(members: dict[str, bytes], key: str, where: str, num_anchors: int, flipped: bool = False
+                   ) -> SparseTargets:
+    """The sample's unpacked anchor targets (format.targets.unpack_targets); ShardFormatError naming ``where``,
+    the key and the rule when the member is missing or breaks a rule."""
+    if TARGETS_EXT not in members:
+        raise ShardFormatError(f"{where}: key {key!r}: no {TARGETS_EXT} member (run frcnn-shard check)")
+    try:
+        return unpack_targets(members[TARGETS_EXT], num_anchors, flipped=flipped)
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: key {key!r}: corrupt anchor targets: {e}") from None
 
 
 def iter_tar_samples(

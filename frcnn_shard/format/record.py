@@ -7,6 +7,7 @@ Field order and separators are fixed: equal records give byte-identical members.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -168,6 +169,19 @@ def parse_json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError as e:  # UnicodeDecodeError is a ValueError too
         raise RecordError(f"not valid JSON: {e}") from None
+    except RecursionError:  # json's parser refuses deep nesting safely; nothing else recurses on a record
+        raise RecordError("not valid JSON: nested too deeply") from None
+
+
+def checked_record(data: bytes, canvas_hw: tuple[int, int] | None, num_classes: int, key: str) -> "Record":
+    """The Record of a JSON member that keeps every record rule (``record_problems``), else RecordError
+    "rule: detail" for the first rule it breaks. The arguments are record_problems' (``data``: the member)."""
+    meta = parse_json(data)
+    problems, _ = record_problems(meta, canvas_hw, num_classes, key)
+    if problems:
+        rule, detail = problems[0]
+        raise RecordError(f"{rule}: {detail}")
+    return Record.from_dict(meta)
 
 
 # ------------------------------------------------------------------------------ the record rules
@@ -205,6 +219,7 @@ def record_problems(meta: Any, canvas_hw: tuple[int, int] | None, num_classes: i
     num_boxes = _box_problems(meta.get("boxes"), meta.get("crowd_boxes"), canvas_hw, out)
     if num_boxes is None:
         return out, None
+    out += _geometry_problems(meta, num_classes)
     labels = meta.get("labels")
     if (type(labels) is list and len(labels) == num_boxes
             and all(type(v) is int and 0 < v < num_classes for v in labels)):
@@ -248,6 +263,34 @@ def _box_problems(boxes_v: Any, crowd_v: Any, hw: tuple[int, int], out: list[tup
     elif len(bad_c := _bad_boxes(crowd, hw)):
         out.append((RULE_BOX_INVALID, f"{len(bad_c)} of {len(crowd)} crowd boxes non-finite, empty or outside the image"))
     return len(boxes)
+
+
+_PAIRS = (("orig_size", 1), ("content_size", 1), ("pad", 0))  # (field, least value): integer pairs
+
+
+def _geometry_problems(meta: dict, num_classes: int) -> list[tuple[str, str]]:
+    """The optional fields readers compute with (coco-gt undoes ``scale`` into ``orig_size``): integer pairs,
+    a positive finite scale, and one crowd label in 1..num_classes-1 per crowd box."""
+    out = [(RULE_JSON_INVALID, f"{name} {_short(meta[name])} is not a pair of integers >= {least}")
+           for name, least in _PAIRS if name in meta and not (
+               type(meta[name]) is list and len(meta[name]) == 2
+               and all(type(v) is int and least <= v < 1 << 31 for v in meta[name]))]
+    scale = meta.get("scale", [1.0, 1.0])
+    if not (type(scale) is list and len(scale) == 2 and all(
+            type(v) in (int, float) and 0 < v < math.inf for v in scale)):
+        out.append((RULE_JSON_INVALID, f"scale {_short(scale)} is not a pair of positive finite numbers"))
+    crowd_labels = meta.get("crowd_labels") or []
+    crowd = meta["crowd_boxes"] if type(meta.get("crowd_boxes")) is list else []
+    if not (type(crowd_labels) is list and len(crowd_labels) == len(crowd)
+            and all(type(v) is int and 0 < v < num_classes for v in crowd_labels)):
+        out.append((RULE_LABEL_INVALID, f"crowd_labels {_short(crowd_labels)} are not one label in "
+                                        f"1..{num_classes - 1} per crowd box"))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _label_problems(labels: Any, num_boxes: int, num_classes: int) -> list[tuple[str, str]]:

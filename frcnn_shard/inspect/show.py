@@ -12,11 +12,10 @@ import numpy as np
 
 from ..anchors import anchors_from_manifest, has_flip_targets
 from ..format.image import StoredImageError, decode_stored_image
-from ..format.members import JSON_EXT, TARGETS_EXT, image_member
-from ..format.record import Record, key_of
-from ..format.targets import unpack_targets
+from ..format.members import ShardFormatError, image_member
+from ..format.record import Record, key_of, num_classes_of
 from ..labels import CLASS_NAMES
-from ..shards import iter_store_shard, read_manifest, store_of
+from ..shards import iter_store_shard, read_manifest, sample_record, sample_targets, store_of
 from ..words import plural
 from .info import listed_samples
 from .plot import DPI, new_figure
@@ -32,18 +31,19 @@ def _normalize_key(key) -> str:
     return key_of(int(k)) if k.isdigit() else k
 
 
-def _scan_shard(store, name: str, select) -> tuple[str, dict[str, bytes]] | None:
-    """The first sample of a shard that ``select(index, key)`` accepts, reading only that sample's bytes.
+def _scan_shard(store, name: str, select) -> tuple[str, dict[str, bytes], str] | None:
+    """(key, members, shard location) of the first sample of a shard that ``select(index, key)`` accepts,
+    reading only that sample's bytes.
 
     Every header passed over is held to the member rules too (iter_store_shard raises ShardFormatError).
     """
     for key, members in iter_store_shard(store, name, select=select):
         if members:
-            return key, members
+            return key, members, store.location(name)
     return None
 
 
-def _locate_key(store, manifest: dict, key: str) -> tuple[str, dict[str, bytes]]:
+def _locate_key(store, manifest: dict, key: str) -> tuple[str, dict[str, bytes], str]:
     """The sample with ``key``: shards whose first/last key range holds it are tried first."""
     entries = manifest.get("shards", [])
     likely = [e for e in entries if (e.get("first_key") or "") <= key <= (e.get("last_key") or "")]
@@ -56,7 +56,7 @@ def _locate_key(store, manifest: dict, key: str) -> tuple[str, dict[str, bytes]]
                    f"({plural(listed_samples(manifest), 'sample')} in {plural(len(entries), 'shard')})")
 
 
-def _locate_index(store, manifest: dict, index: int) -> tuple[str, dict[str, bytes]]:
+def _locate_index(store, manifest: dict, index: int) -> tuple[str, dict[str, bytes], str]:
     """The sample at position ``index`` of the split, going straight to its shard via the manifest counts."""
     entries = manifest.get("shards", [])
     total = listed_samples(manifest)
@@ -106,39 +106,51 @@ def _draw_boxes(ax, record: Record, image_h: int) -> None:
                 va="top" if y2 <= image_h - room else "bottom")
 
 
-def _draw_sample(ax, key: str, members: dict[str, bytes], anchors: np.ndarray | None, num_anchors: int,
-                 image_hw: tuple[int, int], flip: bool = False) -> None:
+def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.ndarray | None,
+                 flip: bool = False) -> None:
     """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin.
 
-    ``flip``: the sample as the loader delivers it mirrored (hflip): image, boxes and the stored flipped targets.
+    ``positives``: the positive anchors' boxes (None: not drawn); ``flip``: the sample is drawn as the loader
+    delivers it mirrored (hflip): image, record and targets are the mirrored ones.
     """
     from matplotlib.patches import Rectangle
 
-    image_ext = image_member(members)
-    if image_ext is None or JSON_EXT not in members:
-        raise ValueError(f"sample {key} lacks its image or JSON member (run frcnn-shard check)")
-    try:
-        image = decode_stored_image(members[image_ext], image_ext, image_hw, mirror=flip)  # header checked first
-    except StoredImageError as e:
-        raise StoredImageError(e.rule, f"sample {key}: {e} (run frcnn-shard check)") from None
-    record = Record.from_json(members[JSON_EXT])
-    if flip:
-        record = record.hflip()
     ax.imshow(image)
     ax.set_xlim(0, image.shape[1])
     ax.set_ylim(image.shape[0], 0)
     ax.set_axis_off()
     n_pos = 0
-    if anchors is not None and TARGETS_EXT in members:
-        pos = anchors[unpack_targets(members[TARGETS_EXT], num_anchors, flipped=flip).positive]
+    if positives is not None:
+        pos = positives
         n_pos = len(pos)
         for x1, y1, x2, y2 in pos:  # drawn first, under the ground truth
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", lw=0.4, alpha=0.9))
     _draw_boxes(ax, record, image.shape[0])
     title = f"{key}{' (flipped)' if flip else ''}: {plural(len(record.boxes), 'box')}"
-    if anchors is not None:
+    if positives is not None:
         title += f", {plural(n_pos, 'positive anchor')}"
     ax.set_title(title, fontsize=8)
+
+
+def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: dict, anchors: np.ndarray | None, flip: bool
+             ) -> tuple[np.ndarray, Record, np.ndarray | None]:
+    """(image, record, positive anchors' boxes or None) of a located sample, each member held to the format's
+    rules first (ShardFormatError / StoredImageError naming the shard, the key and the rule)."""
+    key, members, where = sample
+    image_hw = tuple(manifest["image"]["size"])
+    record = sample_record(members, key, where, image_hw, num_classes_of(manifest))
+    positives = None
+    if anchors is not None:
+        targets = sample_targets(members, key, where, int(manifest["anchors"]["count"]), flipped=flip)
+        positives = anchors[targets.positive]
+    image_ext = image_member(members)
+    if image_ext is None:
+        raise ShardFormatError(f"{where}: key {key!r}: no image member (run frcnn-shard check)")
+    try:
+        image = decode_stored_image(members[image_ext], image_ext, image_hw, mirror=flip)  # header checked first
+    except StoredImageError as e:
+        raise StoredImageError(e.rule, f"{where}: key {key!r}: {e} (run frcnn-shard check)") from None
+    return image, record.hflip() if flip else record, positives
 
 
 def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
@@ -167,15 +179,14 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     if not samples:
         raise ValueError("render_samples needs at least one key or index")
     anchor_boxes = anchors_from_manifest(manifest) if anchors else None
-    num_anchors = int(manifest["anchors"]["count"])
 
     cols = min(len(samples), MAX_COLS)
     rows = math.ceil(len(samples) / cols)
     fig = new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax, (key, members) in zip(axes, samples):
-        _draw_sample(ax, key, members, anchor_boxes, num_anchors, tuple(manifest["image"]["size"]), flip)
+    for ax, sample in zip(axes, samples):
+        _draw_sample(ax, sample[0], *_decoded(sample, manifest, anchor_boxes, flip), flip=flip)
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)
-    return fig, [k for k, _ in samples]
+    return fig, [k for k, _, _ in samples]

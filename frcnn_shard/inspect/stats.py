@@ -14,11 +14,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..anchors.sampling import sample_indices, sample_rng
-from ..format.members import JSON_EXT, TARGETS_EXT
-from ..format.record import Record
-from ..format.targets import unpack_targets
+from ..format.record import num_classes_of
 from ..labels import CLASS_NAMES
-from ..shards import iter_store_shard, read_manifest, store_of
+from ..shards import iter_store_shard, read_manifest, sample_record, sample_targets, store_of
 from ..words import plural
 from .info import listed_samples
 from .plot import DPI, new_figure
@@ -40,15 +38,16 @@ def _summary(values: Sequence[float]) -> dict:
             "median": float(np.median(a)), "total": num(a.sum())}
 
 
-def _iter_samples(store, manifest: dict, limit: int | None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples in split order, stopping after ``limit``; shards past the limit are never opened."""
+def _iter_samples(store, manifest: dict, limit: int | None) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard location, key, members) in split order, stopping after ``limit``; shards past it are never opened."""
     n = 0
     for entry in manifest.get("shards", []):
+        where = store.location(entry["name"])
         for key, members in iter_store_shard(store, entry["name"]):
             if limit is not None and n >= limit:
                 return
             n += 1
-            yield key, members
+            yield where, key, members
 
 
 class _BoxSizes:
@@ -108,9 +107,10 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
     sizes = _BoxSizes(h, w)
     if progress is not None:
         progress(0, total)
-    for key, members in _iter_samples(store, manifest, limit):
-        record = Record.from_json(members[JSON_EXT])
-        targets = unpack_targets(members[TARGETS_EXT], num_anchors)
+    num_classes = num_classes_of(manifest)
+    for where, key, members in _iter_samples(store, manifest, limit):
+        record = sample_record(members, key, where, (h, w), num_classes)  # ShardFormatError names a bad one
+        targets = sample_targets(members, key, where, num_anchors)
         # The loader's draws for epoch 0 (same generator, same sparse sampler).
         sampled_pos, sampled_neg = sample_indices(targets, num_anchors, rpn_batch_size, positive_fraction,
                                                   rng=sample_rng(seed, 0, key))
