@@ -108,14 +108,15 @@ def test_unknown_members_ignored_and_truncation_named(tmp_path):
         list(iter_shard(tmp_path / "cut.tar"))
 
 
-def test_manifest_atomic_write_and_version_rules(tmp_path):
-    write_json_atomic(tmp_path / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "x": 1})
-    assert read_manifest(tmp_path)["x"] == 1
+def test_manifest_atomic_write_and_version_rules(tmp_path, sample_shards):
+    sound = read_manifest(sample_shards)  # a real manifest: read_manifest checks its structure
+    write_json_atomic(tmp_path / MANIFEST_NAME, {**sound, "x": 1})
+    assert read_manifest(tmp_path)["x"] == 1  # a field a reader does not know is kept and ignored
     assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]
     major = int(FORMAT_VERSION.split(".")[0])
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": f"{major}.99"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**sound, "format_version": f"{major}.99"}))
     read_manifest(tmp_path)  # a newer minor version stays readable
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format_version": f"{major + 1}.0"}))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**sound, "format_version": f"{major + 1}.0"}))
     with pytest.raises(ManifestError, match="not readable"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text("{not json")

@@ -42,7 +42,7 @@ def parse_json(data: bytes, where: str, error: Callable[[str], Exception] = Mani
     except RecursionError:
         raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise error(f"{where}: not valid JSON ({e})") from None
+        raise error(f"{where}: unreadable: not valid JSON ({e})") from None
     if _depth_exceeds(value, MAX_JSON_DEPTH):
         raise error(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
