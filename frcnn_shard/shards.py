@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator
 
 from .format import FORMAT_VERSION
-from .format.manifest import MAX_JSON_BYTES, ManifestError, check_manifest, parse_json
+from .format.manifest import MAX_JSON_BYTES, Manifest, ManifestError, parse_json
 from .format.names import MANIFEST_NAME, PARTS_DIR, SHARD_RE, shard_name  # noqa: F401 - re-exported
 from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the build and the tests
 from .format.members import JSON_EXT, MAX_MEMBER_BYTES, TARGETS_EXT, Member, RawSample, ShardFormatError, group_by_key
@@ -152,7 +152,7 @@ def store_of(location: str | os.PathLike | LocalStore | FsspecStore, storage_opt
     return open_store(location, storage_options)
 
 
-def read_manifest(location, storage_options: dict | None = None) -> dict:
+def read_manifest(location, storage_options: dict | None = None) -> Manifest:
     """Read and validate ``<location>/manifest.json`` (local or a URL); ManifestError names the file and the rule.
 
     The file is read up to MAX_JSON_BYTES and its structure checked (``format.manifest.check_manifest``)
@@ -180,7 +180,7 @@ def read_manifest(location, storage_options: dict | None = None) -> dict:
             f"{where}: format version {str(manifest['format_version'])[:20]!r} is not readable by this version "
             f"(reads {FORMAT_VERSION.split('.')[0]}.x)"
         )
-    return check_manifest(manifest, where)
+    return Manifest.checked(manifest, where)
 
 
 def read_bounded(store, name: str, limit: int) -> bytes:

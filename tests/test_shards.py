@@ -252,3 +252,22 @@ def test_streaming_tar_reader_skips_unread_members_in_bounded_reads(tmp_path):
     names = [m.name for m in tar_members(Counting(data))]  # no member read: every one skipped
     assert names == [f"{k}.{e}" for k, ms in SAMPLES for e, _ in ms]
     assert max(reads) <= 1 << 20
+
+
+def test_the_manifest_view_gives_the_checked_fields_typed(tiny_shards):
+    """read_manifest returns the typed view: each accessor is the JSON field it names, typed."""
+    import pickle
+
+    from frcnn_shard.format.manifest import Manifest, ShardEntry
+
+    man = read_manifest(tiny_shards)
+    raw = json.loads((tiny_shards / MANIFEST_NAME).read_text())
+    assert isinstance(man, Manifest) and man == raw  # every field as written
+    assert man.image_hw == tuple(raw["image"]["size"]) and man.num_anchors == raw["anchors"]["count"]
+    assert man.classes == tuple(raw["classes"]) and man.num_classes == len(raw["classes"]) == 81
+    assert man.split == raw["split"] and man.complete is True and man.flip_targets is raw["anchors"]["flip_targets"]
+    assert man.samples == raw["totals"]["samples"] == sum(s.samples for s in man.shards)
+    assert [ShardEntry.of(e) for e in raw["shards"]] == list(man.shards)
+    assert [(s.name, s.rows) for s in man.shards] == [(e["name"], tuple(e["rows"])) for e in raw["shards"]]
+    assert man.mean_std == (tuple(raw["normalization"]["mean"]), tuple(raw["normalization"]["std"]))
+    assert pickle.loads(pickle.dumps(man)).shards == man.shards  # DataLoader workers receive it

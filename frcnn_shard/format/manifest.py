@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Mapping
 
 from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
 
@@ -251,3 +253,117 @@ def check_manifest(man: Any, where: str) -> dict:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ManifestError(f"{where}: malformed manifest: {'; '.join(problems[:3])}{more}")
     return man
+
+
+# ---------------------------------------------------------------------------------- the typed view
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard of a manifest (or part record), as ``shard_entries_problems`` checked it."""
+
+    name: str
+    index: int
+    samples: int
+    bytes: int
+    sha256: str
+    first_key: str | None
+    last_key: str | None
+    rows: tuple[int, int]
+    drops: Mapping[str, int]
+    box_drops: Mapping[str, int]
+
+    @classmethod
+    def of(cls, entry: Mapping[str, Any]) -> "ShardEntry":
+        """The typed entry of a checked JSON shard entry."""
+        return cls(entry["name"], entry["index"], entry["samples"], entry["bytes"], entry["sha256"],
+                   entry["first_key"], entry["last_key"], (entry["rows"][0], entry["rows"][1]),
+                   dict(entry.get("drops") or {}), dict(entry.get("box_drops") or {}))
+
+
+class Manifest(dict):
+    """A checked manifest: its JSON object (every field as written; unknown ones kept) plus typed accessors for
+    what readers use. ``read_manifest`` returns one; ``Manifest.checked(obj, where)`` makes one from a dict.
+
+    Readers take the typed accessors below rather than indexing the JSON: they are the fields
+    ``check_manifest`` vouches for, so a reader never meets a missing key or a value of the wrong type.
+    """
+
+    @classmethod
+    def checked(cls, obj: Any, where: str) -> "Manifest":
+        """The view of ``obj`` after ``check_manifest`` (ManifestError naming ``where`` when it breaks a rule)."""
+        return obj if isinstance(obj, cls) else cls(check_manifest(obj, where))
+
+    @property
+    def split(self) -> str:
+        """The split name every shard name starts with."""
+        return self["split"]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the merge wrote it after every part finished (readers refuse an incomplete one by default)."""
+        return self["complete"]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the stored canvas."""
+        h, w = self["image"]["size"]
+        return h, w
+
+    @property
+    def image_format(self) -> str:
+        """'jpg' or 'png': the image member's extension."""
+        return self["image"]["format"]
+
+    @property
+    def num_anchors(self) -> int:
+        """A, the anchors every sample's targets index."""
+        return self["anchors"]["count"]
+
+    @property
+    def anchors(self) -> Mapping[str, Any]:
+        """The anchors section (spec, matching, count, sha256, flip_targets): see anchors.anchors_from_manifest."""
+        return self["anchors"]
+
+    @property
+    def flip_targets(self) -> bool:
+        """Whether each sample also stores the mirrored image's targets (the loader's hflip needs them)."""
+        return bool(self["anchors"].get("flip_targets", False))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names, index = label; index 0 is the background."""
+        return tuple(self["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        """Classes with the background: labels lie in 1..num_classes-1."""
+        return len(self["classes"])
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The normalisation's (mean, std) per RGB channel, or None when the manifest names none."""
+        norm = self.get("normalization")
+        if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+            return None
+        return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+
+    @cached_property
+    def shards(self) -> tuple[ShardEntry, ...]:
+        """The shard entries, in index order."""
+        return tuple(ShardEntry.of(e) for e in self["shards"])
+
+    @property
+    def samples(self) -> int:
+        """The samples the shard entries list (what a full read of the split meets)."""
+        return sum(e.samples for e in self.shards)
+
+    @property
+    def drops(self) -> Mapping[str, Any]:
+        """The drops section ({} when absent): images, boxes, annotations, file, rows."""
+        return self.get("drops") or {}
+
+    @property
+    def totals(self) -> Mapping[str, Any]:
+        """The totals section ({} when absent): samples, shards, bytes, rows; check compares them."""
+        return self.get("totals") or {}
