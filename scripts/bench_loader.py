@@ -652,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="append a cProfile of the loader pipeline")
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="also time the loader of the frcnn_shard package in this source tree against this one")
+    p.add_argument("--ab-only", action="store_true",
+                   help="with --baseline-tree: only the A/B of the two trees, printed (no section rewritten)")
+    p.add_argument("--ab-rounds", type=int, default=3, help="interleaved rounds of the A/B (default 3)")
     p.add_argument("--out-md", default=str(bc.BENCH_MD), help="markdown file whose 'loader' section is replaced")
     p.add_argument("--no-md", action="store_true", help="print only; leave --out-md alone")
     return p.parse_args(argv)
@@ -663,6 +666,11 @@ def main(argv: list[str] | None = None) -> None:
     shards = bc.shard_dir(args.images)
     hub = bc.hub_folder(args.images)
     b = args.batch_size
+    if args.ab_only:  # a quick before/after of a change, e.g. against `git worktree add /tmp/before <rev>`
+        if args.baseline_tree is None:
+            raise SystemExit("--ab-only needs --baseline-tree")
+        print(compare_trees(args.baseline_tree, shards, b, args.workers, args.ab_rounds))
+        return
     runs: dict[tuple[str, int], Run] = {}
     plans = []  # (key, workers, what, run)
     for w in ((args.workers, 0) if args.workers else (0,)):
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
     flip_runs = flip_ab(shards, b, args.workers, args.flip_rounds)
     flip_cpu = flip_cpu_cost(shards, b, args.stage_images, 2 * args.flip_rounds)
     prof = profile_loader(shards, b, 400) if args.profile else None
-    ab = compare_trees(args.baseline_tree, shards, b, args.workers) if args.baseline_tree else None
+    ab = compare_trees(args.baseline_tree, shards, b, args.workers, args.ab_rounds) if args.baseline_tree else None
     text = report(runs, stages, nbytes, args, prof, ab, (flip_runs, flip_stages, flip_cpu))
     bc.publish("loader", text, args.out_md, args.no_md)
 
