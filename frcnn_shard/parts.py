@@ -16,10 +16,10 @@ import os
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .errors import BuildError, LockedError, MergeError, PartRecordError
+from .format.layout import Layout
 from .format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_json, shard_entries_problems
 from .shards import MANIFEST_NAME, PARTS_DIR, fault_point, read_bounded
 from .storage import pid_alive
@@ -29,32 +29,6 @@ HASH_BLOCK = 1 << 20  # bytes per read while merge hashes a shard (memory stays 
 
 DROPS_NAME = "drops.jsonl"
 _PART_ENV = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE"))
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a split's rows map onto shards."""
-
-    rows: int  # rows of the split the build covers
-    rows_per_shard: int
-
-    @property
-    def shards(self) -> int:
-        """Number of shards (0 for an empty split)."""
-        return -(-self.rows // self.rows_per_shard)
-
-    def shard_rows(self, index: int) -> tuple[int, int]:
-        """The rows [start, stop) of shard ``index``."""
-        start = index * self.rows_per_shard
-        return start, min(start + self.rows_per_shard, self.rows)
-
-    def shard_of(self, row: int) -> int:
-        """The shard that holds row ``row``."""
-        return row // self.rows_per_shard
-
-    def part_shards(self, part: int, parts: int) -> range:
-        """The shards part ``part`` of ``parts`` builds: a contiguous range (empty when parts > shards)."""
-        return range(part * self.shards // parts, (part + 1) * self.shards // parts)
 
 
 def parse_part(text: str, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
