@@ -1,6 +1,6 @@
 """RPN anchors, split by concept: the spec and its presets (``spec``), the matching rule with its
-reference and fast CPU matchers (``match``), batched matching in torch (``match_torch``), and what the
-loss sees: sampling and box deltas (``sampling``). The packed targets are part of the sample format
+reference and fast CPU matchers (``match``), batched matching in torch (``match_torch``), the manifest's anchors section (``manifest``),
+and what the loss sees: sampling and box deltas (``sampling``). The packed targets are part of the sample format
 (``frcnn_shard.format.targets``).
 
 Everything public is importable from here: ``from frcnn_shard import anchors as anc``.
@@ -12,9 +12,10 @@ from .match import (
 )
 from .match_torch import match_batch_torch
 from .sampling import encode_deltas, key_hash, sample_indices, sample_labels, sample_rng
+from .manifest import anchors_from_manifest, anchors_manifest_section, check_anchors, has_flip_targets
 from .spec import (
-    DEFAULT_PRESET, ORDERS, PRESETS, RATIO_CONVENTIONS, AnchorSpec, anchors_from_manifest, anchors_manifest_section,
-    anchors_sha256, as_hw, has_flip_targets, as_numpy, check_anchors, locate_anchor, make_anchors, parse_numbers, parse_sizes, preset_spec,
+    DEFAULT_PRESET, ORDERS, PRESETS, RATIO_CONVENTIONS, AnchorSpec, anchors_sha256, as_hw, as_numpy, locate_anchor,
+    make_anchors, parse_numbers, parse_sizes, preset_spec,
 )
 
 __all__ = [
