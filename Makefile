@@ -33,6 +33,7 @@ demo: install
 	@echo "Pictures:     $(DEMO)/show.png  $(DEMO)/stats.png"
 
 test: install
+	$(PY) -m ruff check frcnn_shard tests scripts
 	$(PY) -m pytest -q tests
 
 bench: install
