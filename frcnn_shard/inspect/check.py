@@ -38,7 +38,7 @@ from ..format.record import (
 )
 from ..format.targets import ORIENTATIONS, SparseTargets, unpack_all_targets
 from ..labels import NUM_CLASSES
-from ..parts import Layout
+from ..format.layout import Layout
 from ..shards import (
     MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_RE, ManifestError, plain_header, read_bounded, read_manifest,
     store_of,
