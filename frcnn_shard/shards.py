@@ -19,8 +19,8 @@ from .faults import FAULT_ENV, fault_point  # noqa: F401 - re-exported for the b
 from .format.members import JSON_EXT, MAX_MEMBER_BYTES, TARGETS_EXT, Member, RawSample, ShardFormatError, group_by_key
 from .format.record import Record, RecordError, checked_record
 from .format.targets import SparseTargets, unpack_targets
-from .storage import (  # noqa: F401 - PARTIAL_SUFFIX is re-exported
-    PARTIAL_SUFFIX, FsspecStore, LocalStore, open_regular, open_store,
+from .storage import (  # noqa: F401 - PARTIAL_SUFFIX, file_sha256 and store_of are re-exported
+    PARTIAL_SUFFIX, FsspecStore, LocalStore, file_sha256, open_regular, store_of,
 )
 
 
@@ -145,13 +145,6 @@ def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     LocalStore(path.parent).write_atomic(path.name, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
-def store_of(location: str | os.PathLike | LocalStore | FsspecStore, storage_options: dict | None = None):
-    """A store from a path, a URL or a store."""
-    if isinstance(location, (LocalStore, FsspecStore)):
-        return location
-    return open_store(location, storage_options)
-
-
 def read_manifest(location, storage_options: dict | None = None) -> Manifest:
     """Read and validate ``<location>/manifest.json`` (local or a URL); ManifestError names the file and the rule.
 
@@ -190,15 +183,6 @@ def read_bounded(store, name: str, limit: int) -> bytes:
     if len(data) > limit:
         raise ValueError(f"over {limit} bytes, the most a {name} may hold")
     return data
-
-def file_sha256(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open_regular(path) as f:  # a FIFO or device would never end, a link could point anywhere
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 # Header fields tarfile parses as numbers besides size and checksum (mode, uid, gid, mtime, devmajor,
 # devminor): a header whose bytes there were once parsed without error is plain in that respect.

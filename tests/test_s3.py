@@ -250,11 +250,11 @@ def test_an_outage_that_outlasts_the_retries_says_resume(s3, fs, sample_hub, loc
 
 def test_loader_survives_a_dropped_connection(s3, fs, sample_hub, local, monkeypatch):
     """The server restarts while the loader is inside a shard: the read reopens where it was."""
-    from frcnn_shard import storage
     from frcnn_shard.loader import make_loader
+    from frcnn_shard.storage import remote
 
     assert cli(*build_args(sample_hub, f"s3://{BUCKET}/ld")).returncode == 0
-    monkeypatch.setattr(storage, "REMOTE_READ_BYTES", 64 << 10)  # many requests per shard
+    monkeypatch.setattr(remote, "REMOTE_READ_BYTES", 64 << 10)  # many requests per shard
     loader = make_loader(f"s3://{BUCKET}/ld/train", 2, num_workers=0, shuffle=False, rpn_batch_size=None)
     keys = []
     for i, (_, targets) in enumerate(loader):
