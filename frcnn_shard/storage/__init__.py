@@ -11,8 +11,10 @@ rely on (docs/RELIABILITY.md is where they are stated in full):
 - reads stream, and a remote read that fails mid-way reopens at the same offset (bounded retries,
   ``retry``: the one transient-error rule of the project).
 
-Modules: ``base`` (the protocol, uploads, regular files), ``retry``, ``local``, ``remote``,
-``location`` (path or URL -> store).
+Modules: ``base`` (the protocol, uploads, regular files), ``retry`` (the transient rule, bounded
+retries, StoreOutage), ``local``, ``remote``, ``location`` (path or URL -> store), ``tar`` (the shard
+writer, the one tar reader and framing), ``samples`` (a shard's samples), ``manifest_io`` (the manifest
+and the one JSON writer).
 """
 from __future__ import annotations
 
@@ -25,10 +27,16 @@ from .remote import (
     REMOTE_READ_BYTES, S3_REQUEST_DEFAULTS, S3FS_RETRIES, SPOOL_PREFIX, UPLOAD_PART_BYTES, FsspecStore, RetryingReader,
 )
 from .retry import READ_BACKOFF_S, READ_DEADLINE_S, READ_RETRIES, StoreOutage, is_transient, retry
+from .manifest_io import json_bytes, jsonl_bytes, read_bounded, read_manifest, write_json_atomic
+from .samples import iter_shard, iter_store_shard, iter_tar_samples, list_shard_keys
+from .tar import ShardInfo, ShardWriter, plain_header, tar_members
 
 __all__ = [
     "PARTIAL_SUFFIX", "READ_BACKOFF_S", "READ_DEADLINE_S", "READ_RETRIES", "REMOTE_READ_BYTES", "RULE_REGULAR_FILE",
     "S3FS_RETRIES", "S3_REQUEST_DEFAULTS", "SPOOL_PREFIX", "UPLOAD_PART_BYTES", "FsspecStore", "LocalStore",
     "NotRegularFileError", "RetryingReader", "StorageError", "Store", "StoreOutage", "Upload", "file_sha256",
     "is_transient", "is_url", "open_regular", "open_store", "pid_alive", "retry", "store_of",
+    "json_bytes", "jsonl_bytes", "read_bounded", "read_manifest", "write_json_atomic", "iter_shard",
+    "iter_store_shard", "iter_tar_samples", "list_shard_keys", "ShardInfo", "ShardWriter", "plain_header",
+    "tar_members",
 ]
