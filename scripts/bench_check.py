@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 from frcnn_shard.inspect import check as chk  # noqa: E402
+from frcnn_shard.inspect import sample_rules as sr, shard_rules as shr  # noqa: E402
 from frcnn_shard.format.members import group_by_key  # noqa: E402
 from frcnn_shard.format.targets import unpack_all_targets  # noqa: E402
 from frcnn_shard.shards import read_manifest  # noqa: E402
@@ -145,7 +146,7 @@ class Variant:
 
 def variants(d: Path, files: list[Path], manifest: dict, baseline) -> list[Variant]:
     """What is timed on one split, in the order each round runs them."""
-    auto = chk._default_workers(manifest, len(files))
+    auto = chk.default_workers(manifest, len(files))
 
     def default_check() -> chk.CheckReport:
         r = chk.check_shards(d)
@@ -206,11 +207,11 @@ def table(vs: list[Variant], facts: dict) -> str:
 def stage_table(d: Path, repeats: int) -> tuple[str, float]:
     """Per-sample cost of each stage of the default check, on the first shard, one core."""
     manifest = read_manifest(d)
-    entry = manifest["shards"][0]
-    path = d / entry["name"]
-    ctx = chk._make_context(manifest, False, 1.0, 0)
+    entry = manifest.shards[0]
+    path = d / entry.name
+    ctx = sr.make_context(manifest, False, 1.0, 0, pick=lambda key, seed, fraction: False)
     data = path.read_bytes()
-    raws = [raw for raw in group_by_key(chk._archive(data)[0], read_exts=None) if raw.key]
+    raws = [raw for raw in group_by_key(shr.archive(data)[0], read_exts=None) if raw.key]
     walked = [(raw.key, raw.members) for raw in raws]
     n = len(walked)
     metas = [json.loads(m["json"]) for _, m in walked]
@@ -220,32 +221,32 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
 
     def targets_rules() -> None:
         for (_, m), meta in zip(walked, metas):
-            chk._check_targets(m["rpn.npz"], meta, len(meta["boxes"]), ctx)
+            sr.check_targets(m["rpn.npz"], meta, len(meta["boxes"]), ctx)
 
     def unpack_only() -> None:
         for _, m in walked:
             unpack_all_targets(m["rpn.npz"], ctx.num_anchors)
 
-    loaded = chk._Loaded(len(data), data, entry["sha256"])  # what the reader thread hands over
+    loaded = shr.Loaded(len(data), data, entry.sha256)  # what the reader thread hands over
     rows = [
         ("read the shard file (page cache, one read())", per_sample(lambda: path.read_bytes()), "reader thread"),
         ("sha256 of the shard bytes", per_sample(lambda: hashlib.sha256(data).digest()), "reader thread"),
         ("tar walk (plain-ustar scan, members sliced, group_by_key)",
-         per_sample(lambda: list(group_by_key(chk._archive(data)[0], read_exts=None))), "main"),
+         per_sample(lambda: list(group_by_key(shr.archive(data)[0], read_exts=None))), "main"),
         ("tar walk through tarfile (fallback for damaged tars)",
-         per_sample(lambda: list(group_by_key(chk._archive_tarfile(data)[0], read_exts=None))), "(not run)"),
+         per_sample(lambda: list(group_by_key(shr.archive_tarfile(data)[0], read_exts=None))), "(not run)"),
         ("image header (Pillow open: format + size)",
-         per_sample(lambda: [chk._check_image(m[ctx.image_ext], ctx.image_ext, ctx, False) for _, m in walked]),
+         per_sample(lambda: [sr.check_image(m[ctx.image_ext], ctx.image_ext, ctx, False) for _, m in walked]),
          "main"),
         ("JSON decode (json.loads)", per_sample(lambda: [json.loads(m["json"]) for _, m in walked]), "main"),
         ("JSON rules (key, size, boxes, labels)",
-         per_sample(lambda: [chk._check_meta(k, meta, ctx) for (k, _), meta in zip(walked, metas)]), "main"),
+         per_sample(lambda: [sr.check_meta(k, meta, ctx) for (k, _), meta in zip(walked, metas)]), "main"),
         ("anchor targets: format.targets.unpack_all_targets", per_sample(unpack_only), "main"),
         ("anchor targets: unpack + rules (counts, matched range)", per_sample(targets_rules), "main"),
-        ("all sample rules (_check_sample, incl. the four above)",
-         per_sample(lambda: [chk._check_sample(raw, ctx, False) for raw in raws]), "main"),
-        ("whole shard, bytes given (_check_shard: walk + samples + shard rules)",
-         per_sample(lambda: chk._check_shard(path, entry, ctx, None, loaded)), "main"),
+        ("all sample rules (check_sample, incl. the four above)",
+         per_sample(lambda: [sr.check_sample(raw, ctx, False) for raw in raws]), "main"),
+        ("whole shard, bytes given (check_shard: walk + samples + shard rules)",
+         per_sample(lambda: shr.check_shard(path, entry, ctx, None, loaded)), "main"),
     ]
     main_total = rows[-1][1]
     us = {name.split(" (")[0]: v for name, v, _ in rows}
