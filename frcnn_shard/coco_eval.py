@@ -28,10 +28,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .anchors.spec import as_numpy
-from .format.record import Record, flip_boxes, num_classes_of
+from .format.record import Record, flip_boxes
 from .labels import coco_categories, label_to_coco_id
-from .shards import iter_store_shard, read_manifest, sample_record, store_of
-from .storage import LocalStore
+from .storage.local import LocalStore
+from .storage.location import store_of
+from .storage.manifest_io import read_manifest
+from .storage.samples import iter_store_shard, sample_record
 
 
 def original_xywh(boxes_xyxy: Any, scale: Sequence[float], orig_size: Sequence[int]) -> np.ndarray:
@@ -74,10 +76,9 @@ def iter_records(split_dir: str | os.PathLike, storage_options: dict | None = No
     """The JSON records of a split (local folder or URL), in manifest order."""
     store = store_of(os.fspath(split_dir), storage_options)
     manifest = read_manifest(store)
-    canvas, num_classes = tuple(manifest["image"]["size"]), num_classes_of(manifest)
-    for entry in manifest["shards"]:
-        for key, members in iter_store_shard(store, entry["name"]):  # ShardFormatError names a bad sample
-            yield sample_record(members, key, store.location(entry["name"]), canvas, num_classes)
+    for entry in manifest.shards:
+        for key, members in iter_store_shard(store, entry.name):  # ShardFormatError names a bad sample
+            yield sample_record(members, key, store.location(entry.name), manifest.image_hw, manifest.num_classes)
 
 
 def _annotations(r: Record) -> list[dict]:

@@ -1,6 +1,7 @@
 """`frcnn-shard info`: a short table describing a build, from its manifest alone."""
 from __future__ import annotations
 
+from ..format.manifest import Manifest
 from ..words import human_bytes, plural
 
 
@@ -22,11 +23,6 @@ def _evidence_text(ev) -> str:
 
 def _lines(n) -> str:
     return plural(n, "line") if isinstance(n, int) else "? lines"
-
-
-def listed_samples(manifest: dict) -> int:
-    """The samples the manifest's shard entries list (what a full read of the split will meet)."""
-    return sum(int(e.get("samples") or 0) for e in manifest.get("shards") or [])
 
 
 def bbox_format_text(bf: dict | None) -> str:
@@ -52,21 +48,24 @@ def _yes(v) -> str:
     return "yes" if v else "no"
 
 
-def info_rows(manifest: dict) -> list[tuple[str, str]]:
-    """A short (label, value) table describing a build from its manifest alone."""
+def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
+    """A short (label, value) table describing a build from its manifest alone (``read_manifest``'s, or a dict
+    that passes its checks). The checked fields come through the typed view; the informational sections
+    (source, options, tool, bbox_format) are free-form and read as they are."""
+    manifest = Manifest.checked(manifest, "manifest")
     src, opts, tool = _obj(manifest.get("source")), _obj(manifest.get("options")), _obj(manifest.get("tool"))
     tf = _obj(opts.get("transform"))
-    image, totals, drops = _obj(manifest.get("image")), _obj(manifest.get("totals")), _obj(manifest.get("drops"))
-    anc = _obj(manifest.get("anchors"))
+    image, totals, drops = _obj(manifest.get("image")), manifest.totals, manifest.drops
+    anc = manifest.anchors
     m = anc.get("matching") or {}
 
     source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
     revision = src.get("revision") or opts.get("revision")
-    size = image.get("size") or tf.get("image_size") or ["?", "?"]
-    fmt = image.get("format") or tf.get("image_format") or "?"
+    size = manifest.image_hw
+    fmt = manifest.image_format
     fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
     sha = str(anc.get("sha256") or "")
-    anchors = plural(anc["count"], "anchor") if isinstance(anc.get("count"), int) else "? anchors"
+    anchors = plural(manifest.num_anchors, "anchor")
     if isinstance(m, dict):
         matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
     else:
@@ -74,13 +73,13 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
     nbytes = totals.get("bytes")
     return [
         ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
-        ("split", str(manifest.get("split", "?"))),
+        ("split", manifest.split),
         ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
         ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
         ("rows per shard", str(opts.get("rows_per_shard", "?"))
          + (f" (the first {opts['max_rows']} rows only)" if opts.get("max_rows") else "")),
         ("samples", str(totals.get("samples", "?"))),
-        ("shards", str(totals.get("shards", len(manifest.get("shards") or [])))),
+        ("shards", str(totals.get("shards", len(manifest.shards)))),
         ("bytes", f"{human_bytes(nbytes)} ({nbytes} bytes)" if isinstance(nbytes, int) else "?"),
         ("rows read", str(totals.get("rows", "?"))),
         ("images dropped", _counts_text(drops.get("images"))
@@ -89,9 +88,9 @@ def info_rows(manifest: dict) -> list[tuple[str, str]]:
         ("bbox format", bbox_format_text(manifest.get("bbox_format"))),
         ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
         ("matching", matching or "?"),
-        ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if anc.get("flip_targets")
+        ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if manifest.flip_targets
          else "not stored (built with --no-flip-targets): no hflip in the loader"),
         ("format version", str(manifest.get("format_version", "?"))),
         ("tool", f"{tool.get('name', 'frcnn-shard')} {tool.get('version', '?')}"),
-        ("complete", _yes(manifest.get("complete"))),
+        ("complete", _yes(manifest.complete)),
     ]

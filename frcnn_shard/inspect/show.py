@@ -10,14 +10,17 @@ from typing import Sequence
 
 import numpy as np
 
-from ..anchors import anchors_from_manifest, has_flip_targets
+from ..anchors import anchors_from_manifest
 from ..format.image import StoredImageError, decode_stored_image
 from ..format.members import ShardFormatError, image_member
-from ..format.record import Record, key_of, num_classes_of
+from ..format.manifest import Manifest
+from ..format.record import Record, key_of
 from ..labels import CLASS_NAMES
-from ..shards import iter_store_shard, read_manifest, sample_record, sample_targets, store_of
+from ..storage.base import Store
+from ..storage.location import store_of
+from ..storage.manifest_io import read_manifest
+from ..storage.samples import iter_store_shard, sample_record, sample_targets
 from ..words import plural
-from .info import listed_samples
 from .plot import DPI, new_figure
 
 CELL_INCHES = 5.0  # one sample per cell: show PNGs are (cols x 500) x (rows x 500) px
@@ -31,7 +34,7 @@ def _normalize_key(key) -> str:
     return key_of(int(k)) if k.isdigit() else k
 
 
-def _scan_shard(store, name: str, select) -> tuple[str, dict[str, bytes], str] | None:
+def _scan_shard(store: Store, name: str, select) -> tuple[str, dict[str, bytes], str] | None:
     """(key, members, shard location) of the first sample of a shard that ``select(index, key)`` accepts,
     reading only that sample's bytes.
 
@@ -43,32 +46,32 @@ def _scan_shard(store, name: str, select) -> tuple[str, dict[str, bytes], str] |
     return None
 
 
-def _locate_key(store, manifest: dict, key: str) -> tuple[str, dict[str, bytes], str]:
+def _locate_key(store: Store, manifest: Manifest, key: str) -> tuple[str, dict[str, bytes], str]:
     """The sample with ``key``: shards whose first/last key range holds it are tried first."""
-    entries = manifest.get("shards", [])
-    likely = [e for e in entries if (e.get("first_key") or "") <= key <= (e.get("last_key") or "")]
+    entries = manifest.shards
+    likely = [e for e in entries if (e.first_key or "") <= key <= (e.last_key or "")]
     # Keys follow source order, which is usually but not necessarily sorted; fall back to every shard.
     for entry in likely + [e for e in entries if e not in likely]:
-        got = _scan_shard(store, entry["name"], lambda i, k: k == key)
+        got = _scan_shard(store, entry.name, lambda i, k: k == key)
         if got is not None:
             return got
     raise KeyError(f"key {key} not found in {store.url} "
-                   f"({plural(listed_samples(manifest), 'sample')} in {plural(len(entries), 'shard')})")
+                   f"({plural(manifest.samples, 'sample')} in {plural(len(entries), 'shard')})")
 
 
-def _locate_index(store, manifest: dict, index: int) -> tuple[str, dict[str, bytes], str]:
+def _locate_index(store: Store, manifest: Manifest, index: int) -> tuple[str, dict[str, bytes], str]:
     """The sample at position ``index`` of the split, going straight to its shard via the manifest counts."""
-    entries = manifest.get("shards", [])
-    total = listed_samples(manifest)
+    entries = manifest.shards
+    total = manifest.samples
     if not 0 <= index < total:
         raise IndexError(f"index {index} is out of range: {store.url} holds samples 0..{total - 1}")
     start = 0
     for entry in entries:
-        n = int(entry.get("samples") or 0)
+        n = entry.samples
         if index < start + n:
-            got = _scan_shard(store, entry["name"], lambda i, k, at=index - start: i == at)
+            got = _scan_shard(store, entry.name, lambda i, k, at=index - start: i == at)
             if got is None:
-                raise IndexError(f"index {index}: {entry['name']} holds fewer samples than its manifest entry says "
+                raise IndexError(f"index {index}: {entry.name} holds fewer samples than its manifest entry says "
                                  "(run frcnn-shard check)")
             return got
         start += n
@@ -132,16 +135,16 @@ def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.
     ax.set_title(title, fontsize=8)
 
 
-def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: dict, anchors: np.ndarray | None, flip: bool
+def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anchors: np.ndarray | None, flip: bool
              ) -> tuple[np.ndarray, Record, np.ndarray | None]:
     """(image, record, positive anchors' boxes or None) of a located sample, each member held to the format's
     rules first (ShardFormatError / StoredImageError naming the shard, the key and the rule)."""
     key, members, where = sample
-    image_hw = tuple(manifest["image"]["size"])
-    record = sample_record(members, key, where, image_hw, num_classes_of(manifest))
+    image_hw = manifest.image_hw
+    record = sample_record(members, key, where, image_hw, manifest.num_classes)
     positives = None
     if anchors is not None:
-        targets = sample_targets(members, key, where, int(manifest["anchors"]["count"]), flipped=flip)
+        targets = sample_targets(members, key, where, manifest.num_anchors, flipped=flip)
         positives = anchors[targets.positive]
     image_ext = image_member(members)
     if image_ext is None:
@@ -172,7 +175,7 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     """The figure render_samples writes, and the keys drawn in it (one axes per sample, in order)."""
     store = store_of(shard_dir)  # a folder or a URL (s3://...)
     manifest = read_manifest(store)
-    if flip and not has_flip_targets(manifest):
+    if flip and not manifest.flip_targets:
         raise ValueError(f"{store.url} was built with --no-flip-targets: it stores no flipped targets to show")
     samples = [_locate_key(store, manifest, _normalize_key(k)) for k in keys]
     samples += [_locate_index(store, manifest, int(i)) for i in indices]

@@ -14,11 +14,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..anchors.sampling import sample_indices, sample_rng
-from ..format.record import num_classes_of
 from ..labels import CLASS_NAMES
-from ..shards import iter_store_shard, read_manifest, sample_record, sample_targets, store_of
+from ..format.manifest import Manifest
+from ..storage.base import Store
+from ..storage.location import store_of
+from ..storage.manifest_io import read_manifest
+from ..storage.samples import iter_store_shard, sample_record, sample_targets
 from ..words import plural
-from .info import listed_samples
 from .plot import DPI, new_figure
 
 STATS_FIGSIZE = (12.0, 9.0)  # inches: stats PNGs are 1200 x 900 px
@@ -38,12 +40,12 @@ def _summary(values: Sequence[float]) -> dict:
             "median": float(np.median(a)), "total": num(a.sum())}
 
 
-def _iter_samples(store, manifest: dict, limit: int | None) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+def _iter_samples(store: Store, manifest: Manifest, limit: int | None) -> Iterator[tuple[str, str, dict[str, bytes]]]:
     """(shard location, key, members) in split order, stopping after ``limit``; shards past it are never opened."""
     n = 0
-    for entry in manifest.get("shards", []):
-        where = store.location(entry["name"])
-        for key, members in iter_store_shard(store, entry["name"]):
+    for entry in manifest.shards:
+        where = store.location(entry.name)
+        for key, members in iter_store_shard(store, entry.name):
             if limit is not None and n >= limit:
                 return
             n += 1
@@ -98,16 +100,16 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
     """
     store = store_of(shard_dir)  # a folder or a URL (s3://...)
     manifest = read_manifest(store)
-    total = listed_samples(manifest) if limit is None else min(limit, listed_samples(manifest))
-    num_anchors = int(manifest["anchors"]["count"])
-    h, w = (int(v) for v in manifest["image"]["size"])
+    total = manifest.samples if limit is None else min(limit, manifest.samples)
+    num_anchors = manifest.num_anchors
+    h, w = manifest.image_hw
     classes: Counter = Counter()
     keys: list[str] = []
     per_image: dict[str, list[int]] = {k: [] for k in _PER_IMAGE}
     sizes = _BoxSizes(h, w)
     if progress is not None:
         progress(0, total)
-    num_classes = num_classes_of(manifest)
+    num_classes = manifest.num_classes
     for where, key, members in _iter_samples(store, manifest, limit):
         record = sample_record(members, key, where, (h, w), num_classes)  # ShardFormatError names a bad one
         targets = sample_targets(members, key, where, num_anchors)
@@ -131,7 +133,7 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
                        {"rpn_batch_size": rpn_batch_size, "positive_fraction": positive_fraction, "seed": seed})
 
 
-def _stats_dict(shard_dir: str, manifest: dict, limit: int | None, keys: list[str], classes: Counter,
+def _stats_dict(shard_dir: str, manifest: Manifest, limit: int | None, keys: list[str], classes: Counter,
                 per_image: dict, sizes: _BoxSizes, sampling: dict) -> dict:
     """The result of compute_stats from its tallies."""
     total_boxes = sum(per_image["boxes"])
@@ -139,8 +141,8 @@ def _stats_dict(shard_dir: str, manifest: dict, limit: int | None, keys: list[st
                    "count": n, "share": n / total_boxes if total_boxes else 0.0}
                   for lab, n in sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))]
     return {
-        "shard_dir": str(shard_dir), "split": manifest.get("split"), "samples": len(keys), "limit": limit,
-        "image_hw": [int(v) for v in manifest["image"]["size"]], "num_anchors": int(manifest["anchors"]["count"]),
+        "shard_dir": str(shard_dir), "split": manifest.split, "samples": len(keys), "limit": limit,
+        "image_hw": list(manifest.image_hw), "num_anchors": manifest.num_anchors,
         "keys": keys, "classes": class_rows, "boxes": total_boxes, "crowd_boxes": sum(per_image["crowd_boxes"]),
         "per_image": per_image, "boxes_per_image": _summary(per_image["boxes"]), "box_sizes": sizes.to_dict(),
         "anchors": {
