@@ -15,7 +15,6 @@ Needs torchvision (the ``[torchvision]`` extra); works with torchvision 0.26 and
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,9 +33,10 @@ except ImportError as e:  # the core package works without torchvision
 
 from . import anchors as anc
 from .coco_eval import coco_results  # noqa: F401 - part of this module's API
+from .format.manifest import Manifest
 from .labels import NUM_CLASSES
-from .loader import ShardLoader
-from .shards import MANIFEST_NAME, read_manifest
+from .loader import ShardLoader, manifest_folder
+from .shards import read_manifest
 from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["AnchorMismatchError", "StoredSizeTransform", "StoredTargetsRPN", "coco_results", "fasterrcnn_resnet50_fpn"]
@@ -158,18 +158,15 @@ class StoredTargetsRPN(RegionProposalNetwork):
 # ---------------------------------------------------------------------------------------- model
 
 
-def _manifest_of(source: Any) -> dict:
+def _manifest_of(source: Any) -> Manifest:
     """The manifest of a loader, a manifest dict, a split folder or its manifest.json (local or a URL)."""
-    if isinstance(source, Mapping):
-        return dict(source)
     if isinstance(source, ShardLoader):
         if source.manifest is None:
             raise ValueError("the loader has no manifest (pass manifest= to make_loader): the anchors are unknown")
         return source.manifest
-    folder = os.fspath(source).rstrip("/")
-    if folder.endswith(MANIFEST_NAME):
-        folder = folder[: -len(MANIFEST_NAME)].rstrip("/") or "."
-    return read_manifest(folder)
+    if isinstance(source, Mapping):
+        return Manifest.checked(dict(source), "the manifest given")
+    return read_manifest(manifest_folder(source))
 
 
 def _describe(section: Mapping[str, Any]) -> str:
@@ -233,15 +230,14 @@ def fasterrcnn_resnet50_fpn(source: Any, *, use_stored_targets: bool = True, **t
     if fixed:
         raise ValueError(f"{', '.join(fixed)}: set by the shards (their canvas, padding and normalisation)")
     manifest = _manifest_of(source)
-    section = manifest["anchors"]
+    section = manifest.anchors
     kw = dict(torchvision_kwargs)
     kw.setdefault("num_classes", NUM_CLASSES)
     kw["rpn_anchor_generator"] = _anchor_generator(section, kw.get("rpn_anchor_generator"))
     spec = anc.AnchorSpec.from_dict(section["spec"])
     model = _tv_fasterrcnn_resnet50_fpn(min_size=min(spec.image_hw), max_size=max(spec.image_hw), **kw)
-    norm = manifest.get("normalization") or {}
-    model.transform = StoredSizeTransform(spec.image_hw, norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD),
-                                          size_divisible=spec.pad_multiple)
+    mean, std = manifest.mean_std or (IMAGENET_MEAN, IMAGENET_STD)
+    model.transform = StoredSizeTransform(spec.image_hw, mean, std, size_divisible=spec.pad_multiple)
     if use_stored_targets:
         _check_thresholds(model.rpn, section)
         model.rpn = StoredTargetsRPN.from_rpn(model.rpn, section)

@@ -193,7 +193,7 @@ class DecodeFloor(torch.utils.data.IterableDataset):
         return pixels
 
     def __iter__(self) -> Iterator:
-        from frcnn_shard.loader import _shared_empty as _empty
+        from frcnn_shard.loader.collate import shared_empty as _empty
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
@@ -350,13 +350,12 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
     man = read_manifest(shards)
     tar = str(shards / man["shards"][0]["name"])
     num_anchors = int(man["anchors"]["count"])
-    opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, rank=0, world_size=1, num_workers=0)
-    u8_opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=False, rank=0, world_size=1,
-                              num_workers=0)
-    ds = L._Dataset(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD)
+    how = L.DecodeOptions(rpn_batch_size=256)
+    ds = L.DatasetFacts(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD)
+    norm = (ds.mean, ds.std)
     raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
     n = len(raws)
-    decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+    decoded = [L.decode_sample(url, r, ds, how, 0) for url, r in raws]
     stored = [unpack_targets(r.members[TARGETS_EXT], num_anchors) for _, r in raws]
     batches = [decoded[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
     row = np.empty((*IMAGE_HW, 3), np.uint8)
@@ -369,12 +368,12 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
     def sampled(i: int):
         return anc.sample_indices(stored[i], num_anchors, 256, 0.5, rng=anc.sample_rng(0, 0, raws[i][1].key))
 
-    collate_norm = ms(lambda b: L.collate(b, ds, opts), batches, repeats) / batch_size
-    copy_u8 = ms(lambda b: L.collate(b, ds, u8_opts), batches, repeats) / batch_size  # images copied in
+    collate_norm = ms(lambda b: L.collate(b, num_anchors, True, norm), batches, repeats) / batch_size
+    copy_u8 = ms(lambda b: L.collate(b, num_anchors, True), batches, repeats) / batch_size  # images copied in
     rows = torch.empty((batch_size, *IMAGE_HW, 3), dtype=torch.uint8)
-    collate_u8 = ms(lambda b: L.collate(b, ds, u8_opts, False, rows), batches, repeats) / batch_size
-    shared_u8 = ms(lambda b: L.collate(b, ds, u8_opts, True), batches, repeats) / batch_size
-    packed = [L.collate(b, ds, u8_opts) for b in batches]
+    collate_u8 = ms(lambda b: L.collate(b, num_anchors, True, None, False, rows), batches, repeats) / batch_size
+    shared_u8 = ms(lambda b: L.collate(b, num_anchors, True, None, True), batches, repeats) / batch_size
+    packed = [L.collate(b, num_anchors, True) for b in batches]
     unpack = ms(lambda b: b.unpack(), packed, repeats) / batch_size
     stages = [
         ("tar read (iter_raw_samples)", 1000 * bc.best_of(read_all, repeats) / n),
@@ -391,7 +390,8 @@ def stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> tuple[
         ("unpack in the consumer (index lists -> dense int64 labels, matched_gt)", unpack),
         ("collate, normalised (+ float32 multiply-add)", collate_norm),
     ]
-    return stages, _batch_bytes(L.collate(decoded[:batch_size], ds, opts), L.collate(decoded[:batch_size], ds, u8_opts),
+    return stages, _batch_bytes(L.collate(decoded[:batch_size], num_anchors, True, norm),
+                                L.collate(decoded[:batch_size], num_anchors, True),
                                 [r for _, r in raws], batch_size)
 
 
@@ -428,23 +428,22 @@ def flip_cpu_cost(shards: Path, batch_size: int, n: int, repeats: int) -> list[t
 
     man = read_manifest(shards)
     tar = str(shards / man["shards"][0]["name"])
-    ds = L._Dataset(int(man["anchors"]["count"]), IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
+    ds = L.DatasetFacts(int(man["anchors"]["count"]), IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
     raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
 
-    def pipeline(opts) -> None:
-        decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+    def pipeline(how, norm) -> None:
+        decoded = [L.decode_sample(url, r, ds, how, 0) for url, r in raws]
         for i in range(0, len(decoded), batch_size):
-            L.collate(decoded[i:i + batch_size], ds, opts, True).unpack()
+            L.collate(decoded[i:i + batch_size], ds.num_anchors, True, norm, True).unpack()
 
     times: dict[tuple[bool, float], list[float]] = {}
     with torch_threads(1):  # the worker's work, on one core: no intra-op threads to count twice
         for _ in range(repeats):
             for normalize in (False, True):
                 for hflip in (0.0, 0.5, 1.0):
-                    opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=normalize, rank=0,
-                                           world_size=1, num_workers=0, hflip=hflip)
+                    how = L.DecodeOptions(hflip=hflip, rpn_batch_size=256)
                     t0 = time.process_time()
-                    pipeline(opts)
+                    pipeline(how, (ds.mean, ds.std) if normalize else None)
                     times.setdefault((normalize, hflip), []).append((time.process_time() - t0) * 1000 / len(raws))
     return [(f"normalize={normalize}, hflip={hflip}", float(np.median(times[(normalize, hflip)])))
             for normalize in (False, True) for hflip in (0.0, 0.5, 1.0)]
@@ -472,7 +471,7 @@ def flip_stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> l
     man = read_manifest(shards)
     tar = str(shards / man["shards"][0]["name"])
     num_anchors = int(man["anchors"]["count"])
-    ds = L._Dataset(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
+    ds = L.DatasetFacts(num_anchors, IMAGE_HW, IMAGENET_MEAN, IMAGENET_STD, flip_targets=True)
     raws = [r for _, r in zip(range(n), L.iter_raw_samples(tar))]
     records = [Record.from_json(r.members["json"]) for _, r in raws]
     ms = bc.per_item_ms
@@ -486,12 +485,10 @@ def flip_stage_timings(shards: Path, batch_size: int, n: int, repeats: int) -> l
         ("mirrored boxes (Record.hflip)", ms(lambda rec: rec.hflip(), records, repeats)),
     ]
     for flip in (0.0, 1.0):
-        opts = L.LoaderOptions(batch_size=batch_size, rpn_batch_size=256, normalize=False, rank=0, world_size=1,
-                               num_workers=0, hflip=flip)
-        decoded = [L.decode_sample(url, r, ds, opts, 0) for url, r in raws]
+        decoded = [L.decode_sample(url, r, ds, L.DecodeOptions(hflip=flip, rpn_batch_size=256), 0) for url, r in raws]
         batches = [decoded[i:i + batch_size] for i in range(0, len(decoded) - batch_size + 1, batch_size)]
         what = "mirrored images" if flip else "images as stored"
-        rows.append((f"collate, uint8, {what}", ms(lambda b: L.collate(b, ds, opts), batches, repeats) / batch_size))
+        rows.append((f"collate, uint8, {what}", ms(lambda b: L.collate(b, num_anchors, True), batches, repeats) / batch_size))
     rows.insert(1, ("JPEG decode, mirrored (decode_stored_image(mirror=True)) minus the plain decode",
                     ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW, mirror=True), raws, repeats)
                     - ms(lambda r: decode_stored_image(r[1].members["jpg"], "jpg", IMAGE_HW), raws, repeats)))

@@ -2,28 +2,17 @@
 
 Sampling works on the sparse targets (positive and ignored indices): negatives, the tens of
 thousands of other anchors, are never listed unless the sample needs them all. Its randomness is a
-function of (seed, epoch, key) alone, so a sample's anchors do not depend on workers, ranks or order.
+function of (seed, epoch, key) alone (``seeds.sample_rng``), so a sample's anchors do not depend on
+workers, ranks or order.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..format.targets import SparseTargets
-
-_TAG_SAMPLE = 0x5341  # domain tag: keeps this stream apart from the loader's shuffles for equal seeds
-
-
-def key_hash(key: str) -> int:
-    """A stable 64-bit integer for a sample key (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """The anchor-sampling generator of one sample: a function of (seed, epoch, key) only."""
-    return np.random.default_rng(np.random.SeedSequence([_TAG_SAMPLE, seed, epoch, key_hash(key)]))
+from ..seeds import key_hash, sample_rng  # noqa: F401 - the sample's generator, re-exported by anchors
 
 
 def _draw(count: int, size: int, k: int, rng: np.random.Generator,

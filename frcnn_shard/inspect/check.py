@@ -15,7 +15,6 @@ and the report in ``report``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,12 +43,9 @@ MAX_WORKERS = 16
 
 def _selected(key: str, seed: int, fraction: float) -> bool:
     """Deterministic per-key choice for --deep --fraction: independent of order and shard layout."""
-    if fraction >= 1.0:
-        return True
-    if fraction <= 0.0:
-        return False
-    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+    from ..seeds import deep_check_pick  # the one home of every per-key draw (a leaf module)
+
+    return deep_check_pick(key, seed, fraction)
 
 
 # Per worker process: the context, built once from the manifest (it holds functions, so it is not sent).

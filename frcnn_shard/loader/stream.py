@@ -1,0 +1,294 @@
+"""One (rank, worker) stream: its shards' encoded samples (raw reading), the shuffle buffer over them, then
+decode and collate, batch by batch. ``StreamConfig`` is what a stream needs, pickled into each worker.
+
+Everything random is derived from (seed, epoch, ...) only (``frcnn_shard.seeds``): the shuffle buffer
+and the resampled top-up from (seed, epoch, rank, worker), a sample's draws from (seed, epoch, key).
+"""
+from __future__ import annotations
+
+import itertools
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..format.members import RawSample, ShardFormatError, group_by_key
+from ..seeds import buffer_rng, resample_rng
+from ..shards import store_of, tar_members
+from ..storage import StoreOutage
+from .collate import Batch, Norm, batch_rows, collate, stats_only
+from .decode import DecodeOptions, Decoded, decode_sample
+from .options import DatasetFacts, LoaderError
+from .plan import EpochPlan
+from .sources import PASSTHROUGH_SCHEMES, split_url, url_scheme
+
+_READ_BUFSIZE = 1 << 20
+
+# ---------------------------------------------------------------------------------- raw reading
+
+
+def _open_url(url: str, storage_options: dict | None = None):
+    """A streaming reader of one shard: a local file, an object (retried reads), or a pipe:/http URL."""
+    if url_scheme(url) in PASSTHROUGH_SCHEMES:
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb", bufsize=_READ_BUFSIZE)
+    folder, name = split_url(url)
+    return store_of(folder, storage_options).open_read(name, _READ_BUFSIZE)
+
+
+def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None, expected: int | None = None,
+                     storage_options: dict | None = None, store_down: StoreOutage | None = None
+                     ) -> Iterator[tuple[str, RawSample]]:
+    """Yield (url, encoded sample) for one shard URL; never unpickles, never uses a member name as a path.
+
+    A sample breaking a member rule (pickle-type extension, traversal name, non-file, oversized,
+    duplicate) raises ShardFormatError naming the URL and key, or with on_error="skip" is yielded
+    with its problems (decode_sample then refuses it). A broken stream raises, or is skipped from
+    that point on: ``skips`` gets (samples lost, message), the samples lost being what the manifest's
+    count (``expected``) says never arrived, or 1 when the count is unknown. A shard that ends with
+    fewer samples than ``expected`` is the same loss; one with more is an error too (with "skip", the
+    samples beyond the count are not delivered, and counted). ``store_down``: the stream's record of a
+    store that failed for good (see StoreOutage): while it says so, a remote shard gets one attempt.
+    """
+    key, got = None, 0
+    try:
+        stream = _open_url(url, storage_options)
+    except OSError as e:
+        _fail(on_error, skips, f"{url}: cannot open shard: {e}", expected if expected else 1)
+        return
+    if store_down is not None:
+        store_down.arm(stream)
+    finished = False
+    try:
+        samples = group_by_key(tar_members(stream), where=url if on_error == "raise" else None)
+        for raw in samples:
+            key = raw.key or key
+            got += 1
+            if expected is not None and got > expected:
+                _too_many(url, expected, samples, on_error, skips)
+                break
+            yield url, raw
+        finished = True
+    except (tarfile.TarError, OSError, EOFError) as e:
+        after = f" after key {key!r}" if key is not None else ""
+        lost = max(expected - got, 1) if expected is not None else 1
+        _fail(on_error, skips, f"{url}: unreadable shard{after}, {lost} sample(s) lost: {type(e).__name__}: {e}", lost)
+        if store_down is not None:
+            store_down.failed(e)
+    finally:
+        try:
+            stream.close()  # a pipe: stream raises here when its command failed
+        except Exception as e:  # noqa: BLE001 - any failure of the producer means a broken shard
+            # Only a stream read to its end can be blamed; one closed early may see SIGPIPE.
+            if finished:
+                _fail(on_error, skips, f"{url}: shard stream failed on close: {e}", 1)
+    if finished and store_down is not None:
+        store_down.succeeded()
+    if finished and expected is not None and got < expected:
+        after = f" after key {key!r}" if key is not None else ""
+        _fail(on_error, skips, f"{url}: the shard ends{after} with {got} sample(s) where the manifest says "
+                               f"{expected}: {expected - got} sample(s) lost", expected - got)
+
+
+def _too_many(url: str, expected: int, rest: Iterator, on_error: str, skips: list | None) -> None:
+    """A shard holding more samples than its manifest entry: an error, or with "skip" the extra ones counted."""
+    where = f"{url}: more samples than the manifest's {expected}"
+    if on_error == "raise":
+        _fail(on_error, skips, f"{where}; the shard does not match its manifest (rebuild it, or run frcnn-shard "
+                               "check on the folder)", 1)
+    extra = 1
+    try:
+        for _ in rest:  # counted only (one encoded sample in memory at a time), never delivered
+            extra += 1
+    except (tarfile.TarError, OSError, EOFError, ShardFormatError):
+        pass  # the shard is already refused beyond its count; its tail's damage changes nothing
+    _fail(on_error, skips, f"{where} ({expected + extra}): the {extra} sample(s) beyond it are not delivered", extra)
+
+
+def _fail(on_error: str, skips: list | None, message: str, lost: int) -> None:
+    """Raise ShardFormatError(message), or with on_error="skip" record (lost, message) in ``skips``."""
+    if on_error == "raise":
+        raise ShardFormatError(message)
+    if skips is not None:
+        skips.append((lost, message))
+
+
+def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle: keep ``size`` items, emit a random one for each new item."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], item = item, buf[j]
+        yield item
+    while buf:
+        j = int(rng.integers(len(buf)))
+        buf[j], buf[-1] = buf[-1], buf[j]
+        yield buf.pop()
+
+
+# -------------------------------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Everything one (rank, worker) stream needs; pickled into each DataLoader worker."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard, when the manifest says
+    plan: EpochPlan
+    epoch: int
+    rank: int
+    world_size: int
+    workers: int  # streams per rank (DataLoader workers, or 1 in the calling process)
+    seed: int
+    shuffle_buffer: int  # 0 or 1: no sample-level shuffle
+    on_error: str
+    batch_size: int
+    drop_last: bool
+    decode_threads: int
+    dataset: DatasetFacts
+    decode: DecodeOptions
+    norm: Norm | None  # (mean, std) for float32 batches; None: uint8 batches
+    storage_options: dict | None = None  # for shards on object storage (not recorded anywhere)
+
+    def shard(self, i: int, skips: list, outage: StoreOutage | None = None) -> Iterator[tuple[str, RawSample]]:
+        """The encoded samples of shard i (``outage``: the stream's, shared by its shards)."""
+        return iter_raw_samples(self.urls[i], self.on_error, skips, self.counts[i] if self.counts else None,
+                                self.storage_options, outage)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The batches of one rank; inside a DataLoader worker, of that worker's slot only."""
+
+    def __init__(self, cfg: StreamConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.cfg.workers:
+            raise LoaderError(f"planned for {self.cfg.workers} workers, running in {info.num_workers}")
+        return run_stream(self.cfg, worker)
+
+
+def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list) -> Iterator[tuple[str, RawSample]]:
+    """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
+    own = cfg.plan.slots[slot]
+    outage = StoreOutage()  # a store found down costs one attempt per later shard, until one is read whole
+    if cfg.plan.quotas is None:
+        for i in own:
+            yield from cfg.shard(i, skips, outage)
+        return
+    # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
+    rng = resample_rng(cfg.seed, cfg.epoch, cfg.rank, worker)
+    quota, n, empty_in_a_row = cfg.plan.quotas[slot], 0, 0
+    sequence = iter(own)
+    while n < quota:
+        i = next(sequence, None)
+        if i is None:
+            i = int(rng.integers(len(cfg.urls)))
+        got = 0
+        for item in cfg.shard(i, skips, outage):
+            yield item
+            got += 1
+            n += 1
+            if n >= quota:
+                return
+        empty_in_a_row = 0 if got else empty_in_a_row + 1
+        if empty_in_a_row > 2 * len(cfg.urls) + 8:  # every shard empty or unreadable: never loop forever
+            last = f": {skips[-1][1]}" if skips else ""
+            raise ShardFormatError(f"resampled stream found no readable samples in {empty_in_a_row} shard draws{last}")
+
+
+def run_stream(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
+    """Read, shuffle, decode, sample and batch the samples of one (rank, worker) slot."""
+    slot = worker * cfg.world_size + cfg.rank
+    shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
+    skips: list[tuple[int, str]] = []  # (samples lost, why)
+    raws: Iterator = _raw_stream(cfg, slot, worker, skips)
+    if cfg.shuffle_buffer > 1:
+        raws = shuffle_buffer(raws, cfg.shuffle_buffer, buffer_rng(cfg.seed, cfg.epoch, cfg.rank, worker))
+    reported = 0
+    sampled = cfg.decode.rpn_batch_size is not None
+
+    def emit(samples: list[Decoded] | None, rows: torch.Tensor | None = None) -> Batch:
+        # Each item carries the skips since the previous one; None makes a stats-only item.
+        nonlocal reported
+        batch = (stats_only(cfg.dataset.num_anchors) if samples is None
+                 else collate(samples, cfg.dataset.num_anchors, sampled, cfg.norm, shared, rows))
+        new = skips[reported:]
+        batch.skipped, batch.skip_log, reported = sum(n for n, _ in new), [m for _, m in new], len(skips)
+        return batch
+
+    threads = cfg.decode_threads
+    with ThreadPoolExecutor(threads) if threads > 1 else _NoPool() as pool:
+        for pending, rows in _decoded_batches(raws, cfg, shared, skips, pool):
+            if len(pending) == cfg.batch_size or (pending and not cfg.drop_last):
+                yield emit(pending, rows)
+    if len(skips) > reported:
+        yield emit(None)
+
+
+class _NoPool:
+    """ThreadPoolExecutor's ``map`` in the calling thread (decode_threads 0 or 1)."""
+
+    def __enter__(self) -> "_NoPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    map = staticmethod(map)
+
+
+def _decoded_batches(raws: Iterator, cfg: StreamConfig, shared: bool, skips: list, pool
+                     ) -> Iterator[tuple[list[Decoded], torch.Tensor | None]]:
+    """Batches of decoded samples and the uint8 rows they were decoded into: full ones, then the last.
+
+    The samples of a batch are decoded side by side on ``pool``'s threads (libjpeg-turbo lets go of
+    the GIL), each into its own row, and collected in stream order, so every batch is the one a
+    single thread makes. A sample that fails (on_error="skip") leaves its row to the next one.
+    """
+    size = cfg.batch_size
+    step = 1 if isinstance(pool, _NoPool) else size  # samples handed out at once
+    # uint8 batches of a known canvas are decoded straight into their batch rows; else collate copies.
+    direct = cfg.norm is None and cfg.dataset.image_hw is not None
+
+    def decode(job: tuple[str, RawSample, np.ndarray | None]) -> Decoded | ShardFormatError:
+        try:
+            return decode_sample(*job[:2], cfg.dataset, cfg.decode, cfg.epoch, job[2])
+        except ShardFormatError as e:
+            return e
+
+    while True:
+        rows = view = None  # allocated when the batch's first sample arrives
+        pending: list[Decoded] = []
+        while len(pending) < size:
+            items = list(itertools.islice(raws, min(step, size - len(pending))))
+            if not items:
+                yield pending, rows
+                return
+            if rows is None and direct:
+                rows = batch_rows(size, cfg.dataset.image_hw, shared)
+                view = rows.numpy()
+            first = len(pending)
+            jobs = [(url, raw, None if view is None else view[first + i]) for i, (url, raw) in enumerate(items)]
+            for i, got in enumerate(pool.map(decode, jobs)):
+                if isinstance(got, ShardFormatError):
+                    if cfg.on_error == "raise":
+                        raise got
+                    skips.append((1, str(got)))
+                    continue
+                if view is not None and first + i != len(pending):  # a sample before it failed: close the gap
+                    view[len(pending)] = view[first + i]
+                    got.image = view[len(pending)]
+                pending.append(got)
+        yield pending, rows
