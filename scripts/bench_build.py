@@ -55,6 +55,8 @@ from frcnn_shard import anchors as anc  # noqa: E402
 from frcnn_shard.format.members import TARGETS_EXT  # noqa: E402
 from frcnn_shard.format.targets import pack_targets, unpack_all_targets  # noqa: E402
 from frcnn_shard import build as fb  # noqa: E402
+from frcnn_shard.build import pool as build_pool, worker as build_worker  # noqa: E402 - the stages, timed
+from frcnn_shard.format.members import sample_members  # noqa: E402
 from frcnn_shard.records import Sample  # noqa: E402
 from frcnn_shard.shards import ShardWriter, iter_shard, read_manifest  # noqa: E402
 from frcnn_shard.sources import open_source  # noqa: E402
@@ -159,7 +161,7 @@ def run_floor(source: str, workers: int, match: bool = False) -> dict:
         pending: deque = deque()
         images = rows = 0
         first = None  # when the first chunk's result arrived: the end of the start-up
-        for chunk in fb._chunks(src.rows(), opts.chunk_size):
+        for chunk in build_pool.chunks(src.rows(), opts.chunk_size):
             rows += len(chunk)
             pending.append(pool.apply_async(_floor_chunk, ((fmt, chunk),)))
             if len(pending) >= 4 * workers:
@@ -258,16 +260,16 @@ def measure_components(source: Path, n: int, repeats: int) -> tuple[Components, 
     samples = [it for it in items if isinstance(it, Sample)]
     matcher = anc.AnchorMatcher(fb.anchor_spec(opts), opts.matching)
     # Both orientations, as the build does by default (flip_targets): the stored and the mirrored boxes.
-    results = [fb._match_orientations(matcher, s.record, opts.flip_targets) for s in samples]
+    results = [build_worker.match_orientations(matcher, s.record, opts.flip_targets) for s in samples]
     packed = [pack_targets(*stored, flipped=flipped) for stored, flipped in results]
 
     ms = bc.per_item_ms
     transform_ms = ms(lambda r: process_row(r, tcfg), rows, repeats)  # includes dropped rows, as the build
     codec_ms, turbo_ms = (v * len(kept) / len(rows) for v in paired_ms(
         lambda r: pil_codec(r.image, tcfg), lambda r: turbo_codec(r.image, tcfg), kept, 2 * repeats))
-    match_ms = ms(lambda s: fb._match_orientations(matcher, s.record, opts.flip_targets), samples,
+    match_ms = ms(lambda s: build_worker.match_orientations(matcher, s.record, opts.flip_targets), samples,
                   repeats) * len(samples) / len(rows)
-    pack_ms = ms(lambda sr: fb._pack(sr[0], *sr[1]), list(zip(samples, results)),
+    pack_ms = ms(lambda sr: build_worker.pack(sr[0], *sr[1]), list(zip(samples, results)),
                  repeats) * len(samples) / len(rows)  # the worker's _pack: rpn counts + pack_targets
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
     job_ms = ms(lambda c: pickle.loads(pickle.dumps(("xywh", c), protocol=pickle.HIGHEST_PROTOCOL)), chunks,
@@ -337,7 +339,7 @@ def _writer_ms(samples: list[Sample], packed: list[bytes], repeats: int) -> floa
         def write() -> None:
             w = ShardWriter(Path(d) / "bench-000000.tar")
             for s, p in zip(samples, packed):
-                w.add(s.key, fb.sample_members(s.image_ext, s.image_bytes, s.record.to_json(), p))
+                w.add(s.key, sample_members(s.image_ext, s.image_bytes, s.record.to_json(), p))
             w.close()
         return 1000 * bc.best_of(write, repeats) / len(samples)
 
@@ -623,7 +625,7 @@ def size_section(sizes: dict, runs: list[tuple[int, dict]]) -> str:
 # ============================================================================== 5. start-up
 
 # A 4-image build in a fresh interpreter, each phase timed: the imports the command needs, then build()
-# with its device resolution and source opening wrapped (their names in frcnn_shard.build) and the
+# with its device resolution and source opening wrapped (build's resolve_device and open_source seams) and the
 # first progress call marking the first written row.
 _STARTUP_CHILD = r"""
 import json, sys, time
@@ -639,11 +641,12 @@ def timed(name, fn):
         finally:
             marks[name] = time.perf_counter()
     return wrapper
-fb.resolve_device, fb.open_source = timed("device", fb.resolve_device), timed("source", fb.open_source)
+from frcnn_shard.sources import open_source
 source, split, out, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 first = []
 res = fb.build(fb.BuildOptions(source=source, split=split, out=out, workers=workers, max_rows=4, overwrite=True),
-               progress=lambda c: first or first.append(time.perf_counter()))
+               progress=lambda c: first or first.append(time.perf_counter()),
+               resolve_device=timed("device", fb.resolve_device), open_source=timed("source", open_source))
 marks["first_row"], marks["end"] = first[0], time.perf_counter()
 print("RESULT " + json.dumps({"t0": t0, "marks": marks, "device": res.device, "samples": res.samples,
                               "torch": "torch" in sys.modules, "datasets": "datasets" in sys.modules}))
@@ -737,12 +740,13 @@ def profile_section(source: Path, n: int) -> str:
     src = open_source(str(source), "train")
     rows = [r for _, r in zip(range(n), src.rows())]
     opts = fb.BuildOptions()
-    fb._init_worker(opts.transform, fb.anchor_spec(opts), opts.matching, True, opts.flip_targets, pool_worker=False)
+    build_worker.init_worker(opts.transform, fb.anchor_spec(opts), opts.matching, True, opts.flip_targets,
+                             pool_worker=False)
     chunks = [rows[i:i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
     prof = cProfile.Profile()
     prof.enable()
     for c in chunks:
-        fb._process_chunk(("xywh", c))
+        build_worker.process_chunk(("xywh", c))
     prof.disable()
     worker = _top(prof, 14)
     with tempfile.TemporaryDirectory(dir=bc.BENCH_DATA) as d:

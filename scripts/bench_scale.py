@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import s3server
 
-    from frcnn_shard.ray_engine import init_ray
+    from frcnn_shard.build.ray_engine import init_ray
 
     bc.BENCH_DATA.mkdir(exist_ok=True)
     src = bc.hub_folder(args.images)

@@ -54,7 +54,8 @@ def build_shards(out: Path, source: str, split: str, **kw):
     kw.setdefault("workers", 0)
     kw.setdefault("rows_per_shard", 16)
     kw.setdefault("device", "cpu")
-    return build(BuildOptions(source=source, split=split, out=str(out), **kw))
+    seams = {k: kw.pop(k) for k in ("match_batch", "open_source", "process_row") if k in kw}  # build's collaborators
+    return build(BuildOptions(source=source, split=split, out=str(out), **kw), **seams)
 
 
 @pytest.fixture(scope="session")

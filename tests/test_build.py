@@ -190,25 +190,22 @@ def test_synthetic_sample_builds_through_hub_path(sample_shards):
     assert (sample_shards / MANIFEST_NAME).exists()
 
 
-def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path, monkeypatch):
+def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path):
     """The --device cuda code path (buffering, batched torch matching, packing) run on the CPU."""
-    import frcnn_shard.build as fb
-    from frcnn_shard import anchors as anc
+    from frcnn_shard.build import BuildOptions, anchor_spec, batch_matcher
 
     src = str(hub_folders["xywh"])
     cpu = build_shards(tmp_path / "cpu", src, "train")
     calls = []
-    real = anc.match_batch_torch
+    opts = BuildOptions()
+    real = batch_matcher(anchor_spec(opts), opts.matching, "cpu")  # the GPU path's matcher, on the CPU
 
-    def on_cpu(*args, **kw):
-        calls.append(len(args[1]))
-        kw["device"] = "cpu"
-        return real(*args, **kw)
+    def on_cpu(boxes, crowd):
+        calls.append(len(boxes))
+        return real(boxes, crowd)
 
-    monkeypatch.setattr(fb, "resolve_device", lambda device: "cuda")  # the batched path, run on the CPU
-    monkeypatch.setattr(anc, "match_batch_torch", on_cpu)
     for workers in (0, 2):
-        dev = build_shards(tmp_path / f"dev{workers}", src, "train", workers=workers, gpu_batch=7)
+        dev = build_shards(tmp_path / f"dev{workers}", src, "train", workers=workers, gpu_batch=7, match_batch=on_cpu)
         assert dev.device == "cuda"
         assert [s["sha256"] for s in read_manifest(dev.out_dir)["shards"]] == \
             [s["sha256"] for s in read_manifest(cpu.out_dir)["shards"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import functools
 import io
 import json
 import logging
@@ -23,6 +24,7 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -41,7 +43,8 @@ from frcnn_shard.shards import (
     read_manifest,
 )
 from frcnn_shard.sources.fixtures import write_hub_folder
-from frcnn_shard.transform import TransformConfig
+from frcnn_shard.sources import open_source
+from frcnn_shard.transform import TransformConfig, process_row as real_process_row
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
@@ -276,13 +279,12 @@ def test_ctrl_c_stops_within_seconds_and_resumes(hub, ref, tmp_path, fault, read
     assert_same_as_ref(out_dir, ref)
 
 
-def test_ctrl_c_before_first_row_is_a_clean_interrupt(hub, tmp_path, monkeypatch):
+def test_ctrl_c_before_first_row_is_a_clean_interrupt(hub, tmp_path):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fb, "open_source", interrupted)
     with pytest.raises(BuildInterrupted, match="resume"):
-        build(opts_for(hub, tmp_path, workers=2))
+        build(opts_for(hub, tmp_path, workers=2), open_source=interrupted)
 
 
 def test_worker_killed_stops_the_build_with_a_reason(hub, ref, tmp_path, monkeypatch):
@@ -322,22 +324,21 @@ class FlakySource:
             yield row
 
 
-def flaky(monkeypatch, fail_at: dict[int, int], exc: Exception) -> list:
-    real = fb.open_source
+def flaky(fail_at: dict[int, int], exc: Exception) -> tuple[list, Callable]:
+    """(the sources made, an open_source for build's seam that wraps each real source in a FlakySource)."""
     made: list[FlakySource] = []
 
     def open_flaky(*a, **k):
-        made.append(FlakySource(real(*a, **k), fail_at, exc))
+        made.append(FlakySource(open_source(*a, **k), fail_at, exc))
         return made[-1]
 
-    monkeypatch.setattr(fb, "open_source", open_flaky)
-    return made
+    return made, open_flaky
 
 
-def test_transient_source_errors_are_retried_from_the_failed_row(hub, ref, tmp_path, monkeypatch, caplog):
-    made = flaky(monkeypatch, {7: 2, 13: 1}, ConnectionResetError("connection reset by peer"))
+def test_transient_source_errors_are_retried_from_the_failed_row(hub, ref, tmp_path, caplog):
+    made, open_flaky = flaky({7: 2, 13: 1}, ConnectionResetError("connection reset by peer"))
     caplog.set_level(logging.WARNING, "frcnn_shard.build")
-    res = build(opts_for(hub, tmp_path, workers=2, retries=2))
+    res = build(opts_for(hub, tmp_path, workers=2, retries=2), open_source=open_flaky)
     assert res.status == "built"
     assert made[0].calls == [0, 7, 7, 13]  # each retry resumes the stream at the row that failed
     assert sum("retry" in r.getMessage() for r in caplog.records) == 3
@@ -379,31 +380,32 @@ def test_transient_error_classification():
     assert not any(is_transient(e) for e in permanent)
 
 
-def test_source_failing_for_good_stops_resumably(hub, ref, tmp_path, monkeypatch):
-    made = flaky(monkeypatch, {9: 99}, ConnectionError("network is unreachable"))
+def test_source_failing_for_good_stops_resumably(hub, ref, tmp_path):
+    made, open_flaky = flaky({9: 99}, ConnectionError("network is unreachable"))
     opts = opts_for(hub, tmp_path, workers=2, retries=2)
     with pytest.raises(SourceError, match=r"row 9 after 2 retries.*network is unreachable.*resume"):
-        build(opts)
+        build(opts, open_source=open_flaky)
     assert made[0].calls == [0, 9, 9]
     out_dir = tmp_path / "train"
     assert listed(out_dir) == ["train-000000.tar", "train-000001.tar"] and not part_record(out_dir)["complete"]
     assert not list(out_dir.glob("*.partial"))
     with pytest.raises(ManifestError, match="not finished"):
         check_shards(out_dir, workers=0)
-    monkeypatch.undo()
     assert build(opts).status == "resumed"
     assert_same_as_ref(out_dir, ref)
 
 
-def test_non_transient_source_error_is_not_retried(hub, tmp_path, monkeypatch):
-    made = flaky(monkeypatch, {5: 1}, ValueError("row 5: objects are not parallel lists"))
+def test_non_transient_source_error_is_not_retried(hub, tmp_path):
+    made, open_flaky = flaky({5: 1}, ValueError("row 5: objects are not parallel lists"))
     with pytest.raises(SourceError, match=r"row 5 \(error\): ValueError.*resume"):
-        build(opts_for(hub, tmp_path, retries=3))
+        build(opts_for(hub, tmp_path, retries=3), open_source=open_flaky)
     assert made[0].calls == [0]
 
 
 def test_source_error_through_the_cli_exits_1_with_the_reason(hub, tmp_path, monkeypatch):
-    flaky(monkeypatch, {6: 99}, TimeoutError("read timed out"))
+    _, open_flaky = flaky({6: 99}, TimeoutError("read timed out"))
+    # The CLI calls frcnn_shard.build.build: here that build with the flaky source as its collaborator.
+    monkeypatch.setattr(fb, "build", functools.partial(fb.build, open_source=open_flaky))
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["build", "--source", str(hub), "--out", str(out), "--workers", "0",
                                   "--retries", "1", "--retry-backoff", "0", *CLI_ARGS])
@@ -576,17 +578,16 @@ def test_max_bad_fraction_fails_the_build_but_keeps_what_was_written(bad_hub, tm
     assert res.bad_fraction == pytest.approx(9 / 18)
 
 
-def test_an_exception_in_a_worker_is_counted_not_fatal(bad_hub, tmp_path, monkeypatch, caplog):
-    real = fb.process_row
-
+def test_an_exception_in_a_worker_is_counted_not_fatal(bad_hub, tmp_path, caplog):
     def process_row(r, cfg):
         if r.image_id == 10:
             raise RuntimeError("boom in an odd codec")
-        return real(r, cfg)
+        return real_process_row(r, cfg)
 
-    monkeypatch.setattr(fb, "process_row", process_row)  # before the pool forks: the workers see it
     caplog.set_level(logging.WARNING, "frcnn_shard.build")
-    res = build(opts_for(bad_hub, tmp_path, workers=2, bbox_format="xywh", max_bad_fraction=1.0))
+    # The pool's initializer hands the workers this process_row (the pool forks: no pickling).
+    res = build(opts_for(bad_hub, tmp_path, workers=2, bbox_format="xywh", max_bad_fraction=1.0),
+                process_row=process_row)
     assert res.drops["processing_error"] == 1 and res.samples == 7
     assert any("boom in an odd codec" in r.getMessage() for r in caplog.records)
 

@@ -191,8 +191,8 @@ def test_hflip_never_changes_the_anchor_sample_of_an_unflipped_sample(tiny_shard
 # ----------------------------------------------------------------------------- build options
 
 
-def test_no_flip_targets_stores_one_orientation_on_both_build_paths(sample_hub, tmp_path, monkeypatch):
-    import frcnn_shard.build as fb
+def test_no_flip_targets_stores_one_orientation_on_both_build_paths(sample_hub, tmp_path):
+    from frcnn_shard.build import BuildOptions, anchor_spec, batch_matcher
 
     src = str(sample_hub)
     with_flip = build_shards(tmp_path / "flip", src, "train")
@@ -213,11 +213,9 @@ def test_no_flip_targets_stores_one_orientation_on_both_build_paths(sample_hub, 
         make_loader(cpu.out_dir, 4, hflip=0.5)
     assert len(delivered(make_loader(cpu.out_dir, 4, num_workers=0))) == 24  # hflip=0 reads it fine
     # The batched (--device cuda) path run on the CPU writes the same bytes with and without flip targets.
-    monkeypatch.setattr(fb, "resolve_device", lambda device: "cuda")
-    real = anc.match_batch_torch
-    monkeypatch.setattr(anc, "match_batch_torch", lambda *a, **kw: real(*a, **{**kw, "device": "cpu"}))
+    on_cpu = batch_matcher(anchor_spec(BuildOptions()), BuildOptions().matching, "cpu")
     for flip, ref in ((True, with_flip), (False, cpu)):
-        dev = build_shards(tmp_path / f"dev{flip}", src, "train", flip_targets=flip, gpu_batch=5)
+        dev = build_shards(tmp_path / f"dev{flip}", src, "train", flip_targets=flip, gpu_batch=5, match_batch=on_cpu)
         assert dev.device == "cuda"
         assert [file_sha256(dev.out_dir / s["name"]) for s in read_manifest(dev.out_dir)["shards"]] == \
             [s["sha256"] for s in read_manifest(ref.out_dir)["shards"]]

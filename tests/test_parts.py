@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from frcnn_shard.build import BuildError, BuildOptions, LockedError, MergeError, build, merge_split
 from frcnn_shard.cli import main
-from frcnn_shard.parts import Layout, parse_part
+from frcnn_shard.build import parse_part
+from frcnn_shard.format.layout import Layout
 from frcnn_shard.shards import FAULT_ENV, MANIFEST_NAME, read_manifest
 from frcnn_shard.sources.fixtures import make_sample_hub_folder
 from frcnn_shard.transform import TransformConfig
@@ -124,10 +125,9 @@ def test_a_split_built_another_way_is_taken_over(hub, whole, tmp_path):
         build(opts(hub, tmp_path, part=(1, 2), transform=TransformConfig(image_size=(96, 96), quality=80)))
 
 
-def test_each_part_reads_only_its_own_rows(hub, tmp_path, monkeypatch):
-    import frcnn_shard.build as fb
+def test_each_part_reads_only_its_own_rows(hub, tmp_path):
+    from frcnn_shard.sources import open_source as real
 
-    real = fb.open_source
     asked: list[tuple[int, int | None]] = []
 
     def spying(*a, **k):
@@ -141,8 +141,7 @@ def test_each_part_reads_only_its_own_rows(hub, tmp_path, monkeypatch):
         src.rows = spy
         return src
 
-    monkeypatch.setattr(fb, "open_source", spying)
-    build(opts(hub, tmp_path, part=(1, 3)))  # shards 2..3 of 7: rows 6..11
+    build(opts(hub, tmp_path, part=(1, 3)), open_source=spying)  # shards 2..3 of 7: rows 6..11
     assert asked == [(6, 12)]
 
 

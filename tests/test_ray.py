@@ -24,7 +24,7 @@ def ray_cluster():
         if IN_CI:
             pytest.fail(f"CI=true but ray is not installed ({e}); make install brings it")
         pytest.skip(f"ray is not installed: {e}")
-    from frcnn_shard.ray_engine import init_ray
+    from frcnn_shard.build.ray_engine import init_ray
 
     os.environ["FRCNN_SHARD_FAULT"] = f"shard_done:{KILL_AT}:sleep=8"  # inherited by the cluster's workers
     try:
@@ -97,7 +97,7 @@ def test_matching_actor_path_writes_the_same_shards(ray_cluster, tiny_coco, tmp_
     from dataclasses import replace
 
     from frcnn_shard.build import anchor_spec, build
-    from frcnn_shard.ray_engine import MatchActor, _run_part
+    from frcnn_shard.build.ray_engine import MatchActor, _run_part
 
     o = opts(tiny_coco, tmp_path / "actor", rows_per_shard=25, part=(0, 1), gpu_batch=9)
     actor = ray_cluster.remote(num_cpus=0)(MatchActor).remote(anchor_spec(o), o.matching, "cpu")

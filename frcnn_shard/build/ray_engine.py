@@ -1,7 +1,7 @@
 """The build on a Ray cluster: its parts as Ray tasks (retried when they fail or their worker is lost),
 then the merge; with ``device="cuda"`` the batched anchor matching runs in Ray actors, a GPU each.
 
-The tasks run the same ``build_part`` as one machine or a job array, with our own writer: Ray's own
+The tasks run the same ``build_part`` (part.PartRun) as one machine or a job array, with our own writer: Ray's own
 ``write_webdataset`` is not used (random file names, members stamped with the current time, writes
 straight to the final name), so a Ray build writes the same bytes as any other.
 """
@@ -16,8 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import BuildError
-from .parts import Layout, merge, read_records
+from ..errors import BuildError
+from ..format.layout import Layout
+from ..shards import read_manifest
+from .options import anchor_spec
+from .part import batch_matcher, build_part, open_output
+from .parts import merge, read_records
+from .results import split_result
+from .resume import split_state
 
 # Set before Ray starts: read by the driver and inherited by every Ray process, so that nothing of
 # Ray's tries to reach outside this machine: no usage report, no token file, the node on loopback.
@@ -58,8 +64,6 @@ def _run_part(opts, part: tuple[int, int], matcher=None) -> dict:
     """A Ray task: build one part (resuming what an earlier attempt published); returns its summary."""
     import ray
 
-    from .build import build_part
-
     # A retried attempt of this part may find its own lock from the attempt that was lost.
     os.environ["FRCNN_SHARD_TASK"] = f"ray:{ray.get_runtime_context().get_job_id()}:{part[0]}/{part[1]}"
     match_batch = None
@@ -75,24 +79,17 @@ class MatchActor:
     """Batched anchor matching on one device (a GPU of the cluster); the anchors stay on it."""
 
     def __init__(self, spec, cfg, device: str = "cuda"):
-        from . import anchors as anc
-
-        self.cfg, self.hw, self.device = cfg, spec.image_hw, device
-        self.anchors = anc.make_anchors(spec)
+        self._match = batch_matcher(spec, cfg, device)
 
     def match(self, boxes: list, crowd: list) -> list:
-        """[(labels, matched)] for a batch of images (anchors.match_batch_torch)."""
-        from . import anchors as anc
-
-        return anc.match_batch_torch(self.anchors, boxes, crowd, self.cfg, self.hw, device=self.device)
+        """[(labels, matched)] for a batch of images (part.batch_matcher: anchors.match_batch_torch)."""
+        return self._match(boxes, crowd)
 
 
 def _actors(ray, opts, device: str) -> list:
     """One matching actor per cluster GPU when matching on cuda; none otherwise (matching in the tasks)."""
     if device != "cuda":
         return []
-    from .build import anchor_spec
-
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus < 1:
         raise BuildError("device cuda was asked for, but the Ray cluster has no GPU")
@@ -107,14 +104,12 @@ def plan_parts(num_shards: int, cpus: float) -> int:
 
 def build_on_ray(opts, progress: Callable[[dict], None] | None = None):
     """The whole build as parts on Ray, then the merge; returns the BuildResult of the merged split."""
-    from .build import _result, anchor_spec, open_output, split_state
-
     t0 = time.perf_counter()
     ray = init_ray(opts.ray_address)
     _, store, layout, header = open_output(opts, anchor_spec(opts))
     n = plan_parts(layout.shards, ray.cluster_resources().get("CPU", 1))
     if split_state(store, header, opts, None, (0, 1)):
-        return _result(store, store_manifest(store), "already complete", opts.device, t0)
+        return split_result(store, read_manifest(store), "already complete", opts.device, t0)
     device = "cuda" if opts.device == "cuda" or (opts.device == "auto" and ray.cluster_resources().get("GPU")) else "cpu"
     actors = _actors(ray, opts, device)
     task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError, ConnectionError])(_run_part)
@@ -123,16 +118,9 @@ def build_on_ray(opts, progress: Callable[[dict], None] | None = None):
                for i in range(n)]
     rows_read = _wait(ray, pending, store, layout, progress)
     merge(store, run={"engine": "ray", "parts": n, "matching": device})
-    res = _result(store, store_manifest(store), "built", device, t0)
+    res = split_result(store, read_manifest(store), "built", device, t0)
     res.rows_read = rows_read
     return res
-
-
-def store_manifest(store) -> dict:
-    """The manifest of a store's split."""
-    from .shards import read_manifest
-
-    return read_manifest(store)
 
 
 def _wait(ray, pending: list, store, layout: Layout, progress) -> int:

@@ -1,11 +1,10 @@
-"""A build in parts: which source rows each shard covers, which shards each part builds, the part
-records and locks beside the shards, and the merge that writes the manifest once every part is done.
+"""A build in parts: the part records and locks beside the shards, the takeover of shards another part
+count published, and the merge that writes the manifest once every part is done.
 
-Shard ``i`` covers the source rows ``[i * R, (i + 1) * R)`` (R = rows_per_shard), whatever ran it, so a
-shard's bytes are a function of its rows and the options alone: one machine with any number of
-workers, N parts on N machines, or Ray tasks all write the same shards. Part ``p`` of ``N`` builds
-the contiguous shards ``[p * S // N, (p + 1) * S // N)`` of the S shards, and records each shard it
-publishes in ``_parts/part-<p>-of-<N>.json``. ``merge`` checks that the N records are complete and
+Which rows each shard covers and which shards each part builds is format.layout's rule (Layout, kept
+importable from here): a shard's bytes are a function of its rows and the options alone, so one machine
+with any number of workers, N parts on N machines, or Ray tasks all write the same shards. Each part
+records each shard it publishes in ``_parts/part-<p>-of-<N>.json``. ``merge`` checks that the N records are complete and
 consistent, then writes ``drops.jsonl`` and, last, ``manifest.json``.
 """
 from __future__ import annotations
@@ -16,36 +15,18 @@ import os
 import socket
 import time
 from collections import Counter
-from typing import Iterable, Mapping
+from typing import Iterable
 
-from .errors import BuildError, LockedError, MergeError, PartRecordError
-from .format.layout import Layout
-from .format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_json, shard_entries_problems
-from .shards import MANIFEST_NAME, PARTS_DIR, fault_point, read_bounded
-from .storage import pid_alive
+from ..errors import BuildError, LockedError, MergeError, PartRecordError
+from ..faults import fault_point
+from ..format.layout import Layout
+from ..format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_json, shard_entries_problems
+from ..format.names import DROPS_NAME, MANIFEST_NAME, PARTS_DIR
+from ..shards import read_bounded
+from ..storage import pid_alive
 
 LOCK_SUFFIX = ".lock"
 HASH_BLOCK = 1 << 20  # bytes per read while merge hashes a shard (memory stays at about this)
-
-DROPS_NAME = "drops.jsonl"
-_PART_ENV = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("RANK", "WORLD_SIZE"))
-
-
-def parse_part(text: str, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """'3/16' -> (3, 16); 'auto' reads SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else RANK/WORLD_SIZE (ValueError)."""
-    if text == "auto":
-        for index_var, count_var in _PART_ENV:
-            if index_var in env and count_var in env:
-                return parse_part(f"{env[index_var]}/{env[count_var]}")
-        raise ValueError("is auto, but neither SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT nor RANK/WORLD_SIZE is set")
-    index, sep, count = str(text).partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        raise ValueError(f"must be I/N (e.g. 3/16) or auto, got {text!r}") from None
-    if not sep or n < 1 or not 0 <= i < n:
-        raise ValueError(f"must be I/N with 0 <= I < N, got {text!r}")
-    return i, n
 
 
 def record_name(part: int, parts: int) -> str:
@@ -160,9 +141,14 @@ def write_record(store, record: dict, fault_n: int | None = None) -> None:
 # ---------------------------------------------------------------------------------------- locks
 
 
+def utc_now() -> str:
+    """The time now, as every record and lock of a build writes it (UTC, to the second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def holder() -> dict:
     """Who takes a lock: this host and process (and the Ray task, when run by one)."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": utc_now()}
     task = os.environ.get("FRCNN_SHARD_TASK")  # set by the Ray engine: a retried task takes its own lock back
     if task:
         me["task"] = task
