@@ -449,3 +449,37 @@ def test_pin_memory_pins_with_cuda_and_warns_without(tiny_shards):
         assert images.is_pinned() and targets[0]["anchor_labels"].is_pinned() and not pinned_warnings
     else:
         assert not images.is_pinned() and len(pinned_warnings) == 1
+
+
+# ------------------------------------------------------------------------- options and manifest entry
+
+
+def test_make_loader_names_its_options_and_refuses_an_unknown_one(tiny_shards):
+    import inspect
+
+    params = inspect.signature(make_loader).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert {"hflip", "decode_threads", "on_error", "storage_options"} <= set(params)
+    with pytest.raises(TypeError, match="shufle"):
+        make_loader(tiny_shards, BATCH, shufle=False)
+
+
+def test_a_manifest_dict_is_checked_once_at_the_entry(tiny_shards):
+    from frcnn_shard.format.manifest import Manifest, ManifestError
+
+    urls = [str(tiny_shards / s.name) for s in read_manifest(tiny_shards).shards]
+    plain = json.loads((tiny_shards / "manifest.json").read_text())  # a dict, not the typed view
+    loader = make_loader(urls, BATCH, manifest=plain, num_workers=0)
+    assert isinstance(loader.manifest, Manifest) and loader.num_samples == read_manifest(tiny_shards).samples
+    del plain["image"]
+    with pytest.raises(ManifestError, match=r"manifest=.*image"):
+        make_loader(urls, BATCH, manifest=plain, num_workers=0)
+
+
+def test_a_manifest_path_names_its_folder_by_one_rule():
+    from frcnn_shard.loader import manifest_folder
+
+    assert manifest_folder("shards/train/manifest.json") == "shards/train"
+    assert manifest_folder("s3://bucket/coco/train/manifest.json/") == "s3://bucket/coco/train"
+    assert manifest_folder("manifest.json") == "."
+    assert manifest_folder(Path("shards/train")) == "shards/train"
