@@ -10,7 +10,6 @@ consistent, then writes ``drops.jsonl`` and, last, ``manifest.json``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import time
@@ -24,6 +23,7 @@ from ..format.manifest import MAX_JSON_BYTES, header_problems, is_int, parse_jso
 from ..format.names import DROPS_NAME, MANIFEST_NAME, PARTS_DIR
 from ..shards import read_bounded
 from ..storage import pid_alive
+from ..storage.manifest_io import json_bytes, jsonl_bytes  # the one JSON writer of the split folder
 
 LOCK_SUFFIX = ".lock"
 HASH_BLOCK = 1 << 20  # bytes per read while merge hashes a shard (memory stays at about this)
@@ -42,11 +42,6 @@ def _parse_record_name(name: str, suffix: str = ".json") -> tuple[int, int] | No
         return None
     i, n = int(bits[1]), int(bits[3])
     return (i, n) if 0 <= i < n else None
-
-
-def dumps(obj: dict) -> bytes:
-    """The JSON bytes of a manifest or a part record (indented, key order kept)."""
-    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
 def same_build(a: dict, b: dict) -> bool:
@@ -135,7 +130,7 @@ def write_record(store, record: dict, fault_n: int | None = None) -> None:
     """Replace a part record atomically (the test-only fault point "record_write" cuts it in half)."""
     part, parts = record["part"]
     hook = None if fault_n is None else (lambda: fault_point("record_write", fault_n))
-    store.sub(PARTS_DIR).write_atomic(record_name(part, parts), dumps(record), before_rest=hook)
+    store.sub(PARTS_DIR).write_atomic(record_name(part, parts), json_bytes(record), before_rest=hook)
 
 
 # ---------------------------------------------------------------------------------------- locks
@@ -188,7 +183,7 @@ def acquire_lock(store, part: int, parts: int, shards: range) -> str:
 def _create_lock(locks, name: str, me: dict) -> bool:
     """create_exclusive of the lock; a failed write (full disk, ...) is a BuildError naming the file."""
     try:
-        return locks.create_exclusive(name, dumps(me))
+        return locks.create_exclusive(name, json_bytes(me))
     except OSError as e:
         raise BuildError(f"{locks.location(name)}: could not write the lock: {e}. Nothing was written to the "
                          "split; fix the cause (space, permissions, the storage service) and run the same command "
@@ -339,9 +334,9 @@ def merge(store, run: dict | None = None) -> dict:
                          "annotations": annotation_drops(head.get("source_stats") or {}),
                          "file": DROPS_NAME, "rows": len(dropped)}
     manifest["run"] = {"parts": n, "merged_by": holder(), **(run or {}), "part_runs": [r["run"] for r in records]}
-    _write_merged(store, DROPS_NAME, b"".join(json.dumps(d, separators=(",", ":")).encode() + b"\n" for d in dropped))
+    _write_merged(store, DROPS_NAME, jsonl_bytes(dropped))
     fault_point("merge", 0)
-    _write_merged(store, MANIFEST_NAME, dumps(manifest))
+    _write_merged(store, MANIFEST_NAME, json_bytes(manifest))
     return manifest
 
 
