@@ -359,6 +359,21 @@ class Manifest(dict):
         return sum(e.samples for e in self.shards)
 
     @property
+    def options(self) -> Mapping[str, Any]:
+        """The build options that shaped the output ({} when absent; free-form to the manifest's rules)."""
+        return _section(self, "options")
+
+    @property
+    def bbox_format(self) -> Mapping[str, Any]:
+        """The bbox-convention decision and its evidence ({} when absent; free-form to the manifest's rules)."""
+        return _section(self, "bbox_format")
+
+    @property
+    def source(self) -> Mapping[str, Any]:
+        """Where the rows came from ({} when absent; free-form to the manifest's rules)."""
+        return _section(self, "source")
+
+    @property
     def drops(self) -> Mapping[str, Any]:
         """The drops section ({} when absent): images, boxes, annotations, file, rows."""
         return self.get("drops") or {}
@@ -367,3 +382,9 @@ class Manifest(dict):
     def totals(self) -> Mapping[str, Any]:
         """The totals section ({} when absent): samples, shards, bytes, rows; check compares them."""
         return self.get("totals") or {}
+
+
+def _section(man: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """An informational section as a mapping: check_manifest only vouches that it is an object when present."""
+    value = man.get(name)
+    return value if isinstance(value, dict) else {}
