@@ -50,10 +50,10 @@ def _yes(v) -> str:
 
 def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
     """A short (label, value) table describing a build from its manifest alone (``read_manifest``'s, or a dict
-    that passes its checks). The checked fields come through the typed view; the informational sections
-    (source, options, tool, bbox_format) are free-form and read as they are."""
+    that passes its checks). Every field comes through the typed view except ``tool``, ``format_version`` and
+    ``image.resize`` (informational, no accessor)."""
     manifest = Manifest.checked(manifest, "manifest")
-    src, opts, tool = _obj(manifest.get("source")), _obj(manifest.get("options")), _obj(manifest.get("tool"))
+    src, opts, tool = manifest.source, manifest.options, _obj(manifest.get("tool"))
     tf = _obj(opts.get("transform"))
     image, totals, drops = _obj(manifest.get("image")), manifest.totals, manifest.drops
     anc = manifest.anchors
@@ -85,7 +85,7 @@ def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
         ("images dropped", _counts_text(drops.get("images"))
          + (f" (each row in {drops['file']}: {_lines(drops.get('rows'))})" if drops.get("file") else "")),
         ("boxes dropped", _counts_text(drops.get("boxes"))),
-        ("bbox format", bbox_format_text(manifest.get("bbox_format"))),
+        ("bbox format", bbox_format_text(manifest.bbox_format)),
         ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
         ("matching", matching or "?"),
         ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if manifest.flip_targets
