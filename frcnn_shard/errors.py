@@ -1,8 +1,19 @@
-"""The build's exceptions, shared by the build, its parts and the engines that run them."""
+"""The package's common exception root, and the build's exceptions (shared by the build, its parts and the
+engines that run them).
+
+Every exception frcnn-shard raises on purpose is a ``FrcnnShardError``, so a caller can catch all of them at
+once; each also keeps the built-in base it always had (ValueError for bad input, RuntimeError for a build
+that cannot go on, OSError for a file that is not a regular file), so existing ``except`` clauses still match.
+This module imports nothing of the package: every layer may import it.
+"""
 from __future__ import annotations
 
 
-class BuildError(RuntimeError):
+class FrcnnShardError(Exception):
+    """The root of every exception frcnn-shard raises on purpose."""
+
+
+class BuildError(FrcnnShardError, RuntimeError):
     """The build cannot start or cannot go on; the message says why and what is kept."""
 
 

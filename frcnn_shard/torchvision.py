@@ -31,6 +31,7 @@ except ImportError as e:  # the core package works without torchvision
     raise ImportError(f"frcnn_shard.torchvision needs torchvision ({e}): pip install 'frcnn-shard[torchvision]' "
                       "(make install includes it)") from e
 
+from .errors import FrcnnShardError
 from . import anchors as anc
 from .coco_eval import coco_results  # noqa: F401 - part of this module's API
 from .format.manifest import Manifest
@@ -46,7 +47,7 @@ RESNET_FPN_STRIDES = (4, 8, 16, 32, 64)  # levels "0".."3" and "pool" of torchvi
 _SET_BY_SHARDS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
 
 
-class AnchorMismatchError(ValueError):
+class AnchorMismatchError(FrcnnShardError, ValueError):
     """The model's anchors are not the shards' anchors, so the stored targets do not fit the model."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from .errors import FrcnnShardError
 from .labels import INVALID_LABEL, NUM_CLASSES
 from .format.record import Record, key_of
 from .records import Dropped, Sample, SourceRow
@@ -46,7 +47,7 @@ BOX_TOO_SMALL = "too_small"
 CROWD_PREFIX = "crowd_"
 
 
-class ImageError(ValueError):
+class ImageError(FrcnnShardError, ValueError):
     """An image that cannot be used; ``reason`` is one of DROP_REASONS."""
 
     reason = DROP_CORRUPT_IMAGE

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from ..errors import FrcnnShardError
 from ..codec import check_out, decode_jpeg
 
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}  # member extension -> the format its bytes must hold
@@ -21,7 +22,7 @@ RULE_IMAGE_DECODE = "image_decode"
 RULE_IMAGE_SIZE = "image_size"
 
 
-class StoredImageError(ValueError):
+class StoredImageError(FrcnnShardError, ValueError):
     """A stored image that breaks a rule; ``rule`` is RULE_IMAGE_DECODE or RULE_IMAGE_SIZE."""
 
     def __init__(self, rule: str, message: str):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Mapping
 
+from ..errors import FrcnnShardError
 from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
 
 MAX_JSON_BYTES = 64 << 20  # a manifest of 100k shards is ~40 MB; part records and locks are far smaller
@@ -30,7 +31,7 @@ MAX_LEVELS, MAX_CELL_SHAPES = 16, 64  # an anchor spec's feature levels; sizes p
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ManifestError(ValueError):
+class ManifestError(FrcnnShardError, ValueError):
     """The manifest is missing, unreadable, malformed or of an unknown format version."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Iterator
 
+from ..errors import FrcnnShardError
+
 IMAGE_EXTS = ("jpg", "png")
 JSON_EXT = "json"
 TARGETS_EXT = "rpn.npz"
@@ -23,7 +25,7 @@ RULE_MEMBER_NAME = "member_name"  # unsafe name, not a regular file, or oversize
 RULE_MEMBERS = "members"  # the sample's set of members: missing, unexpected or repeated
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(FrcnnShardError, ValueError):
     """A shard breaks a rule of docs/FORMAT.md; the message names the shard, the key and the rule."""
 
 

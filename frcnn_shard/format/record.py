@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import FrcnnShardError
 from ..labels import NUM_CLASSES
 from .image import RULE_IMAGE_SIZE
 
@@ -26,7 +27,7 @@ RULE_BOX_INVALID = "box_invalid"
 RULE_LABEL_INVALID = "label_invalid"
 
 
-class RecordError(ValueError):
+class RecordError(FrcnnShardError, ValueError):
     """A JSON record that is not a valid record; the message says which field and why."""
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import FrcnnShardError
 from ..labels import NUM_CLASSES
 from ..transform import IMAGENET_MEAN, IMAGENET_STD
 
@@ -15,7 +16,7 @@ ON_ERROR_CHOICES = ("raise", "skip")
 DEFAULT_SHUFFLE_BUFFER = 256  # encoded samples (~30-60 KB each), so a few MB per worker
 
 
-class LoaderError(ValueError):
+class LoaderError(FrcnnShardError, ValueError):
     """The loader cannot be set up as asked (bad source, options or shard/worker layout)."""
 
 

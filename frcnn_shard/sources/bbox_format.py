@@ -8,10 +8,12 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from ..errors import FrcnnShardError
+
 BBOX_FORMAT_CHOICES = ("auto", "xywh", "xyxy")
 
 
-class BboxFormatError(ValueError):
+class BboxFormatError(FrcnnShardError, ValueError):
     """The bbox convention cannot be decided from the data; ``evidence`` holds the counts seen."""
 
     def __init__(self, message: str, evidence: dict | None = None):

@@ -6,16 +6,18 @@ import os
 import stat
 from typing import IO, Callable, Iterable, Protocol, runtime_checkable
 
+from ..errors import FrcnnShardError
+
 PARTIAL_SUFFIX = ".partial"
 # Rule names of the read side (messages carry them; docs/RELIABILITY.md "Bounds" explains each).
 RULE_REGULAR_FILE = "regular_file"  # readers open regular files only: no FIFO, device, socket, link, directory
 
 
-class StorageError(ValueError):
+class StorageError(FrcnnShardError, ValueError):
     """A location that cannot be used: an unknown scheme, a package missing, bad storage options."""
 
 
-class NotRegularFileError(OSError):
+class NotRegularFileError(FrcnnShardError, OSError):
     """A path to read is not a regular file (a FIFO, a device, a socket, a directory, a symbolic link)."""
 
 
