@@ -103,3 +103,49 @@ def test_the_tests_the_documents_name_exist():
     assert len(named) > 10
     missing = sorted(f"{doc}: {t}" for doc, t in named if t not in defined)
     assert not missing, f"documents name tests that do not exist: {missing}"
+
+
+def _architecture_refs() -> tuple[list[str], list[str]]:
+    """(files, dotted names) that docs/ARCHITECTURE.md names: the modules of its package table (first column, and
+    each `x.py` of a package's row), and every `a.b[.c]` in backticks whose first part is one of our modules."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Packages and modules", 1)[1].split("\n## ", 1)[0]
+    files, dotted = [], []
+    for line in table.splitlines():
+        cells = line.split("|")
+        if len(cells) < 3 or not cells[1].strip().startswith("`"):
+            continue
+        firsts = re.findall(r"`([^`]+)`", cells[1])
+        files += firsts
+        for package in (f for f in firsts if f.endswith("/")):
+            files += [package + m for m in re.findall(r"`([a-z_]+\.py)`", cells[2])]
+    top = {p.stem for p in (ROOT / "frcnn_shard").iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    for ref in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", text):
+        if ref.split(".")[0] in top and not ref.endswith(".py"):
+            dotted.append(ref)
+    return files, dotted
+
+
+def _resolves(ref: str) -> bool:
+    import importlib
+
+    parts = ref.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("frcnn_shard." + ".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_the_modules_and_names_architecture_md_names_exist():
+    files, dotted = _architecture_refs()
+    assert len(files) > 40 and len(dotted) > 30  # the parser found the table and the references
+    missing = [f for f in files if not (ROOT / "frcnn_shard" / f).exists()]
+    missing += [d for d in dotted if not _resolves(d)]
+    assert not missing, f"docs/ARCHITECTURE.md names what does not exist: {missing}"
