@@ -67,6 +67,6 @@ def merge_split(location, storage_options: dict | None = None, max_bad_fraction:
     store = open_store(location, storage_options)
     manifest = Manifest.checked(merge(store), store.location(MANIFEST_NAME))
     res = split_result(store, manifest, "merged", "-", t0)
-    limit = manifest["options"]["max_bad_fraction"] if max_bad_fraction is None else max_bad_fraction
+    limit = manifest.options["max_bad_fraction"] if max_bad_fraction is None else max_bad_fraction
     check_bad_fraction(res, limit)
     return res

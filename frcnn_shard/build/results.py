@@ -77,7 +77,7 @@ def split_result(store, manifest: Manifest, status: str, device: str, t0: float,
     return BuildResult(
         out_dir=_out_dir(store), status=status, samples=totals["samples"],
         shards=totals["shards"], bytes=totals["bytes"], rows=totals["rows"], drops=drops["images"],
-        box_drops=drops["boxes"], bbox_format=manifest["bbox_format"], device=device,
+        box_drops=drops["boxes"], bbox_format=manifest.bbox_format, device=device,
         seconds=time.perf_counter() - t0, resumed_shards=resumed, bad_fraction=frac,
         dropped=[json.loads(line) for line in first], drops_file=store.location(DROPS_NAME))
 

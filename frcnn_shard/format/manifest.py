@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, Callable, Mapping
 
 from ..errors import FrcnnShardError
+from .layout import Layout
 from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
 
 MAX_JSON_BYTES = 64 << 20  # a manifest of 100k shards is ~40 MB; part records and locks are far smaller
@@ -358,6 +359,11 @@ class Manifest(dict):
     def samples(self) -> int:
         """The samples the shard entries list (what a full read of the split meets)."""
         return sum(e.samples for e in self.shards)
+
+    @property
+    def layout(self) -> Layout:
+        """The split's rows -> shards plan (layout.rows, layout.rows_per_shard)."""
+        return Layout(self["layout"]["rows"], self["layout"]["rows_per_shard"])
 
     @property
     def options(self) -> Mapping[str, Any]:

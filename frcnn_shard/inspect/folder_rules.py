@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from ..format.layout import Layout
 from ..format.manifest import Manifest
 from ..format.names import MANIFEST_NAME, SHARD_RE
 from ..storage.base import PARTIAL_SUFFIX, Store
@@ -60,12 +59,6 @@ def _drop_lines(data: bytes, name: str) -> tuple[list[tuple[int, str]], list[Pro
     return rows, problems
 
 
-def _layout_of(manifest: Manifest) -> Layout:
-    """The split's rows -> shards plan (check_manifest requires layout.rows and layout.rows_per_shard >= 1;
-    the typed view has no accessor for them yet, so they are read here, in one place)."""
-    return Layout(manifest["layout"]["rows"], manifest["layout"]["rows_per_shard"])
-
-
 def check_drops(store: Store, manifest: Manifest) -> list[Problem]:
     """The dropped rows' file against the manifest: as many records as ``drops.rows``, each row once and in
     order, within the split's rows, and per shard the reasons its manifest entry counts."""
@@ -89,7 +82,7 @@ def check_drops(store: Store, manifest: Manifest) -> list[Problem]:
 
 def _placement_problems(rows: list[tuple[int, str]], name: str, manifest: Manifest) -> list[Problem]:
     """Dropped rows in row order, each once, within the split's rows; per shard, the reasons its entry counts."""
-    layout = _layout_of(manifest)
+    layout = manifest.layout
     problems: list[Problem] = []
     found: dict[int, Counter] = {}
     for i, (row, reason) in enumerate(rows):
