@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TINY_COCO = ROOT.parent / "shared" / "data" / "tiny_coco"
-BENCH_DATA = ROOT / "bench_data"  # git-ignored
+# git-ignored; FRCNN_SHARD_BENCH_DATA moves it (tests/test_scripts.py runs every script on a tiny input elsewhere)
+BENCH_DATA = Path(os.environ.get("FRCNN_SHARD_BENCH_DATA") or ROOT / "bench_data")
 BENCH_MD = ROOT / "docs" / "BENCHMARKS.md"
 ID_STRIDE = 1_000_000  # repeat k of image i gets image id i + k * ID_STRIDE (COCO ids are < 600k)
 SAMPLES_PER_SHARD = 250  # so 2,000 images give 8 shards: enough streams for several loader workers
