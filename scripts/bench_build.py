@@ -372,7 +372,7 @@ def _components_table(c: Components, workers: int, images: int, gap_s: float) ->
     # spare core, it also takes CPU away from the workers.
     worker_side = [("transform minus codec (box rules, JSON meta, header parse)", c.transform_total - c.codec),
                    ("anchor matching (AnchorMatcher.match, stored + mirrored boxes)", c.match),
-                   ("target packing (build._pack: rpn counts + pack_targets, npz + deflate)", c.pack)]
+                   ("target packing (build.worker.pack: rpn counts + pack_targets, npz + deflate)", c.pack)]
     main_side = [("source reading (datasets streaming -> SourceRow)", c.source),
                  ("IPC: pickle rows out + samples back (both ends)", c.job_pickle + c.result_pickle),
                  ("JSON record dumps (sample_members)", c.json_meta),
