@@ -27,8 +27,8 @@ INLINE_CODE = re.compile(r"`[^`]*`")  # option values and identifiers, such as `
 # Numbers of that shape that are behaviour or arithmetic, not measurements: (document, the phrase
 # around the number, why). Each phrase must still occur, so the list cannot go stale.
 NOT_BENCHMARKS = (
-    ("docs/RELIABILITY.md", "(max 60 s)", "the retry backoff's cap, build.MAX_RETRY_DELAY_S"),
-    ("docs/RELIABILITY.md", "within 0.5 s", "how often the build polls its workers, build._POLL_S"),
+    ("docs/RELIABILITY.md", "(max 60 s)", "the retry backoff's cap, build.rows.MAX_RETRY_DELAY_S"),
+    ("docs/RELIABILITY.md", "within 0.5 s", "how often the build polls its workers, build.pool.POLL_S"),
     ("docs/RELIABILITY.md", "within ~1 s", "what test_ctrl_c_stops_within_seconds_and_resumes asserts"),
     ("docs/RELIABILITY.md", "sleeps S seconds", "a fault point's syntax"),
 )
