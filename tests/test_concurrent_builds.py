@@ -266,3 +266,31 @@ def test_the_same_split_under_another_name_or_a_trailing_slash_is_one_build(hub,
                                   str(tmp_path / "o"), "--workers", "0", "--device", "cpu", "--rows-per-shard",
                                   str(RPS), "--image-size", "96"])
     assert r.exit_code == 0 and "0 rows read, 0.0 rows/s" in r.output, r.output
+
+
+def test_a_merge_holds_the_whole_build_lock_so_two_merges_never_run_at_once(hub, ref, tmp_path):
+    """A merge takes the lock of part 0 of 1 (every shard): a live holder (another merge, a whole build) makes it
+    stop before writing anything; a dead process's lock on this host is stale and taken over; the lock is
+    released when the merge ends."""
+    build(opts(hub, tmp_path, part=(0, 1)))  # a part: no merge yet
+    split = tmp_path / "train"
+    lock = split / "_parts" / "part-000000-of-000001.lock"
+    live = mp.get_context("fork").Process(target=_sleep)
+    live.start()
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid, "since": "then",
+                                    "part": [0, 1], "shards": [0, 1 << 31]}))
+        r = CliRunner().invoke(main, ["merge", str(split)])
+        assert r.exit_code == 1 and f"held by pid {live.pid}" in r.output, r.output
+        assert not (split / MANIFEST_NAME).exists() and not (split / "drops.jsonl").exists()
+    finally:
+        live.kill()
+        live.join()
+    assert merge_split(split).status == "merged"  # the holder is gone: its lock is stale
+    assert not lock.exists() and read_manifest(split)["complete"] is True
+
+
+def _sleep() -> None:
+    import time
+
+    time.sleep(60)

@@ -26,6 +26,7 @@ from ..storage import pid_alive
 from ..storage.manifest_io import json_bytes, jsonl_bytes  # the one JSON writer of the split folder
 
 LOCK_SUFFIX = ".lock"
+MERGE_SHARDS = 1 << 31  # a merge's lock covers every shard a split can have
 HASH_BLOCK = 1 << 20  # bytes per read while merge hashes a shard (memory stays at about this)
 
 
@@ -306,7 +307,20 @@ def annotation_drops(stats: dict) -> dict:
 
 
 def merge(store, run: dict | None = None) -> dict:
-    """Check the parts of a split, then write drops.jsonl and, last, manifest.json; returns the manifest."""
+    """Check the parts of a split, then write drops.jsonl and, last, manifest.json; returns the manifest.
+
+    The merge holds the lock of a whole build (part 0 of 1, every shard) while it runs, so two merges never
+    write the same temporary files, and none runs beside a part that is still building (LockedError).
+    """
+    lock = acquire_lock(store, 0, 1, range(MERGE_SHARDS))
+    try:
+        return _merged(store, run)
+    finally:
+        release_lock(store, lock)
+
+
+def _merged(store, run: dict | None) -> dict:
+    """The merge itself, under its lock: the records checked, every shard verified, drops.jsonl, the manifest."""
     n, records = _complete_records(store)
     _check_consistent(store, n, records)
     on_store = set(store.names())
