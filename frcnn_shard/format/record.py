@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import FrcnnShardError
-from ..labels import NUM_CLASSES
 from .image import RULE_IMAGE_SIZE
 
 REQUIRED_FIELDS = ("image_id", "size", "boxes", "labels", "rpn")  # what a sound record must hold
@@ -188,21 +187,12 @@ def checked_record(data: bytes, canvas_hw: tuple[int, int] | None, num_classes: 
 # ------------------------------------------------------------------------------ the record rules
 
 
-def num_classes_of(manifest: Any) -> int:
-    """The class count (background included) of a manifest's ``classes``; labels lie in 1..count-1.
-
-    labels.NUM_CLASSES when the manifest lists no classes (shards read without one).
-    """
-    classes = manifest.get("classes") if isinstance(manifest, dict) else None
-    return len(classes) if isinstance(classes, list) and len(classes) > 1 else NUM_CLASSES
-
-
 def record_problems(meta: Any, canvas_hw: tuple[int, int] | None, num_classes: int, key: str
                     ) -> tuple[list[tuple[str, str]], int | None]:
     """The record rules, for check and the loader alike: ([(rule, detail)], number of boxes or None).
 
     ``meta``: the parsed JSON member; ``canvas_hw``: the manifest's image size (None without a manifest:
-    the record's own ``size`` bounds the boxes); ``num_classes``: background included (num_classes_of),
+    the record's own ``size`` bounds the boxes); ``num_classes``: background included (``Manifest.num_classes``),
     so labels must be integers in 1..num_classes-1; ``key``: the sample's key, which must be the
     12-digit image_id (and the record's own ``key``, when it has one). The common, sound record is
     decided in plain Python, in one pass over its boxes and labels.
