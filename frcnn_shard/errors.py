@@ -47,3 +47,7 @@ class MergeError(BuildError):
 
 class PartRecordError(BuildError):
     """A part record that breaks its rules (malformed, not JSON, too deep): the message names the file and rule."""
+
+
+class SourceFormError(FrcnnShardError, ValueError):
+    """A source that is none of the forms frcnn-shard reads, or whose annotations break a rule (named with the file)."""

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import FrcnnShardError
-from .labels import INVALID_LABEL, NUM_CLASSES
+from .labels import EXCLUDED_LABEL
 from .format.record import Record, key_of
 from .records import Dropped, Sample, SourceRow
 
@@ -41,6 +41,7 @@ DROP_REASONS = (DROP_MISSING_IMAGE, DROP_CORRUPT_IMAGE, DROP_TOO_MANY_PIXELS, DR
 # under the first rule it breaks. Dropped crowd boxes are counted as CROWD_PREFIX + reason.
 BOX_NON_FINITE = "non_finite"
 BOX_BAD_CATEGORY = "bad_category"
+BOX_EXCLUDED_CLASS = "excluded_class"
 BOX_DEGENERATE = "degenerate"
 BOX_OUTSIDE_IMAGE = "outside_image"
 BOX_TOO_SMALL = "too_small"
@@ -206,9 +207,12 @@ def box_drop_reasons(
     r32 = resized.astype(np.float32).astype(np.float64)
     bw, bh = r32[:, 2] - r32[:, 0], r32[:, 3] - r32[:, 1]
     small = (bw < min_box_size) | (bh < min_box_size) | (bw <= 0) | (bh <= 0)
-    bad_cat = (labels == INVALID_LABEL) | (labels < 1) | (labels >= NUM_CLASSES)
+    # Sources bound labels to 1..K (sources.base.Source); anything below 1 is not a class of the build.
+    bad_cat = labels < 1
     for i in range(n):
-        if not finite[i]:
+        if labels[i] == EXCLUDED_LABEL:
+            reasons[i] = BOX_EXCLUDED_CLASS
+        elif not finite[i]:
             reasons[i] = BOX_NON_FINITE
         elif bad_cat[i]:
             reasons[i] = BOX_BAD_CATEGORY

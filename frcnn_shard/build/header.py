@@ -8,7 +8,6 @@ import json
 from .. import __version__, anchors as anc
 from ..format import FORMAT_VERSION
 from ..format.layout import Layout
-from ..labels import CLASS_NAMES
 from ..transform import IMAGENET_MEAN, IMAGENET_STD
 from .options import BuildOptions
 
@@ -23,7 +22,8 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
     tdict = opts.transform.to_dict()
     tdict.pop("bbox_format", None)  # the decision lives in the manifest's bbox_format section
     return _jsonable({
-        "source": opts.source, "revision": opts.revision, "split": split,
+        "source": opts.source, "revision": opts.revision, "split": split, "image_dir": opts.image_dir,
+        "classes": opts.classes, "hub_crowd": opts.hub_crowd,
         "bbox_format": opts.bbox_format, "transform": tdict,
         "anchors": anc.anchors_manifest_section(opts.anchor_preset, spec, opts.matching,
                                                 flip_targets=opts.flip_targets),
@@ -47,6 +47,8 @@ def make_header(opts: BuildOptions, source, options: dict, layout: Layout) -> di
                   "resize": opts.transform.resize, "mode": "RGB"},
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "rule": "float = (uint8 / 255 - mean) / std, per RGB channel"},
-        "classes": list(CLASS_NAMES),
+        "classes": list(source.classes.class_names),
+        "categories": source.classes.to_manifest(),
+        "crowd": dict(source.crowd),
         "anchors": options["anchors"],  # built once, in output_options
     }

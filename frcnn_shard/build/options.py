@@ -16,7 +16,7 @@ from typing import Mapping
 
 from .. import anchors as anc
 from ..errors import OptionError
-from ..sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID
+from ..sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, HUB_CROWD_CHOICES
 from ..storage import StorageError, open_store
 from ..transform import TransformConfig
 
@@ -37,6 +37,17 @@ def parse_storage_options(text: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, got a {type(value).__name__}")
     return value
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """'person,car' -> ('person', 'car'): class names, comma-separated (ValueError on an empty or repeated one)."""
+    names = tuple(n.strip() for n in str(text).split(","))
+    if not all(names):
+        raise ValueError(f"must be class names separated by commas, none empty (got {text!r})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names {repeated} more than once")
+    return names
 
 
 def parse_part(text: str, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
@@ -66,6 +77,14 @@ class BuildOptions:
         "help": "Hub dataset id, a local folder in the Hub's layout, or coco:DIR (official COCO layout)."})
     split: str = field(default="train", metadata={"help": "train / val (hub); train2017 / val2017 (coco:)."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit).", "type": str})
+    image_dir: str | None = field(default=None, metadata={
+        "help": "The images of a coco:FILE.json source (default: the json's own folder).", "type": str})
+    classes: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Keep only these classes, in this order, as labels 1..K (e.g. person,car); other boxes drop as "
+                "excluded_class. Default: every class of the source.", "parse": parse_classes})
+    hub_crowd: str = field(default="auto", metadata={
+        "help": "auto: on a Hub source with COCO's classes and COCO's annotation ids, ids >= 9e11 are crowd "
+                "boxes (the Hub drops iscrowd); off: every Hub box is an ordinary box.", "choices": HUB_CROWD_CHOICES})
     out: str = field(default="shards", metadata={"help": "Output root; shards go to OUT/<split>/."})
     bbox_format: str = field(default="auto", metadata={
         "help": "How the source's bbox is written; auto decides from geometry and records the evidence.",

@@ -63,7 +63,8 @@ def open_output(opts: BuildOptions, spec: anc.AnchorSpec, open_source: Callable 
     """(source, store of the split, layout, header): what every part of a build, on any engine, agrees on."""
     opts = replace(opts, source=_without_trailing_slash(opts.source))  # "DIR/" and "DIR" are one source
     source = open_source(opts.source, opts.split, revision=opts.revision, bbox_format=opts.bbox_format,
-                         detect_rows=opts.detect_rows)
+                         detect_rows=opts.detect_rows, image_dir=opts.image_dir, classes=opts.classes,
+                         hub_crowd=opts.hub_crowd)
     split = source.info["split"]
     store = open_store(opts.out, opts.storage_options).sub(split)
     store.makedirs()

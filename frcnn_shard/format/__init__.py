@@ -11,4 +11,4 @@ the loader, check, stats and show alike:
 """
 from __future__ import annotations
 
-FORMAT_VERSION = "2.0"  # major.minor: readers refuse an unknown major, accept any minor
+FORMAT_VERSION = "2.1"  # major.minor: readers refuse an unknown major, accept any minor

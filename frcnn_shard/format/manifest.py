@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, Callable, Mapping
 
 from ..errors import FrcnnShardError
+from .classes import BACKGROUND, MAX_CLASSES, ClassMap, categories_problem
 from .layout import Layout
 from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
 
@@ -27,7 +28,6 @@ MAX_ANCHORS = 1 << 22  # 4M anchors = 64 MB of float32 boxes; 800 x 1333 letterb
 MAX_SIDE = 1 << 14  # canvas pixels per side
 MAX_SHARD_SAMPLES = 1 << 24
 MAX_SHARD_BYTES = 1 << 42  # 4 TiB
-MAX_CLASSES = 1 << 16
 MAX_LEVELS, MAX_CELL_SHAPES = 16, 64  # an anchor spec's feature levels; sizes per level, ratios
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -152,6 +152,7 @@ _HEADER_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
     ("normalization.std", _numbers(3, True), False),
     ("classes", lambda v: None if isinstance(v, list) and 2 <= len(v) <= MAX_CLASSES and all(
         isinstance(c, str) for c in v) else f"must be a list of 2..{MAX_CLASSES} names (got {_short(v)})", True),
+    ("categories", categories_problem, False),
     ("anchors.count", _want_int(1, MAX_ANCHORS), True),
     ("anchors.sha256", _sha256, True),
     ("anchors.spec", _OBJECT, True),
@@ -190,8 +191,18 @@ def header_problems(header: Any) -> list[str]:
         return [f"must be a JSON object (got {_short(header)})"]
     problems = _problems(header, _HEADER_RULES)
     if not problems:
-        problems += _anchor_count_problems(header["anchors"])
+        problems += _anchor_count_problems(header["anchors"]) + _classes_problems(header)
     return problems
+
+
+def _classes_problems(header: dict) -> list[str]:
+    """``classes`` (names by label) and ``categories`` (the full record) must tell the same labels."""
+    classes = header["classes"]
+    if classes[0] != BACKGROUND:
+        return [f"classes: index 0 must be {BACKGROUND!r} (got {_short(classes[0])})"]
+    if "categories" in header and [e["name"] for e in header["categories"]["list"]] != classes[1:]:
+        return ["categories: names differ from classes[1:] (the two must list the same labels)"]
+    return []
 
 
 def _anchor_count_problems(section: dict) -> list[str]:
@@ -336,6 +347,23 @@ class Manifest(dict):
     def classes(self) -> tuple[str, ...]:
         """Class names, index = label; index 0 is the background."""
         return tuple(self["classes"])
+
+    @cached_property
+    def class_map(self) -> ClassMap:
+        """Which class each label is and the category id evaluation writes for it (``categories``).
+
+        A manifest from before format 2.1 has no ``categories``: its ``classes`` are COCO's 80 (official ids)
+        or, for any other list, ids equal to the labels.
+        """
+        if "categories" in self:
+            return ClassMap.from_manifest(self["categories"], "manifest")
+        names = tuple(self["classes"][1:])
+        from ..labels import COCO_CLASSES, coco_class_map  # noqa: PLC0415 - labels imports format
+
+        if names == COCO_CLASSES:
+            return coco_class_map()
+        labels = tuple(range(1, len(names) + 1))
+        return ClassMap(names, labels, labels, "manifest classes order", "manifest 'classes' (format 2.0)")
 
     @property
     def num_classes(self) -> int:

@@ -3,8 +3,12 @@ resumable row stream of ``SourceRow``) and the split-name rule."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
+from ..format.classes import ClassMap
+from ..labels import INVALID_LABEL, keep_classes
 from ..records import SourceRow
 
 
@@ -29,17 +33,28 @@ class Source:
     the split's content (every part of a build must see the same one); ``rows(start, stop)`` reads
     only that slice. A row whose image id already appeared at an earlier row of the split carries
     ``duplicate_of`` (the build drops it), decided from all the split's ids, so every part agrees.
+    ``classes`` (a ``ClassMap``) numbers the labels the rows carry: 1..K, or INVALID_LABEL for a category
+    outside the list; ``keep_classes`` narrows it. ``crowd`` records how crowd/ignore boxes were recognised:
+    {"rule", "evidence"} and, where counted while opening, "annotations".
     """
 
     def __init__(self, info: dict, bbox_format: dict, stats: dict, num_rows: int, fingerprint: str,
-                 rows_fn: Callable[[int, int], Iterator[SourceRow]], image_ids: Iterable[int]):
+                 rows_fn: Callable[[int, int], Iterator[SourceRow]], image_ids: Iterable[int], *,
+                 classes: ClassMap, crowd: dict | None = None):
         self.info = info
         self.bbox_format = bbox_format
         self.stats = stats
         self.num_rows = int(num_rows)
         self.fingerprint = fingerprint
+        self.classes = classes
+        self.crowd = crowd if crowd is not None else {"rule": "none", "evidence": "the source has no crowd flag"}
         self._rows_fn = rows_fn
+        self._remap: np.ndarray | None = None
         self.duplicates = first_occurrences(image_ids)
+
+    def keep_classes(self, names: Sequence[str]) -> None:
+        """Keep and order a subset of the classes (``--classes``); boxes of the others become EXCLUDED_LABEL."""
+        self.classes, self._remap = keep_classes(self.classes, names, f"source {self.info.get('id')!r}")
 
     def rows(self, start: int = 0, stop: int | None = None) -> Iterator[SourceRow]:
         """Yield rows start..stop-1 (stop None: to the end); ``SourceRow.index`` is the row's position in the split."""
@@ -49,8 +64,15 @@ class Source:
         return self._marked(self._rows_fn(int(start), stop))
 
     def _marked(self, rows: Iterator[SourceRow]) -> Iterator[SourceRow]:
+        # Every source's labels pass here: one place bounds them to 1..K and applies --classes.
+        k = len(self.classes.names) if self._remap is None else len(self._remap) - 1
         for row in rows:
             row.duplicate_of = self.duplicates.get(row.index)
+            labels = np.asarray(row.labels, dtype=np.int64)
+            labels = np.where((labels >= 1) & (labels <= k), labels, np.minimum(labels, INVALID_LABEL))
+            if self._remap is not None:
+                labels = np.where(labels >= 1, self._remap[np.clip(labels, 0, k)], labels)
+            row.labels = labels
             yield row
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from ..labels import INVALID_LABEL, coco_category_map
+from ..labels import INVALID_LABEL, class_map_from_coco_categories, label_lookup
 from ..records import SourceRow
 from .base import Source, resolve_split
 from .bbox_format import bbox_format_record
@@ -86,7 +86,7 @@ def _coco_row(image: Mapping, anns: list[dict], catmap: dict[int, int], index: i
     )
 
 
-def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> Source:
+def open_coco(source: str, split: str, bbox_format: str, detect_rows: int, *, image_dir: str | None = None) -> Source:
     """Open one split of an official COCO folder (``coco:DIR``)."""
     coco_dir = Path(source[len(COCO_PREFIX) :]).expanduser()
     if not coco_dir.is_dir():
@@ -96,7 +96,8 @@ def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> So
     if bbox_format == "xyxy":
         raise ValueError(f"{ann_file}: official COCO annotations are [x, y, w, h]; bbox format xyxy does not apply")
     data, fingerprint = load_coco(ann_file)
-    catmap = coco_category_map(data["categories"])
+    classes = class_map_from_coco_categories(data["categories"], str(ann_file))
+    catmap = label_lookup(classes)
     by_image, dangling = group_annotations(data)
     images = data["images"]
     img_dir = coco_dir / resolved
@@ -135,4 +136,7 @@ def open_coco(source: str, split: str, bbox_format: str, detect_rows: int) -> So
         "num_rows": len(images),
         "annotation_file": str(ann_file),
     }
-    return Source(info, record, stats, len(images), fingerprint, rows_fn, (int(im["id"]) for im in images))
+    crowd = {"rule": "iscrowd", "evidence": f"{ann_file}: the annotations' iscrowd flag",
+             "annotations": stats["crowd_annotations"]}
+    return Source(info, record, stats, len(images), fingerprint, rows_fn, (int(im["id"]) for im in images),
+                  classes=classes, crowd=crowd)

@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..labels import COCO_CLASSES, check_class_names, hub_category_to_label
+from ..labels import COCO_CLASSES, check_class_names, class_map_from_class_label, hub_category_to_label
 from ..records import SourceRow
 from .base import Source, resolve_split
 from .bbox_format import bbox_format_record
@@ -179,7 +179,8 @@ def _image_ids(files: list[_ParquetFile]) -> Iterator[int]:
             yield from pq.ParquetFile(f).read(columns=["image_id"]).column("image_id").to_pylist()
 
 
-def open_hub(source: str, split: str, revision: str | None, bbox_format: str, detect_rows: int) -> Source:
+def open_hub(source: str, split: str, revision: str | None, bbox_format: str, detect_rows: int, *,
+             hub_crowd: str = "auto") -> Source:
     """Open one split of a Hub dataset id or a local Hub-layout folder, by its parquet files.
 
     One code path for both: ``datasets`` resolves the data files (the Hub's, pinned at the resolved
@@ -207,4 +208,5 @@ def open_hub(source: str, split: str, revision: str | None, bbox_format: str, de
         digest.update(f"{f.url.rsplit('/', 1)[-1]}:{f.num_rows}:{f.footer_sha256}\n".encode())
     info = {"kind": "hub", "id": source, "local": os.path.isdir(source), "revision": revision, "split": resolved,
             "requested_split": split, "num_rows": num_rows, "files": [f.url.rsplit("/", 1)[-1] for f in files]}
-    return Source(info, record, {}, num_rows, "sha256:" + digest.hexdigest(), rows_fn, _image_ids(files))
+    return Source(info, record, {}, num_rows, "sha256:" + digest.hexdigest(), rows_fn, _image_ids(files),
+                  classes=class_map_from_class_label(COCO_CLASSES, f"{where}: objects.category"))
