@@ -131,6 +131,8 @@ def build(no_low_quality: bool, **kw) -> None:
     # build never asks for: this process does without (a USE_TORCH already set is respected).
     os.environ.setdefault("USE_TORCH", "0")
     from .build import BuildError, BuildInterrupted, OptionError, build as run_build, validate_options
+    from .errors import SourceFormError
+    from .format.classes import ClassMapError
 
     try:
         if no_low_quality:
@@ -149,6 +151,9 @@ def build(no_low_quality: bool, **kw) -> None:
     except BuildInterrupted as e:
         bar.close()
         _fail(_cli_words(str(e)), 128 + e.signum)
+    except (SourceFormError, ClassMapError) as e:  # the source is none we read, or breaks a rule: bad input
+        bar.close()
+        _fail(_cli_words(str(e)), 2)
     except (BuildError, ValueError, OSError) as e:
         bar.close()
         _fail(_cli_words(str(e)), 1)

@@ -593,7 +593,7 @@ def test_an_exception_in_a_worker_is_counted_not_fatal(bad_hub, tmp_path, caplog
 
 
 def write_coco(root: Path) -> Path:
-    """A COCO folder with a missing file, a dangling annotation, a duplicate id, unknown categories."""
+    """A COCO folder with a missing file, a dangling annotation, a duplicate id, boxes without coordinates."""
     imgs = root / "train2017"
     imgs.mkdir(parents=True)
     for name, seed in (("a.jpg", 1), ("c.jpg", 3), ("d.jpg", 4), ("e.jpg", 5), ("f.jpg", 6)):
@@ -610,7 +610,6 @@ def write_coco(root: Path) -> Path:
     anns = [
         {"id": 100, "image_id": 1, "category_id": 1, "bbox": box, "iscrowd": 0},
         {"id": 101, "image_id": 2, "category_id": 1, "bbox": box, "iscrowd": 0},
-        {"id": 102, "image_id": 3, "category_id": 999, "bbox": box, "iscrowd": 0},  # bad_category
         {"id": 103, "image_id": 3, "category_id": 2, "bbox": box, "iscrowd": 0},
         {"id": 104, "image_id": 4, "category_id": 1, "bbox": box, "iscrowd": 0},
         {"id": 105, "image_id": 5, "category_id": 1, "bbox": None, "iscrowd": 0},  # non_finite
@@ -633,7 +632,7 @@ def test_coco_folder_faults_are_counted_in_the_manifest(tmp_path):
     res = build(opts)
     m = read_manifest(res.out_dir)
     assert m["drops"]["images"] == {"duplicate_image_id": 1, "missing_image": 1, "size_mismatch": 1}
-    assert m["drops"]["boxes"] == {"bad_category": 1, "non_finite": 2}
+    assert m["drops"]["boxes"] == {"non_finite": 2}  # an unknown category_id is an error (test_coco_file.py)
     assert m["drops"]["annotations"] == {"dangling": 1}
     assert m["source_stats"]["dangling_annotations"] == 1
     assert all_keys(res.out_dir) == ["000000000001", "000000000003", "000000000005"]

@@ -294,7 +294,7 @@ def test_coco_source_on_tiny_coco(tiny_coco):
     assert S.open_source(f"coco:{tiny_coco}", "train").info["split"] == "train2017"
     with pytest.raises(ValueError, match=r"unknown split 'val'.*\['train2017'\]"):
         S.open_source(f"coco:{tiny_coco}", "val")
-    with pytest.raises(ValueError, match="official COCO annotations are"):
+    with pytest.raises(ValueError, match="COCO-format boxes are"):
         S.open_source(f"coco:{tiny_coco}", "train2017", bbox_format="xyxy")
 
 
@@ -305,8 +305,8 @@ def test_coco_resume_matches_tail(tiny_coco):
 
 
 def _write_coco(root: Path, split: str, images, annotations, files) -> None:
-    (root / "annotations").mkdir(parents=True)
-    (root / split).mkdir()
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(exist_ok=True)
     cats = [{"id": i, "name": n} for i, n in zip(
         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33,
          34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61,
@@ -333,12 +333,18 @@ def test_coco_missing_image_dangling_and_empty(tmp_path):
         {"id": 13, "image_id": 3, "category_id": 12, "bbox": [1, 1, 10, 10], "area": 100, "iscrowd": 0},
     ]
     _write_coco(tmp_path, "val2017", images, anns, ["a.jpg", "b.jpg"])
+    with pytest.raises(ValueError, match=r"1 annotations have a category_id that is not in 'categories' "
+                                         r"\(annotation 13 category_id 12\)"):
+        S.open_source(f"coco:{tmp_path}", "validation")
+    anns[3]["category_id"] = 90  # a label of the build, then moved out of range to the transform's rule
+    _write_coco(tmp_path, "val2017", images, anns, ["a.jpg", "b.jpg"])
     src = S.open_source(f"coco:{tmp_path}", "validation")
     assert src.info["split"] == "val2017"
     rows = list(src.rows())
     assert [r.image_id for r in rows] == [3, 1, 2]  # order of the images list
     assert src.stats["dangling_annotations"] == 1 and src.stats["images_without_annotations"] == 1
-    assert rows[0].labels.tolist() == [80, INVALID_LABEL]  # id 90 -> 80; id 12 is not a COCO category
+    assert rows[0].labels.tolist() == [80, 80]  # id 90 -> 80
+    rows[0].labels[1] = INVALID_LABEL  # as a source marks a category outside its class list
     assert rows[1].image is None and rows[1].iscrowd.tolist() == [True]
     assert len(rows[2].bboxes) == 0 and rows[2].image is not None
     cfg = T.TransformConfig()
