@@ -285,7 +285,7 @@ def info(shard_dir: str) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="COCO annotations json to write.")
 @click.option("--storage-options", default=None, help="JSON object of fsspec options for SPLIT_DIR.")
 def coco_gt(split_dir: str, out: str, storage_options: str | None) -> None:
-    """Write a split's ground truth as a COCO annotations json (original pixels, COCO ids) for pycocotools."""
+    """Write a split's ground truth as a COCO annotations json (original pixels, the build's category ids)."""
     from .build import parse_storage_options
     from .coco_eval import write_coco_ground_truth
 
@@ -296,7 +296,8 @@ def coco_gt(split_dir: str, out: str, storage_options: str | None) -> None:
     with _refusing_bad_input():  # a broken manifest, shard or record (ShardFormatError, RecordError), or the output
         counts = write_coco_ground_truth(split_dir, out, options)
     click.echo(f"{out}: {counts['images']} images, {counts['annotations']} annotations ({counts['crowd']} crowd, "
-               "iscrowd=1); boxes in original pixels, area = box area")
+               f"iscrowd=1), {counts['categories']} categories (the manifest's ids); boxes in original pixels, "
+               "area = box area")
 
 
 def _need_matplotlib() -> None:

@@ -1,5 +1,9 @@
 """COCO evaluation from shards: a split's ground truth as a COCO annotations file, and model outputs as
-COCO results, both in the original image's pixels with the official category ids.
+COCO results, both in the original image's pixels with the build's category ids.
+
+The category ids are the manifest's (``Manifest.class_map``): label ``l`` is written as ``ids[l - 1]``, the
+source's own category id (a COCO file's, the official ids for COCO's 80), so results evaluate against
+``coco-gt``'s file and against the source's own annotations file alike.
 
 No torch here, and pycocotools only inside ``evaluate_bbox``: ``coco_ground_truth`` needs only the
 shards' JSON records, and ``coco_results`` takes anything array-like (tensors on any device included).
@@ -28,8 +32,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .anchors.spec import as_numpy
+from .format.classes import ClassMap
+from .format.manifest import Manifest
+from .format.names import MANIFEST_NAME
 from .format.record import Record, flip_boxes
-from .labels import coco_categories, label_to_coco_id
+from .labels import coco_class_map
+from .storage.base import Store
 from .storage.local import LocalStore
 from .storage.location import store_of
 from .storage.manifest_io import read_manifest
@@ -46,16 +54,61 @@ def original_xywh(boxes_xyxy: Any, scale: Sequence[float], orig_size: Sequence[i
     return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
-def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]]) -> list[dict]:
+def class_map_of(classes: Any) -> ClassMap:
+    """The ClassMap of a build, given as a ClassMap, a Manifest or manifest dict, a ShardLoader (its manifest),
+    a split folder or its manifest.json (local or a URL); None: COCO's 80 with the official ids, the classes of
+    every build before builds recorded theirs."""
+    if classes is None:
+        return coco_class_map()
+    if isinstance(classes, ClassMap):
+        return classes
+    if isinstance(classes, (str, os.PathLike)):
+        return read_manifest(_split_folder(classes)).class_map
+    if not isinstance(classes, Mapping) and hasattr(classes, "manifest"):  # a ShardLoader, without importing torch
+        if classes.manifest is None:
+            raise ValueError("the loader has no manifest (pass manifest= to make_loader): its classes are unknown")
+        classes = classes.manifest
+    if isinstance(classes, Mapping):
+        return Manifest.checked(classes if isinstance(classes, dict) else dict(classes), "classes=").class_map
+    raise TypeError(f"classes: a ClassMap, a manifest, a loader or a split folder, not {type(classes).__name__}")
+
+
+def _split_folder(path: str | os.PathLike) -> str:
+    """The split folder of a folder or of its manifest.json (loader.manifest_folder's rule; the loader imports torch)."""
+    text = os.fspath(path).rstrip("/")
+    return (text.rpartition("/")[0] or ".") if text.endswith(MANIFEST_NAME) else text
+
+
+def category_ids(labels: Any, classes: ClassMap) -> np.ndarray:
+    """Labels 1..K -> the build's category ids (int64); ValueError names a label outside 1..K."""
+    lab = np.asarray(as_numpy(labels), dtype=np.int64).reshape(-1)
+    k = len(classes.ids)
+    bad = lab[(lab < 1) | (lab > k)]
+    if bad.size:
+        raise ValueError(f"label {int(bad[0])} has no COCO category in this build: its labels are 1..{k} "
+                         "(0 is background)")
+    return np.asarray(classes.ids, dtype=np.int64)[lab - 1]
+
+
+def categories_list(classes: ClassMap) -> list[dict]:
+    """The annotations file's "categories" list: one {id, name} per label, in label order."""
+    return [{"id": int(c), "name": n} for c, n in zip(classes.ids, classes.names)]
+
+
+def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]],
+                 classes: Any = None) -> list[dict]:
     """Detections -> COCO result dicts (image_id, category_id, bbox xywh in original pixels, score).
 
-    ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..80 and ``scores`` (what
+    ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..K and ``scores`` (what
     torchvision's detection models return in eval mode). ``targets``: the loader's per-image dicts of
     the same images, in the same order (their ``image_id``, ``scale``, ``orig_size``, and ``size`` and
-    ``flipped`` for a mirrored sample (hflip), are used).
+    ``flipped`` for a mirrored sample (hflip), are used). ``classes``: the build whose category ids to write
+    (the loader, its manifest or split folder, or a ClassMap: see class_map_of); None is COCO's 80 with the
+    official ids, right only for a build of COCO's 80 classes.
     """
     if len(outputs) != len(targets):
         raise ValueError(f"coco_results: {len(outputs)} outputs for {len(targets)} targets (one each per image)")
+    cmap = class_map_of(classes)
     results = []
     for out, t in zip(outputs, targets):
         boxes = as_numpy(out["boxes"])
@@ -66,7 +119,7 @@ def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping
         scores = np.asarray(as_numpy(out["scores"]), dtype=np.float64).reshape(-1)
         if not len(boxes) == len(labels) == len(scores):
             raise ValueError(f"image {t['image_id']}: {len(boxes)} boxes, {len(labels)} labels, {len(scores)} scores")
-        cats = label_to_coco_id(labels)
+        cats = category_ids(labels, cmap)
         results.extend({"image_id": int(t["image_id"]), "category_id": int(c), "bbox": [float(v) for v in b],
                         "score": float(s)} for b, c, s in zip(boxes, cats, scores))
     return results
@@ -75,53 +128,66 @@ def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping
 def iter_records(split_dir: str | os.PathLike, storage_options: dict | None = None) -> Iterator[Record]:
     """The JSON records of a split (local folder or URL), in manifest order."""
     store = store_of(os.fspath(split_dir), storage_options)
-    manifest = read_manifest(store)
+    yield from _records(store, read_manifest(store))
+
+
+def _records(store: Store, manifest: Manifest) -> Iterator[Record]:
+    """The records of the split ``manifest`` describes, each held to the record rules with its K."""
     for entry in manifest.shards:
         for key, members in iter_store_shard(store, entry.name):  # ShardFormatError names a bad sample
             yield sample_record(members, key, store.location(entry.name), manifest.image_hw, manifest.num_classes)
 
 
-def _annotations(r: Record) -> list[dict]:
+def _annotations(r: Record, classes: ClassMap) -> list[dict]:
     """One record's boxes (iscrowd 0) and crowd boxes (iscrowd 1) as COCO annotations, without ids yet."""
     out = []
     for boxes, labels, ids, crowd in ((r.boxes, r.labels, r.bbox_ids, 0),
                                       (r.crowd_boxes, r.crowd_labels, r.crowd_bbox_ids, 1)):
         ids = ids if len(ids) == len(boxes) else np.full(len(boxes), -1)
-        for b, c, i in zip(original_xywh(boxes, r.scale, r.orig_size), label_to_coco_id(labels), ids):
+        for b, c, i in zip(original_xywh(boxes, r.scale, r.orig_size), category_ids(labels, classes), ids):
             out.append({"id": int(i), "image_id": int(r.image_id), "category_id": int(c),
                         "bbox": [float(v) for v in b], "area": float(b[2] * b[3]), "iscrowd": crowd})
     return out
 
 
-def coco_ground_truth(records: Sequence[Record] | Iterator[Record]) -> dict:
+def coco_ground_truth(records: Sequence[Record] | Iterator[Record], classes: Any = None) -> dict:
     """A COCO annotations dict (images, annotations, categories) from a split's records, in original pixels.
 
-    Annotation ids are the source's bbox ids when every box has a distinct one (COCO and the Hub give
-    them), else 1..N in record order.
+    ``classes``: the build's classes (see class_map_of; split_ground_truth passes the manifest's): the
+    categories are its {id, name} per label, each box's category_id its label's id. Annotation ids are the
+    source's bbox ids when every box has a distinct one (COCO and the Hub give them), else 1..N in record order.
     """
+    cmap = class_map_of(classes)
     images, anns = [], []
     for r in records:
         oh, ow = r.orig_size
         images.append({"id": int(r.image_id), "height": int(oh), "width": int(ow)})
-        anns.extend(_annotations(r))
+        anns.extend(_annotations(r, cmap))
     ids = [a["id"] for a in anns]
     if min(ids, default=1) < 1 or len(set(ids)) != len(ids):
         for n, a in enumerate(anns, start=1):
             a["id"] = n
     return {"info": {"description": "ground truth from frcnn-shard records (box areas, original pixels)"},
-            "images": images, "annotations": anns, "categories": coco_categories()}
+            "images": images, "annotations": anns, "categories": categories_list(cmap)}
+
+
+def split_ground_truth(split_dir: str | os.PathLike, storage_options: dict | None = None) -> dict:
+    """A split's ground truth (coco_ground_truth) with the categories and ids of its manifest's classes."""
+    store = store_of(os.fspath(split_dir), storage_options)
+    manifest = read_manifest(store)
+    return coco_ground_truth(_records(store, manifest), manifest.class_map)
 
 
 def write_coco_ground_truth(split_dir: str | os.PathLike, out: str | os.PathLike,
                             storage_options: dict | None = None) -> dict:
-    """Write a split's ground truth as a COCO annotations json (see coco_ground_truth); returns its counts."""
-    gt = coco_ground_truth(iter_records(split_dir, storage_options))
+    """Write a split's ground truth as a COCO annotations json (split_ground_truth); returns its counts."""
+    gt = split_ground_truth(split_dir, storage_options)
     out = Path(out)
     store = LocalStore(out.parent)
     store.makedirs()
     store.write_atomic(out.name, json.dumps(gt).encode())  # an old file survives a failure
     return {"images": len(gt["images"]), "annotations": len(gt["annotations"]),
-            "crowd": sum(a["iscrowd"] for a in gt["annotations"])}
+            "crowd": sum(a["iscrowd"] for a in gt["annotations"]), "categories": len(gt["categories"])}
 
 
 # pycocotools' COCOeval.stats, in its order.

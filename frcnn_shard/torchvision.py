@@ -35,7 +35,6 @@ from .errors import FrcnnShardError
 from . import anchors as anc
 from .coco_eval import coco_results  # noqa: F401 - part of this module's API
 from .format.manifest import Manifest
-from .labels import NUM_CLASSES
 from .loader import ShardLoader, manifest_folder
 from .shards import read_manifest
 from .transform import IMAGENET_MEAN, IMAGENET_STD
@@ -222,10 +221,10 @@ def _anchor_generator(section: Mapping[str, Any], generator: AnchorGenerator | N
 def fasterrcnn_resnet50_fpn(source: Any, *, use_stored_targets: bool = True, **torchvision_kwargs: Any) -> FasterRCNN:
     """torchvision's fasterrcnn_resnet50_fpn for shards (a loader, a manifest dict or a split folder).
 
-    81 classes (background + labels 1..80) unless ``num_classes`` is given; the shards' canvas without
-    resizing, their normalisation, anchors checked against theirs (StoredSizeTransform); with
-    ``use_stored_targets`` a StoredTargetsRPN, else torchvision's own RPN matching. Other keywords go
-    to torchvision (``weights_backbone=None`` trains from scratch; its default downloads ImageNet weights).
+    ``num_classes`` K + 1 (the manifest's K classes and the background) unless given; the shards' canvas
+    without resizing, their normalisation, anchors checked against theirs (StoredSizeTransform); with
+    ``use_stored_targets`` a StoredTargetsRPN, else torchvision's own RPN matching. Other keywords go to
+    torchvision (``weights_backbone=None`` trains from scratch; its default downloads ImageNet weights).
     """
     fixed = sorted(set(torchvision_kwargs) & set(_SET_BY_SHARDS))
     if fixed:
@@ -233,7 +232,7 @@ def fasterrcnn_resnet50_fpn(source: Any, *, use_stored_targets: bool = True, **t
     manifest = _manifest_of(source)
     section = manifest.anchors
     kw = dict(torchvision_kwargs)
-    kw.setdefault("num_classes", NUM_CLASSES)
+    kw.setdefault("num_classes", manifest.num_classes)  # K + 1: the build's classes, not COCO's 81
     kw["rpn_anchor_generator"] = _anchor_generator(section, kw.get("rpn_anchor_generator"))
     spec = anc.AnchorSpec.from_dict(section["spec"])
     model = _tv_fasterrcnn_resnet50_fpn(min_size=min(spec.image_hw), max_size=max(spec.image_hw), **kw)

@@ -1,8 +1,11 @@
 """`frcnn-shard info`: a short table describing a build, from its manifest alone."""
 from __future__ import annotations
 
+from ..format.classes import ClassMap, ClassMapError
 from ..format.manifest import Manifest
 from ..words import human_bytes, plural
+
+CLASSES_SHOWN = 10  # labels named on the "class ids" row; the rest are counted
 
 
 def _counts_text(d: dict | None) -> str:
@@ -44,6 +47,30 @@ def _obj(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def classes_text(classes: ClassMap) -> str:
+    """How many classes, by which rule they were numbered and where the names were read."""
+    k = len(classes.names)
+    count = str(k) if classes.kept_from is None else f"{k} of the source's {classes.kept_from}"
+    return f"{count}, {classes.order}; from {classes.evidence}"
+
+
+def class_ids_text(classes: ClassMap, shown: int = CLASSES_SHOWN) -> str:
+    """'1 dog (id 18), 2 person (id 1)': the first labels, their names and the category ids evaluation writes."""
+    text = ", ".join(f"{label} {name} (id {cid})" for label, (name, cid)
+                     in enumerate(zip(classes.names[:shown], classes.ids[:shown]), start=1))
+    more = len(classes.names) - shown
+    return text + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def _class_rows(manifest: Manifest) -> list[tuple[str, str]]:
+    """The "classes" and "class ids" rows; a class list no reader can use is worded, not raised (info describes)."""
+    try:
+        classes = manifest.class_map
+    except ClassMapError as e:  # only a format-2.0 manifest's bare "classes" list can get here unchecked
+        return [("classes", f"unusable: {e}")]
+    return [("classes", classes_text(classes)), ("class ids", class_ids_text(classes))]
+
+
 def _yes(v) -> str:
     return "yes" if v else "no"
 
@@ -74,6 +101,7 @@ def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
     return [
         ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
         ("split", manifest.split),
+        *_class_rows(manifest),
         ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
         ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
         ("rows per shard", str(opts.get("rows_per_shard", "?"))

@@ -15,7 +15,6 @@ from ..format.image import StoredImageError, decode_stored_image
 from ..format.members import ShardFormatError, image_member
 from ..format.manifest import Manifest
 from ..format.record import Record, key_of
-from ..labels import CLASS_NAMES
 from ..storage.base import Store
 from ..storage.location import store_of
 from ..storage.manifest_io import read_manifest
@@ -85,8 +84,8 @@ def _class_color(label: int):
     return colormaps["tab20"](label % 20)
 
 
-def _draw_boxes(ax, record: Record, image_h: int) -> None:
-    """Ground-truth boxes with their class names; crowd boxes dashed.
+def _draw_boxes(ax, record: Record, image_h: int, names: Sequence[str]) -> None:
+    """Ground-truth boxes with their class names (``names``: the manifest's, index = label); crowd boxes dashed.
 
     A name goes above its box (below, for crowd boxes) unless the image edge leaves no room there:
     then it goes just inside the box, so it is never cut off at the top or bottom of the cell.
@@ -97,24 +96,25 @@ def _draw_boxes(ax, record: Record, image_h: int) -> None:
     for (x1, y1, x2, y2), lab in zip(record.boxes.tolist(), record.labels.tolist()):
         color = _class_color(lab)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, lw=1.6))
-        name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else f"label {lab}"
+        name = names[lab] if 0 < lab < len(names) else f"label {lab}"
         ax.text(x1, y1, name, fontsize=6, color="black", va="bottom" if y1 >= room else "top",
                 bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "lw": 0})
     crowd_labels = record.crowd_labels.tolist()
     for i, (x1, y1, x2, y2) in enumerate(record.crowd_boxes.tolist()):
         lab = crowd_labels[i] if i < len(crowd_labels) else 0
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", lw=1.2, ls="--"))
-        name = CLASS_NAMES[lab] if 0 < lab < len(CLASS_NAMES) else ""
+        name = names[lab] if 0 < lab < len(names) else ""
         ax.text(x1, y2, f"crowd {name}".strip(), fontsize=6, color="white",
                 va="top" if y2 <= image_h - room else "bottom")
 
 
 def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.ndarray | None,
-                 flip: bool = False) -> None:
+                 names: Sequence[str], flip: bool = False) -> None:
     """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin.
 
-    ``positives``: the positive anchors' boxes (None: not drawn); ``flip``: the sample is drawn as the loader
-    delivers it mirrored (hflip): image, record and targets are the mirrored ones.
+    ``positives``: the positive anchors' boxes (None: not drawn); ``names``: the manifest's class names, index
+    = label; ``flip``: the sample is drawn as the loader delivers it mirrored (hflip): image, record and
+    targets are the mirrored ones.
     """
     from matplotlib.patches import Rectangle
 
@@ -128,7 +128,7 @@ def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.
         n_pos = len(pos)
         for x1, y1, x2, y2 in pos:  # drawn first, under the ground truth
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", lw=0.4, alpha=0.9))
-    _draw_boxes(ax, record, image.shape[0])
+    _draw_boxes(ax, record, image.shape[0], names)
     title = f"{key}{' (flipped)' if flip else ''}: {plural(len(record.boxes), 'box')}"
     if positives is not None:
         title += f", {plural(n_pos, 'positive anchor')}"
@@ -188,7 +188,7 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     fig = new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, sample in zip(axes, samples):
-        _draw_sample(ax, sample[0], *_decoded(sample, manifest, anchor_boxes, flip), flip=flip)
+        _draw_sample(ax, sample[0], *_decoded(sample, manifest, anchor_boxes, flip), manifest.classes, flip=flip)
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)

@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..anchors.sampling import sample_indices, sample_rng
-from ..labels import CLASS_NAMES
 from ..format.manifest import Manifest
 from ..storage.base import Store
 from ..storage.location import store_of
@@ -137,12 +136,12 @@ def _stats_dict(shard_dir: str, manifest: Manifest, limit: int | None, keys: lis
                 per_image: dict, sizes: _BoxSizes, sampling: dict) -> dict:
     """The result of compute_stats from its tallies."""
     total_boxes = sum(per_image["boxes"])
-    class_rows = [{"label": lab, "name": CLASS_NAMES[lab] if 0 <= lab < len(CLASS_NAMES) else f"label {lab}",
-                   "count": n, "share": n / total_boxes if total_boxes else 0.0}
+    class_rows = [{**_class_of(manifest, lab), "count": n, "share": n / total_boxes if total_boxes else 0.0}
                   for lab, n in sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))]
     return {
         "shard_dir": str(shard_dir), "split": manifest.split, "samples": len(keys), "limit": limit,
         "image_hw": list(manifest.image_hw), "num_anchors": manifest.num_anchors,
+        "class_count": manifest.num_classes - 1,  # K, the classes of the build (labels 1..K; no background)
         "keys": keys, "classes": class_rows, "boxes": total_boxes, "crowd_boxes": sum(per_image["crowd_boxes"]),
         "per_image": per_image, "boxes_per_image": _summary(per_image["boxes"]), "box_sizes": sizes.to_dict(),
         "anchors": {
@@ -153,6 +152,12 @@ def _stats_dict(shard_dir: str, manifest: Manifest, limit: int | None, keys: lis
             "sampling": {**sampling, "epoch": 0, "rng": "frcnn_shard.anchors.sample_rng(seed, epoch, key)"},
         },
     }
+
+
+def _class_of(manifest: Manifest, label: int) -> dict:
+    """{label, name, id}: the manifest's name and evaluation category id of a label (records hold 1..K)."""
+    cmap = manifest.class_map
+    return {"label": label, "name": cmap.names[label - 1], "id": cmap.ids[label - 1]}
 
 
 def _fmt(v: float) -> str:
@@ -171,7 +176,7 @@ def stats_table(stats: dict, top: int = 20) -> str:
     lines = [
         f"samples           {stats['samples']}" + (f" (first {stats['limit']})" if stats.get("limit") else ""),
         f"boxes             {stats['boxes']} (+{stats['crowd_boxes']} crowd), {plural(len(stats['classes']), 'class')} "
-        "present",
+        f"present of {stats.get('class_count', '?')}",
         f"boxes per image   {_line(stats['boxes_per_image'])}",
         f"box size          sqrt(w*h) in resized px: min {bs['min']:.1f}  mean {bs['mean']:.1f}  max {bs['max']:.1f}",
         f"COCO size         small {coco['small']}  medium {coco['medium']}  large {coco['large']} (original px)",
@@ -186,10 +191,11 @@ def stats_table(stats: dict, top: int = 20) -> str:
         f"  negative        {_line(a['after']['negative'])}",
         "",
         f"top {plural(min(top, len(stats['classes'])), 'class')} (by boxes)",
-        f"  {'label':>5}  {'name':<16} {'boxes':>7}  {'share':>6}",
+        f"  {'label':>5}  {'id':>7}  {'name':<16} {'boxes':>7}  {'share':>6}",
     ]
     for row in stats["classes"][:top]:
-        lines.append(f"  {row['label']:>5}  {row['name']:<16} {row['count']:>7}  {row['share']:>6.1%}")
+        lines.append(f"  {row['label']:>5}  {row.get('id', '?'):>7}  {row['name']:<16} {row['count']:>7}  "
+                     f"{row['share']:>6.1%}")
     return "\n".join(lines)
 
 
