@@ -1,6 +1,6 @@
 """Hub-layout folders made here, for tests, benchmarks and the demo: ``write_hub_folder`` (any Hub-shaped
-rows, as parquet files with the Hub's features), ``coco_to_hub_rows`` (an official COCO folder's rows in
-the Hub's shape) and the embedded synthetic sample (``make_sample_hub_folder``).
+rows, as parquet files with the Hub's features or others: ``hub_features``), ``coco_to_hub_rows`` (an
+official COCO folder's rows in the Hub's shape) and the embedded synthetic sample (``make_sample_hub_folder``).
 """
 from __future__ import annotations
 
@@ -27,29 +27,50 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _PARQUET_ROW_GROUP = 100  # image rows are large; small row groups keep streaming reads small
 
 
-def _readme(splits: dict[str, int]) -> str:
-    """README.md whose YAML pins the split names and features, so datasets infers nothing."""
+def hub_features(category: datasets.ClassLabel | datasets.Value, *, id_field: str = "bbox_id",
+                 list_of_structs: bool = False) -> datasets.Features:
+    """Hub row features with another category feature (a ClassLabel, or Value("string") / Value("int64")),
+    id field ("bbox_id", or "id" as in the object-detection guide's cppe-5) or objects nesting."""
+    if id_field not in ("bbox_id", "id"):
+        raise ValueError(f"id_field must be 'bbox_id' or 'id', got {id_field!r}")
+    objects = {id_field: datasets.Value("int64"), "category": category,
+               "bbox": datasets.Sequence(datasets.Value("float64"), length=4), "area": datasets.Value("float64")}
+    return datasets.Features({
+        "image_id": datasets.Value("int64"), "image": datasets.Image(), "width": datasets.Value("int64"),
+        "height": datasets.Value("int64"),
+        "objects": datasets.List(objects) if list_of_structs else datasets.Sequence(objects),
+    })
+
+
+def _readme(splits: dict[str, int], features: datasets.Features | None = HUB_FEATURES) -> str:
+    """README.md whose YAML pins the split names and (unless ``features`` is None) the features."""
     split_dict = datasets.SplitDict()
     for name, n in splits.items():
         split_dict.add(datasets.SplitInfo(name=name, num_examples=n))
-    info = datasets.DatasetInfo(features=HUB_FEATURES, splits=split_dict)._to_yaml_dict()
     lines = ["---", "configs:", "- config_name: default", "  data_files:"]
     for name in splits:
         lines += [f"  - split: {name}", f"    path: data/{name}-*"]
-    # JSON is valid YAML flow style: no YAML library needed to write it.
-    lines += ["dataset_info: " + json.dumps(info), "---", ""]
-    body = (
-        "# COCO-style detection rows in the Hub layout\n\n"
-        "Written by frcnn-shard (`write_hub_folder`): the features and splits of "
-        f"`{DEFAULT_HUB_ID}` ({', '.join(f'{k}: {v} rows' for k, v in splits.items())}).\n"
-    )
+    if features is not None:
+        info = datasets.DatasetInfo(features=features, splits=split_dict)._to_yaml_dict()
+        # JSON is valid YAML flow style: no YAML library needed to write it.
+        lines += ["dataset_info: " + json.dumps(info)]
+    lines += ["---", ""]
+    counts = ", ".join(f"{k}: {v} rows" for k, v in splits.items())
+    what = f"the features and splits of `{DEFAULT_HUB_ID}`" if features == HUB_FEATURES else "its own features"
+    body = f"# COCO-style detection rows in the Hub layout\n\nWritten by frcnn-shard (`write_hub_folder`): {what} ({counts}).\n"
     return "\n".join(lines) + body
 
 
 def write_hub_folder(
-    out_dir: str | os.PathLike, rows_by_split: Mapping[str, Iterable[Mapping]], *, rows_per_file: int = 500
+    out_dir: str | os.PathLike, rows_by_split: Mapping[str, Iterable[Mapping]], *, rows_per_file: int = 500,
+    features: datasets.Features = HUB_FEATURES, write_card: bool = True, card_features: datasets.Features | None = None,
 ) -> Path:
-    """Write Hub-shaped rows as data/<split>-0000i-of-0000N.parquet plus README.md; return the folder."""
+    """Write Hub-shaped rows as data/<split>-0000i-of-0000N.parquet plus README.md; return the folder.
+
+    The parquet files carry ``features`` (default: the Hub COCO's) as their Hugging Face schema metadata;
+    the README's dataset_info declares ``card_features`` (default: the same). ``write_card=False`` leaves
+    dataset_info out (the README then only maps the splits to their files), as a folder with no card.
+    """
     if rows_per_file <= 0:
         raise ValueError(f"rows_per_file must be > 0, got {rows_per_file}")
     out = Path(out_dir)
@@ -60,14 +81,14 @@ def write_hub_folder(
     if data_dir.exists() and any(data_dir.iterdir()):
         raise FileExistsError(f"{data_dir} is not empty; write a Hub folder into a fresh directory")
     data_dir.mkdir(parents=True, exist_ok=True)
-    schema = HUB_FEATURES.arrow_schema  # carries the features as Hugging Face metadata
+    schema = features.arrow_schema  # carries the features as Hugging Face metadata
     counts: dict[str, int] = {}
     for split, rows in rows_by_split.items():
         parts: list[Path] = []
         n = 0
         it = iter(rows)
         while True:
-            chunk = [HUB_FEATURES.encode_example(dict(r)) for r in islice(it, rows_per_file)]
+            chunk = [features.encode_example(dict(r)) for r in islice(it, rows_per_file)]
             if not chunk and parts:
                 break
             part = data_dir / f"{split}-{len(parts):05d}.parquet.partial"
@@ -81,7 +102,8 @@ def write_hub_folder(
         for i, part in enumerate(parts):
             part.rename(data_dir / f"{split}-{i:05d}-of-{len(parts):05d}.parquet")
         counts[split] = n
-    (out / "README.md").write_text(_readme(counts), encoding="utf-8")
+    card = (card_features or features) if write_card else None
+    (out / "README.md").write_text(_readme(counts, card), encoding="utf-8")
     return out
 
 
