@@ -9,7 +9,9 @@ Streams, each kept apart from the others by a domain tag even for equal numbers:
 - the anchor sample of one sample (``sample_rng``): a Generator from (tag, seed, epoch, ``key_hash(key)``);
 - the horizontal flip of one sample (``hflip_decision``): a uniform from a blake2b hash of
   (tag, seed, epoch, key), ~10x cheaper than a seeded Generator;
-- check --deep's pick of one sample (``deep_check_pick``): a uniform from sha256 of "seed:key".
+- check --deep's pick of one sample (``deep_check_pick``): a uniform from sha256 of "seed:key";
+- the repeat-factor copies of one sample in an epoch (``repeat_copies``): floor(r), plus one with
+  probability r - floor(r), the uniform from a blake2b hash of (tag, seed, epoch, key) like the flip's.
 
 The three hash recipes differ for history only: each is pinned by tests (epochs, flips, samples and
 check's picks repeat across versions), so none may change. This module is a leaf: numpy and hashlib only.
@@ -17,12 +19,14 @@ check's picks repeat across versions), so none may change. This module is a leaf
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 
 import numpy as np
 
 # Domain tags: keep the streams independent for equal (seed, epoch) numbers.
 TAG_SHARDS, TAG_BUFFER, TAG_RESAMPLE, TAG_FLIP, TAG_SAMPLE = 0x5348, 0x4255, 0x5245, 0x464C, 0x5341
+TAG_REPEAT = 0x5250
 _UNIT = 2.0 ** 64  # 8 hash bytes as an integer / _UNIT: a uniform in [0, 1)
 
 
@@ -65,6 +69,25 @@ def hflip_decision(seed: int, epoch: int, key: str, p: float) -> bool:
     # Its own stream: turning hflip on never changes any sample's anchor sample (sample_rng).
     digest = hashlib.blake2b(struct.pack("<3Q", TAG_FLIP, seed, epoch) + key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / _UNIT < p
+
+
+def _key_uniform(tag: int, seed: int, epoch: int, key: str) -> float:
+    """A uniform in [0, 1) from a blake2b hash of (tag, seed, epoch, key): the recipe of hflip_decision."""
+    digest = hashlib.blake2b(struct.pack("<3Q", tag, seed, epoch) + key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / _UNIT
+
+
+def repeat_copies(seed: int, epoch: int, key: str, factor: float) -> int:
+    """How many times sample ``key`` appears in this epoch under repeat-factor sampling (LVIS's rule).
+
+    floor(factor) times, plus once more with probability factor - floor(factor): a stream of its own
+    from (seed, epoch, key), so every rank and worker takes the same decision for the sample.
+    """
+    whole = math.floor(factor)
+    frac = factor - whole
+    if frac <= 0.0:
+        return int(whole)
+    return int(whole) + (1 if _key_uniform(TAG_REPEAT, seed, epoch, key) < frac else 0)
 
 
 def deep_check_pick(key: str, seed: int, fraction: float) -> bool:

@@ -66,6 +66,10 @@ class Batch:
         self.metas = metas
         self.skipped = skipped
         self.skip_log = list(skip_log)
+        # Where the batch's stream stands after it (run_stream sets these): its index among the rank's
+        # streams, the encoded samples it has handed to decoding, all shards so far held their counts,
+        # and whether this item marks the stream's end (it then holds no images).
+        self.stream, self.raw, self.exact, self.end = 0, 0, True, False
 
     def dense_targets(self) -> tuple[np.ndarray, np.ndarray]:
         """anchor_labels int64 [B, A] and anchor_matched_gt float32 [B, A, 4] from the index lists."""

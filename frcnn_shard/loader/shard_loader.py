@@ -15,8 +15,11 @@ from ..format.manifest import Manifest
 from ..malloc import tune_worker_malloc
 from .collate import Batch
 from .decode import DecodeOptions
+from .merge import in_stream_order
 from .options import DEFAULT_SHUFFLE_BUFFER, DatasetFacts, LoaderError, LoaderOptions, LoaderWarning
-from .plan import EpochPlan, batch_count, feedable_workers, plan_epoch, slot_samples
+from .plan import EpochPlan, batch_count, feedable_workers, plan_epoch
+from .repeat import RepeatTable
+from .resume import Progress, StreamPosition, dataset_identity, from_state, order_options, to_state
 from .sources import Source, dataset_facts, resolve_source
 from .stream import ShardStream, StreamConfig
 
@@ -37,8 +40,9 @@ class ShardLoader:
     """Iterable of (images, targets) over frcnn-shard shards; ``options`` holds what make_loader was given."""
 
     def __init__(self, src: Source, options: LoaderOptions, dataset: DatasetFacts,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, repeat: RepeatTable | None = None):
         self.storage_options = storage_options
+        self.repeat = repeat  # repeat-factor sampling's table (None: every image once per epoch)
         self.urls = list(src.urls)
         self.counts = src.counts
         self.manifest: Manifest | None = src.manifest
@@ -49,7 +53,18 @@ class ShardLoader:
         self.skip_log: list[str] = []  # their messages (at most MAX_SKIP_LOG)
         self.skipped_total = 0
         self._anchors: torch.Tensor | None = None
+        self._streams: int | None = None  # streams per rank taken from a loaded state (None: one per worker)
+        self._identity = dataset_identity(self.manifest, self.urls)
+        self._progress: Progress | None = None  # the current (or last) iteration's place in its epoch
+        self._resume: Progress | None = None  # a loaded state's place, taken by the next iteration
         self._plan()  # validate the shard / worker layout now, not at the first batch
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names from the manifest, index = label (0 = background)."""
+        if self.manifest is None:
+            raise LoaderError("no manifest: the class names are unknown (pass manifest= to make_loader)")
+        return tuple(self.manifest.classes)
 
     @property
     def batch_size(self) -> int:
@@ -81,7 +96,34 @@ class ShardLoader:
         """Select the epoch: shard order, shuffle buffer and anchor sampling are all reseeded from it."""
         if int(epoch) < 0:
             raise ValueError(f"epoch must be >= 0 (got {epoch})")
+        if self._resume is not None and self._resume.epoch != int(epoch):
+            self._resume = None  # a loaded state resumes its own epoch only
         self.epoch = int(epoch)
+
+    @property
+    def streams(self) -> int:
+        """Streams per rank, which the order of an epoch depends on: one per worker, or a loaded state's count
+        (its streams then run in the ``num_workers`` processes this loader has)."""
+        return self._streams or self.workers
+
+    def _order_options(self) -> dict:
+        return order_options(self.options, self.repeat.threshold if self.repeat is not None else None)
+
+    def state_dict(self) -> dict:
+        """This rank's place in the current epoch, a small JSON-able dict: after the last batch taken, or the
+        epoch's start when none was. ``load_state_dict`` on a loader made the same way continues from it."""
+        p = self._resume or self._progress
+        if p is None or p.epoch != self.epoch:
+            p = Progress(self.epoch, [StreamPosition() for _ in range(self.streams)], -1, 0, self.skipped_total)
+        return to_state(p, self._identity, self._order_options())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from ``state_dict``): the next iteration yields the rest of its epoch,
+        exactly, whatever ``num_workers`` is; LoaderError when the state is malformed or another loader's."""
+        p = from_state(state, self._identity, self._order_options())
+        self._streams = len(p.positions)
+        self.epoch, self._resume, self._progress = p.epoch, p, None
+        self.skipped, self.skipped_total, self.skip_log = p.skipped, p.skipped_total, []
 
     @property
     def workers(self) -> int:
@@ -91,14 +133,18 @@ class ShardLoader:
     def _plan(self) -> EpochPlan:
         o = self.options
         return plan_epoch(len(self.urls), self.counts, seed=o.seed, epoch=self.epoch, shuffle=o.shuffle,
-                          world_size=o.world_size, workers=self.workers, resampled=o.resampled)
+                          world_size=o.world_size, workers=self.streams, resampled=o.resampled)
 
     def _slot_counts(self) -> list[int] | None:
         """Samples per stream of this rank in the current epoch (None when the shards' counts are unknown)."""
-        plan = self._plan()
-        per = [slot_samples(plan, self.counts, w * self.options.world_size + self.options.rank)
-               for w in range(self.workers)]
-        return None if any(p is None for p in per) else per
+        if self.counts is None:
+            return None
+        plan, o = self._plan(), self.options
+        slots = [w * o.world_size + o.rank for w in range(self.streams)]
+        if plan.quotas is not None:
+            return [plan.quotas[s] for s in slots]
+        cfg = self._stream_config()
+        return [sum(cfg.items_of(i) for i in plan.slots[s]) for s in slots]
 
     @property
     def num_samples(self) -> int | None:
@@ -113,21 +159,32 @@ class ShardLoader:
             raise TypeError("length unknown: the shards' sample counts need a manifest")
         return sum(batch_count(p, self.options.batch_size, self.options.drop_last) for p in per)
 
-    def _stream_config(self) -> StreamConfig:
-        """What each stream of the current epoch needs, picked from the options and the manifest's facts."""
+    def _stream_config(self, progress: Progress | None = None) -> StreamConfig:
+        """What each stream of the current epoch needs, picked from the options and the manifest's facts;
+        ``progress``: where a resumed epoch's streams stand."""
         o, ds = self.options, self.dataset
+        starts = tuple(progress.positions) if progress is not None and progress.started else None
         return StreamConfig(
             urls=tuple(self.urls), counts=tuple(self.counts) if self.counts is not None else None,
             plan=self._plan(), epoch=self.epoch, rank=o.rank, world_size=o.world_size, workers=self.workers,
             seed=o.seed, shuffle_buffer=o.shuffle_buffer if o.shuffle else 0, on_error=o.on_error,
             batch_size=o.batch_size, drop_last=o.drop_last, decode_threads=o.decode_threads, dataset=ds,
             decode=DecodeOptions(o.seed, o.hflip, o.rpn_batch_size, o.positive_fraction, o.image_transform),
-            norm=(ds.mean, ds.std) if o.normalize else None, storage_options=self.storage_options)
+            norm=(ds.mean, ds.std) if o.normalize else None, storage_options=self.storage_options,
+            streams=self.streams, starts=starts, first=max(0, progress.first_turn()) if starts else 0,
+            repeat=self.repeat)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
         o = self.options
-        stream = ShardStream(self._stream_config())
-        self.skipped, self.skip_log = 0, []
+        resumed = self._resume is not None and self._resume.epoch == self.epoch
+        progress = self._resume if resumed else Progress(
+            self.epoch, [StreamPosition() for _ in range(self.streams)], -1, 0, self.skipped_total)
+        self._resume, self._progress = None, progress
+        self.skipped, self.skip_log = progress.skipped, []
+        live = [v for v, p in enumerate(progress.positions) if not p.ended]
+        if not live:
+            return
+        stream = ShardStream(self._stream_config(progress))
         if o.num_workers == 0:
             items = iter(stream)
         else:
@@ -137,10 +194,12 @@ class ShardLoader:
                 stream, batch_size=None, num_workers=o.num_workers, collate_fn=_passthrough, timeout=o.timeout,
                 worker_init_fn=_init_worker, **kw,
             ))
-        for item in items:
+        for item in in_stream_order(items, live, progress.first_turn()):
+            progress.take(item.stream, item.raw, item.exact, item.end)
             if item.skipped:
                 self.skipped += item.skipped
                 self.skipped_total += item.skipped
+                progress.skipped, progress.skipped_total = self.skipped, self.skipped_total
                 self.skip_log.extend(item.skip_log[: max(0, MAX_SKIP_LOG - len(self.skip_log))])
             if item.images is None:
                 continue

@@ -23,6 +23,9 @@ from .collate import Batch, Norm, batch_rows, collate, stats_only
 from .decode import DecodeOptions, Decoded, decode_sample
 from .options import DatasetFacts, LoaderError
 from .plan import EpochPlan
+from .repeat import RepeatTable
+from .replay import resumed_input, shuffle_buffer, simulate_buffer, stream_sequence
+from .resume import StreamPosition
 from .sources import PASSTHROUGH_SCHEMES, split_url, url_scheme
 
 _READ_BUFSIZE = 1 << 20
@@ -117,22 +120,6 @@ def _fail(on_error: str, skips: list | None, message: str, lost: int) -> None:
         skips.append((lost, message))
 
 
-def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Reservoir-style shuffle: keep ``size`` items, emit a random one for each new item."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(len(buf)))
-        buf[j], item = item, buf[j]
-        yield item
-    while buf:
-        j = int(rng.integers(len(buf)))
-        buf[j], buf[-1] = buf[-1], buf[j]
-        yield buf.pop()
-
-
 # -------------------------------------------------------------------------------------- streams
 
 
@@ -157,11 +144,50 @@ class StreamConfig:
     decode: DecodeOptions
     norm: Norm | None  # (mean, std) for float32 batches; None: uint8 batches
     storage_options: dict | None = None  # for shards on object storage (not recorded anywhere)
+    streams: int = 0  # streams per rank, which the order depends on (0: one per worker)
+    starts: tuple[StreamPosition, ...] | None = None  # a resumed epoch: where each stream of this rank stands
+    first: int = 0  # a resumed epoch: the stream whose item comes first
+    repeat: RepeatTable | None = None  # repeat-factor sampling: the images that appear more than once
 
-    def shard(self, i: int, skips: list, outage: StoreOutage | None = None) -> Iterator[tuple[str, RawSample]]:
-        """The encoded samples of shard i (``outage``: the stream's, shared by its shards)."""
-        return iter_raw_samples(self.urls[i], self.on_error, skips, self.counts[i] if self.counts else None,
-                                self.storage_options, outage)
+    @property
+    def stream_count(self) -> int:
+        """Streams per rank (the order's), run by ``workers`` processes."""
+        return self.streams or self.workers
+
+    def items_of(self, i: int) -> int:
+        """The items shard i yields this epoch: its manifest count, with the repeat-factor copies."""
+        assert self.counts is not None
+        return self.counts[i] if self.repeat is None else self.repeat.items(i, self.counts[i], self.epoch)
+
+    def shard(self, i: int, skips: list, outage: StoreOutage | None = None, track: "Track | None" = None
+              ) -> Iterator[tuple[str, RawSample]]:
+        """The encoded samples of shard i, repeated as the epoch's repeat factors say (``outage``: the
+        stream's, shared by its shards; ``track``: told when the shard does not yield its count)."""
+        items = iter_raw_samples(self.urls[i], self.on_error, skips, self.counts[i] if self.counts else None,
+                                 self.storage_options, outage)
+        if self.repeat is not None:
+            items = self.repeat.expand(i, items, self.epoch)
+        if track is None:
+            return items
+        return _counted(items, self.items_of(i) if self.counts is not None else -1, track)
+
+
+@dataclass
+class Track:
+    """A stream's position as its batches report it: encoded samples handed to decoding, counts held so far."""
+
+    raw: int = 0
+    exact: bool = True
+
+
+def _counted(items: Iterator, expected: int, track: Track) -> Iterator:
+    """The items of one shard; a shard read to its end with another count than ``expected`` clears ``exact``."""
+    got = 0
+    for item in items:
+        got += 1
+        yield item
+    if got != expected:
+        track.exact = False
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -176,16 +202,35 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != self.cfg.workers:
             raise LoaderError(f"planned for {self.cfg.workers} workers, running in {info.num_workers}")
-        return run_stream(self.cfg, worker)
+        return worker_batches(self.cfg, worker)
 
 
-def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list) -> Iterator[tuple[str, RawSample]]:
+def worker_batches(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
+    """The batches of the streams worker ``worker`` runs (stream v runs in worker v % workers), taking
+    turns as the global order does, so the consumer (``merge.in_stream_order``) rarely has to wait."""
+    n = cfg.stream_count
+    order = [(cfg.first + k) % n for k in range(n)]
+    mine = [v for v in order if v % cfg.workers == worker and not (cfg.starts and cfg.starts[v].ended)]
+    running = [run_stream(cfg, v, cfg.starts[v] if cfg.starts else None) for v in mine]
+    k = 0
+    while running:
+        k %= len(running)
+        try:
+            item = next(running[k])
+        except StopIteration:
+            del running[k]
+            continue
+        yield item
+        k += 1
+
+
+def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list, outage: StoreOutage, track: Track
+                ) -> Iterator[tuple[str, RawSample]]:
     """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
     own = cfg.plan.slots[slot]
-    outage = StoreOutage()  # a store found down costs one attempt per later shard, until one is read whole
     if cfg.plan.quotas is None:
         for i in own:
-            yield from cfg.shard(i, skips, outage)
+            yield from cfg.shard(i, skips, outage, track)
         return
     # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
     rng = resample_rng(cfg.seed, cfg.epoch, cfg.rank, worker)
@@ -196,7 +241,7 @@ def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list) -> Itera
         if i is None:
             i = int(rng.integers(len(cfg.urls)))
         got = 0
-        for item in cfg.shard(i, skips, outage):
+        for item in cfg.shard(i, skips, outage, track):
             yield item
             got += 1
             n += 1
@@ -208,14 +253,68 @@ def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list) -> Itera
             raise ShardFormatError(f"resampled stream found no readable samples in {empty_in_a_row} shard draws{last}")
 
 
-def run_stream(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
-    """Read, shuffle, decode, sample and batch the samples of one (rank, worker) slot."""
-    slot = worker * cfg.world_size + cfg.rank
+def _positioned(cfg: StreamConfig, slot: int, stream: int, skips: list, track: Track,
+                start: StreamPosition | None) -> Iterator[tuple[str, RawSample]]:
+    """The slot's encoded samples after the shuffle buffer, from ``start`` on (None: the epoch's start)."""
+    outage = StoreOutage()  # a store found down costs one attempt per later shard, until one is read whole
+    size = cfg.shuffle_buffer
+    rng = buffer_rng(cfg.seed, cfg.epoch, cfg.rank, stream) if size > 1 else None
+    if start is not None and start.raw > 0 and start.exact and cfg.counts is not None:
+        fast = _fast_forward(cfg, slot, stream, skips, outage, track, start.raw, rng)
+        if fast is not None:
+            return fast
+    raws: Iterator = _raw_stream(cfg, slot, stream, skips, outage, track)
+    if rng is not None:
+        raws = shuffle_buffer(raws, size, rng)
+    if start is not None and start.raw > 0:
+        # Without the counts, the stream is replayed raw (read, never decoded), and what that reading
+        # logged was reported before the state was saved.
+        for _ in itertools.islice(raws, start.raw):
+            pass
+        del skips[:]
+    return raws
+
+
+def _fast_forward(cfg: StreamConfig, slot: int, stream: int, skips: list, outage: StoreOutage, track: Track,
+                  emitted: int, rng: np.random.Generator | None) -> Iterator | None:
+    """The slot's shuffled samples after the first ``emitted``, reading only the shards that hold what the
+    buffer held then (replay.simulate_buffer); None when the counts cannot say (the caller replays raw)."""
+    quota = cfg.plan.quotas[slot] if cfg.plan.quotas is not None else None
+    draws = resample_rng(cfg.seed, cfg.epoch, cfg.rank, stream)
+    seq = stream_sequence(cfg.plan.slots[slot], cfg.items_of, quota, lambda: int(draws.integers(len(cfg.urls))),
+                          len(cfg.urls))
+    if seq is None:
+        return None
+    total = sum(n for _, n in seq)
+    if emitted > total:
+        raise LoaderError(f"the loader state says stream {stream} delivered {emitted} sample(s), but it holds "
+                          f"{total} in epoch {cfg.epoch}")
+    held, cursor = simulate_buffer(total, cfg.shuffle_buffer, rng, emitted) if rng is not None else ([], emitted)
+    got, rest = resumed_input(seq, cursor, held, lambda k: cfg.shard(seq[k][0], skips, outage, track),
+                              lambda: skips.clear())
+    if rng is None:
+        return rest
+    return shuffle_buffer(rest, cfg.shuffle_buffer, rng, [got[i] for i in held])
+
+
+def _counting(raws: Iterator, track: Track) -> Iterator:
+    """The stream's encoded samples, each counted in ``track.raw`` as decoding takes it."""
+    for item in raws:
+        track.raw += 1
+        yield item
+
+
+def run_stream(cfg: StreamConfig, stream: int, start: StreamPosition | None = None) -> Iterator[Batch]:
+    """Read, shuffle, decode, sample and batch the samples of one stream of this rank, from ``start`` on.
+
+    Every item says which stream it is of and where that stream stands after it; the last item (no
+    images) marks the stream's end and carries the skips not yet reported.
+    """
+    slot = stream * cfg.world_size + cfg.rank
     shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
     skips: list[tuple[int, str]] = []  # (samples lost, why)
-    raws: Iterator = _raw_stream(cfg, slot, worker, skips)
-    if cfg.shuffle_buffer > 1:
-        raws = shuffle_buffer(raws, cfg.shuffle_buffer, buffer_rng(cfg.seed, cfg.epoch, cfg.rank, worker))
+    track = Track(start.raw if start else 0, start.exact if start else True)
+    raws = _counting(_positioned(cfg, slot, stream, skips, track, start), track)
     reported = 0
     sampled = cfg.decode.rpn_batch_size is not None
 
@@ -226,6 +325,7 @@ def run_stream(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
                  else collate(samples, cfg.dataset.num_anchors, sampled, cfg.norm, shared, rows))
         new = skips[reported:]
         batch.skipped, batch.skip_log, reported = sum(n for n, _ in new), [m for _, m in new], len(skips)
+        batch.stream, batch.raw, batch.exact, batch.end = stream, track.raw, track.exact, samples is None
         return batch
 
     threads = cfg.decode_threads
@@ -233,8 +333,7 @@ def run_stream(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
         for pending, rows in _decoded_batches(raws, cfg, shared, skips, pool):
             if len(pending) == cfg.batch_size or (pending and not cfg.drop_last):
                 yield emit(pending, rows)
-    if len(skips) > reported:
-        yield emit(None)
+    yield emit(None)
 
 
 class _NoPool:
