@@ -36,7 +36,6 @@ from .format.classes import ClassMap
 from .format.manifest import Manifest
 from .format.names import MANIFEST_NAME
 from .format.record import Record, flip_boxes
-from .labels import coco_class_map
 from .storage.base import Store
 from .storage.local import LocalStore
 from .storage.location import store_of
@@ -56,10 +55,11 @@ def original_xywh(boxes_xyxy: Any, scale: Sequence[float], orig_size: Sequence[i
 
 def class_map_of(classes: Any) -> ClassMap:
     """The ClassMap of a build, given as a ClassMap, a Manifest or manifest dict, a ShardLoader (its manifest),
-    a split folder or its manifest.json (local or a URL); None: COCO's 80 with the official ids, the classes of
-    every build before builds recorded theirs."""
+    a split folder or its manifest.json (local or a URL). Required: category ids are the build's, and a
+    default would write wrong ones for every build not of COCO's 80 classes."""
     if classes is None:
-        return coco_class_map()
+        raise TypeError("classes is required: the loader, its manifest or split folder, or a ClassMap "
+                        "(category ids are the build's own)")
     if isinstance(classes, ClassMap):
         return classes
     if isinstance(classes, (str, os.PathLike)):
@@ -95,16 +95,15 @@ def categories_list(classes: ClassMap) -> list[dict]:
     return [{"id": int(c), "name": n} for c, n in zip(classes.ids, classes.names)]
 
 
-def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]],
-                 classes: Any = None) -> list[dict]:
+def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping[str, Any]], *,
+                 classes: Any) -> list[dict]:
     """Detections -> COCO result dicts (image_id, category_id, bbox xywh in original pixels, score).
 
     ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..K and ``scores`` (what
     torchvision's detection models return in eval mode). ``targets``: the loader's per-image dicts of
     the same images, in the same order (their ``image_id``, ``scale``, ``orig_size``, and ``size`` and
     ``flipped`` for a mirrored sample (hflip), are used). ``classes``: the build whose category ids to write
-    (the loader, its manifest or split folder, or a ClassMap: see class_map_of); None is COCO's 80 with the
-    official ids, right only for a build of COCO's 80 classes.
+    (the loader, its manifest or split folder, or a ClassMap: see class_map_of).
     """
     if len(outputs) != len(targets):
         raise ValueError(f"coco_results: {len(outputs)} outputs for {len(targets)} targets (one each per image)")
@@ -150,7 +149,7 @@ def _annotations(r: Record, classes: ClassMap) -> list[dict]:
     return out
 
 
-def coco_ground_truth(records: Sequence[Record] | Iterator[Record], classes: Any = None) -> dict:
+def coco_ground_truth(records: Sequence[Record] | Iterator[Record], *, classes: Any) -> dict:
     """A COCO annotations dict (images, annotations, categories) from a split's records, in original pixels.
 
     ``classes``: the build's classes (see class_map_of; split_ground_truth passes the manifest's): the
@@ -175,7 +174,7 @@ def split_ground_truth(split_dir: str | os.PathLike, storage_options: dict | Non
     """A split's ground truth (coco_ground_truth) with the categories and ids of its manifest's classes."""
     store = store_of(os.fspath(split_dir), storage_options)
     manifest = read_manifest(store)
-    return coco_ground_truth(_records(store, manifest), manifest.class_map)
+    return coco_ground_truth(_records(store, manifest), classes=manifest.class_map)
 
 
 def write_coco_ground_truth(split_dir: str | os.PathLike, out: str | os.PathLike,

@@ -62,21 +62,6 @@ def coco_category_map(categories: Sequence[Mapping]) -> dict[int, int]:
     return {int(c["id"]): i + 1 for i, c in enumerate(cats)}
 
 
-def label_to_coco_id(labels: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Labels 1..80 -> official COCO category ids (int64); ValueError names a label outside 1..80."""
-    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-    bad = lab[(lab < 1) | (lab > len(COCO_CATEGORY_IDS))]
-    if bad.size:
-        raise ValueError(f"label {int(bad[0])} has no COCO category: labels are 1..{len(COCO_CATEGORY_IDS)} "
-                         "(0 is background)")
-    return np.asarray(COCO_CATEGORY_IDS, dtype=np.int64)[lab - 1]
-
-
-def coco_categories() -> list[dict]:
-    """The COCO annotations file's "categories" list for labels 1..80 (id and name)."""
-    return [{"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES)]
-
-
 def coco_class_map() -> ClassMap:
     """COCO's 80 classes with their official category ids (labels in sorted-id order)."""
     return ClassMap(COCO_CLASSES, COCO_CATEGORY_IDS, COCO_CATEGORY_IDS, "sorted category id",

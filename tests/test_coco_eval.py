@@ -66,7 +66,7 @@ def loader_predictions(split_dir: Path, shift: tuple[float, float] = (0.0, 0.0),
             outputs.append({"boxes": t["boxes"] + move, "labels": t["labels"],
                             "scores": 1.0 - 0.001 * torch.arange(k, dtype=torch.float32)})
             targets.append(t)
-    return coco_results(outputs, targets)
+    return coco_results(outputs, targets, classes=split_dir)
 
 
 def official_predictions(src: dict, shift: tuple[float, float]) -> list[dict]:
@@ -158,13 +158,16 @@ def test_shifted_predictions_score_as_the_same_shift_of_the_official_boxes(shard
 
 def test_coco_results_refuse_labels_outside_1_to_80():
     from frcnn_shard.coco_eval import coco_results
+    from frcnn_shard.labels import coco_class_map
 
     t = {"image_id": 1, "scale": (1.0, 1.0), "orig_size": (10, 10)}
     out = {"boxes": np.array([[0, 0, 5, 5]]), "labels": np.array([81]), "scores": np.array([0.9])}
     with pytest.raises(ValueError, match="label 81 has no COCO category"):
-        coco_results([out], [t])
+        coco_results([out], [t], classes=coco_class_map())
     out["labels"] = np.array([80])
-    assert coco_results([out], [t])[0]["category_id"] == 90
+    assert coco_results([out], [t], classes=coco_class_map())[0]["category_id"] == 90
+    with pytest.raises(TypeError, match="classes is required"):
+        coco_results([out], [t], classes=None)
 
 
 def test_core_package_works_without_torchvision():

@@ -202,7 +202,7 @@ def test_eval_outputs_map_to_coco_results(tv_letterbox):
     with torch.no_grad():
         outputs = model(images)
     assert all(len(o["boxes"]) > 0 for o in outputs)  # untrained, but no score threshold
-    results = coco_results(outputs, targets)
+    results = coco_results(outputs, targets, classes=loader)
     assert len(results) == sum(len(o["boxes"]) for o in outputs)
     for r in results:
         t = next(t for t in targets if t["image_id"] == r["image_id"])
