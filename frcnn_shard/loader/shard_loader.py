@@ -2,6 +2,7 @@
 it is asked for, resolves the defaults (ranks, workers, decode threads) and says what it changed."""
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from dataclasses import replace
@@ -12,16 +13,17 @@ import torch
 
 from .. import anchors as anc
 from ..format.manifest import Manifest
+from ..format.members import ShardFormatError
 from ..malloc import tune_worker_malloc
 from .collate import Batch
 from .decode import DecodeOptions
 from .merge import in_stream_order
 from .options import DEFAULT_SHUFFLE_BUFFER, DatasetFacts, LoaderError, LoaderOptions, LoaderWarning
 from .plan import EpochPlan, batch_count, feedable_workers, plan_epoch
-from .repeat import RepeatTable
+from .repeat import RepeatTable, record_labels, repeat_table
 from .resume import Progress, StreamPosition, dataset_identity, from_state, order_options, to_state
 from .sources import Source, dataset_facts, resolve_source
-from .stream import ShardStream, StreamConfig
+from .stream import ShardStream, StreamConfig, iter_raw_samples
 
 MAX_SKIP_LOG = 1000  # skip messages kept per epoch; the count itself is never capped
 
@@ -260,6 +262,28 @@ def _resolved(opts: LoaderOptions, n_shards: int) -> LoaderOptions:
     return replace(opts, num_workers=int(workers), decode_threads=int(threads))
 
 
+def _repeat_table(src: Source, dataset: DatasetFacts, opts: LoaderOptions, threshold: float,
+                  storage_options: dict | None) -> RepeatTable:
+    """Repeat-factor sampling's table from one pass over the shards' JSON records (the labels each image holds).
+
+    A record that breaks the record rules raises ShardFormatError, or with on_error="skip" counts as an
+    image without classes (the loader skips it anyway when it comes to decode it).
+    """
+    if src.counts is None:
+        raise LoaderError("repeat_factor_threshold needs the shards' manifest (the per-shard counts and classes)")
+    per_shard = []
+    for url, count in zip(src.urls, src.counts):
+        pairs = []
+        for where, raw in iter_raw_samples(url, opts.on_error, [], count, storage_options):
+            try:
+                pairs.append((raw.key, record_labels(raw, dataset.image_hw, dataset.num_classes)))
+            except Exception as e:  # noqa: BLE001 - json and the record rules raise assorted types on bad bytes
+                if opts.on_error == "raise":
+                    raise ShardFormatError(f"{where}: key {raw.key!r}: {type(e).__name__}: {e}") from e
+        per_shard.append(pairs)
+    return repeat_table(per_shard, threshold, opts.seed)
+
+
 def make_loader(  # long because its signature and Args name every option (the issue asks for no **options)
     source: str | os.PathLike | Sequence[str],
     batch_size: int,
@@ -288,6 +312,7 @@ def make_loader(  # long because its signature and Args name every option (the i
     hflip: float = 0.0,
     image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     decode_threads: int | None = None,
+    repeat_factor_threshold: float | None = None,
 ) -> ShardLoader:
     """A loader of (images [B,3,H,W], targets) from a split folder (local or a URL such as s3://...), its
     manifest.json, a URL list or a brace pattern. Every option is checked here (LoaderError names the bad one).
@@ -316,6 +341,8 @@ def make_loader(  # long because its signature and Args name every option (the i
         image_transform: uint8 HWC -> the same shape and dtype, applied to each image after decoding.
         decode_threads: threads decoding a batch side by side; None: one per CPU (at most the batch size)
             in the calling process without image_transform, else 0.
+        repeat_factor_threshold: t of LVIS's repeat-factor sampling (images with rare classes repeat in an
+            epoch); None: every image once. The class frequencies come from one pass over the records, here.
     """
     opts = LoaderOptions(
         batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, seed=seed, epoch=epoch,
@@ -330,4 +357,10 @@ def make_loader(  # long because its signature and Args name every option (the i
     if opts.hflip > 0 and dataset.flip_targets is False:
         raise LoaderError(f"hflip={opts.hflip} needs the mirrored images' anchor targets, but {source!r} was built "
                           "with --no-flip-targets (flip_targets=False): rebuild without it, or pass hflip=0")
-    return ShardLoader(src, _resolved(opts, len(src.urls)), dataset, storage_options)
+    repeat = None
+    if repeat_factor_threshold is not None:
+        t = repeat_factor_threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 < t <= 1.0:
+            raise LoaderError(f"repeat_factor_threshold must be a fraction within (0, 1] or None (got {t!r})")
+        repeat = _repeat_table(src, dataset, opts, float(t), storage_options)
+    return ShardLoader(src, _resolved(opts, len(src.urls)), dataset, storage_options, repeat)
