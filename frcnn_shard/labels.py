@@ -6,7 +6,7 @@ category-id order, which is also the order of the Hub dataset's 0-based ``catego
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,31 +35,6 @@ CLASS_NAMES: tuple[str, ...] = (BACKGROUND,) + COCO_CLASSES
 NUM_CLASSES = len(CLASS_NAMES)  # 81, background included
 INVALID_LABEL = -1  # a box whose category is not in the class list; the transform drops it (bad_category)
 EXCLUDED_LABEL = -2  # a box of a class --classes left out; the transform drops it (excluded_class)
-
-
-def hub_category_to_label(category: np.ndarray) -> np.ndarray:
-    """Map the Hub's 0-based ClassLabel ids to labels 1..80; out-of-range ids become INVALID_LABEL."""
-    cat = np.asarray(category, dtype=np.int64)
-    ok = (cat >= 0) & (cat < len(COCO_CLASSES))
-    return np.where(ok, cat + 1, INVALID_LABEL).astype(np.int64)
-
-
-def check_class_names(names: Sequence[str], where: str) -> None:
-    """Raise ValueError unless ``names`` (0-based, no background) equal COCO_CLASSES."""
-    names = tuple(names)
-    if names != COCO_CLASSES:
-        diff = [(i, a, b) for i, (a, b) in enumerate(zip(names, COCO_CLASSES)) if a != b][:5]
-        raise ValueError(
-            f"{where}: class names do not match the 80 COCO classes in sorted-id order "
-            f"(got {len(names)} names; first differences (index, got, expected): {diff})"
-        )
-
-
-def coco_category_map(categories: Sequence[Mapping]) -> dict[int, int]:
-    """Map official COCO category ids (1..90, sparse) to labels 1..80 in sorted-id order."""
-    cats = sorted(categories, key=lambda c: int(c["id"]))
-    check_class_names([c["name"] for c in cats], "COCO annotations 'categories'")
-    return {int(c["id"]): i + 1 for i, c in enumerate(cats)}
 
 
 def coco_class_map() -> ClassMap:

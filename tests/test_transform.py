@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from frcnn_shard import transform as T
-from frcnn_shard.labels import INVALID_LABEL, hub_category_to_label
+from frcnn_shard.labels import INVALID_LABEL
 from frcnn_shard.records import Dropped, Sample, SourceRow
 
 
@@ -141,9 +141,8 @@ def test_boxes_are_clipped_to_content_and_meta_round_trips_float32():
     assert s.key == "000000000007" == meta["key"]
 
 
-def test_label_mapping_hub_categories_to_1_80():
-    np.testing.assert_array_equal(hub_category_to_label(np.array([0, 79, 80, -1])), [1, 80, INVALID_LABEL, INVALID_LABEL])
-    labels = hub_category_to_label(np.array([0, 79, 80]))
+def test_labels_are_kept_as_int64_and_an_invalid_one_drops_its_box():
+    labels = np.array([1, 80, INVALID_LABEL])
     row = _row(_grey(100, 100), 100, 100, [[0, 0, 50, 50], [10, 10, 50, 50], [20, 20, 50, 50]], labels=labels)
     s = T.process_row(row, T.TransformConfig())
     assert s.record.labels.dtype == np.int64

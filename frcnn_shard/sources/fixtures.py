@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from ..labels import COCO_CLASSES, coco_category_map
+from ..labels import COCO_CLASSES, class_map_from_coco_categories, label_lookup
 from .coco import coco_bbox, coco_split_files, group_annotations, load_coco
 from . import DEFAULT_HUB_ID
 from .hub import HUB_FEATURES
@@ -114,7 +114,10 @@ def coco_to_hub_rows(coco_dir: str | os.PathLike, split: str, *, bbox_format: st
     root = Path(coco_dir)
     resolved, ann_file = coco_split_files(root, split)
     data, _ = load_coco(ann_file)
-    catmap = coco_category_map(data["categories"])
+    classes = class_map_from_coco_categories(data["categories"], str(ann_file))
+    if classes.names != COCO_CLASSES:  # the rows are written with the COCO ClassLabel
+        raise ValueError(f"{ann_file}: coco_to_hub_rows writes COCO's 80 classes; this file's classes differ")
+    catmap = label_lookup(classes)
     by_image, _ = group_annotations(data)
     for im in data["images"]:
         path = root / resolved / str(im["file_name"])
