@@ -34,7 +34,7 @@ import numpy as np
 from .anchors.spec import as_numpy
 from .format.classes import ClassMap
 from .format.manifest import Manifest
-from .format.names import MANIFEST_NAME
+from .format.names import split_folder_of
 from .format.record import Record, flip_boxes
 from .storage.base import Store
 from .storage.local import LocalStore
@@ -63,7 +63,7 @@ def class_map_of(classes: Any) -> ClassMap:
     if isinstance(classes, ClassMap):
         return classes
     if isinstance(classes, (str, os.PathLike)):
-        return read_manifest(_split_folder(classes)).class_map
+        return read_manifest(split_folder_of(classes)).class_map
     if not isinstance(classes, Mapping) and hasattr(classes, "manifest"):  # a ShardLoader, without importing torch
         if classes.manifest is None:
             raise ValueError("the loader has no manifest (pass manifest= to make_loader): its classes are unknown")
@@ -71,12 +71,6 @@ def class_map_of(classes: Any) -> ClassMap:
     if isinstance(classes, Mapping):
         return Manifest.checked(classes if isinstance(classes, dict) else dict(classes), "classes=").class_map
     raise TypeError(f"classes: a ClassMap, a manifest, a loader or a split folder, not {type(classes).__name__}")
-
-
-def _split_folder(path: str | os.PathLike) -> str:
-    """The split folder of a folder or of its manifest.json (loader.manifest_folder's rule; the loader imports torch)."""
-    text = os.fspath(path).rstrip("/")
-    return (text.rpartition("/")[0] or ".") if text.endswith(MANIFEST_NAME) else text
 
 
 def category_ids(labels: Any, classes: ClassMap) -> np.ndarray:

@@ -5,6 +5,7 @@ folder: a name from a file (manifest, part record) is never a path, URL or ``pip
 """
 from __future__ import annotations
 
+import os
 import re
 
 MANIFEST_NAME = "manifest.json"
@@ -12,6 +13,14 @@ DROPS_NAME = "drops.jsonl"  # every dropped row, beside the manifest (written by
 PARTS_DIR = "_parts"  # part records and locks of a build in progress (see parts.py)
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
+
+
+def split_folder_of(path: str | os.PathLike) -> str:
+    """The split folder (path or URL) of a split folder or of its manifest.json: the one rule every reader takes."""
+    text = os.fspath(path)
+    if not text.rstrip("/").endswith(MANIFEST_NAME):
+        return text
+    return text.rstrip("/").rpartition("/")[0] or "."
 
 
 def shard_name(split: str, index: int) -> str:
