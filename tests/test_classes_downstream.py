@@ -170,6 +170,7 @@ def test_info_names_the_classes(subset_shards, custom_shards):
     rows = dict(info_rows(read_manifest(subset_shards)))
     assert rows["classes"].startswith("2 of the source's 80") and "--classes order" in rows["classes"]
     assert rows["class ids"] == "1 dog (id 18), 2 person (id 1)"
+    assert rows["crowd"].startswith("iscrowd, 5 in the source; ")
     res = run_cli("info", str(custom_shards))
     assert res.exit_code == 0, res.output
     line = next(v for v in res.output.splitlines() if v.startswith("class ids"))

@@ -68,7 +68,17 @@ def _class_rows(manifest: Manifest) -> list[tuple[str, str]]:
         classes = manifest.class_map
     except ClassMapError as e:  # only a format-2.0 manifest's bare "classes" list can get here unchecked
         return [("classes", f"unusable: {e}")]
-    return [("classes", classes_text(classes)), ("class ids", class_ids_text(classes))]
+    return [("classes", classes_text(classes)), ("class ids", class_ids_text(classes)), ("crowd", _crowd_text(manifest))]
+
+
+def _crowd_text(manifest: Manifest) -> str:
+    """How crowd / ignore boxes were recognised (the manifest's ``crowd``; absent before format 2.1)."""
+    crowd = _obj(manifest.get("crowd"))
+    if not crowd:
+        return "not recorded (format 2.0)"
+    count = crowd.get("annotations")
+    counted = f", {count} in the source" if isinstance(count, int) else ""
+    return f"{str(crowd.get('rule'))[:80]}{counted}; {str(crowd.get('evidence'))[:200]}"
 
 
 def _yes(v) -> str:
