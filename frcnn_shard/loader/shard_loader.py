@@ -22,7 +22,8 @@ from .options import DEFAULT_SHUFFLE_BUFFER, DatasetFacts, LoaderError, LoaderOp
 from .plan import EpochPlan, batch_count, feedable_workers, plan_epoch
 from .repeat import RepeatTable, record_labels, repeat_table
 from .resume import Progress, StreamPosition, dataset_identity, from_state, order_options, to_state
-from .sources import Source, dataset_facts, resolve_source
+from .cache import ShardCache
+from .sources import Source, dataset_facts, resolve_source, split_url
 from .stream import ShardStream, StreamConfig, iter_raw_samples
 
 MAX_SKIP_LOG = 1000  # skip messages kept per epoch; the count itself is never capped
@@ -42,8 +43,10 @@ class ShardLoader:
     """Iterable of (images, targets) over frcnn-shard shards; ``options`` holds what make_loader was given."""
 
     def __init__(self, src: Source, options: LoaderOptions, dataset: DatasetFacts,
-                 storage_options: dict | None = None, repeat: RepeatTable | None = None):
+                 storage_options: dict | None = None, repeat: RepeatTable | None = None,
+                 cache: ShardCache | None = None):
         self.storage_options = storage_options
+        self.cache = cache  # the local cache of remote shards (None: none)
         self.repeat = repeat  # repeat-factor sampling's table (None: every image once per epoch)
         self.urls = list(src.urls)
         self.counts = src.counts
@@ -174,7 +177,14 @@ class ShardLoader:
             decode=DecodeOptions(o.seed, o.hflip, o.rpn_batch_size, o.positive_fraction, o.image_transform),
             norm=(ds.mean, ds.std) if o.normalize else None, storage_options=self.storage_options,
             streams=self.streams, starts=starts, first=max(0, progress.first_turn()) if starts else 0,
-            repeat=self.repeat)
+            repeat=self.repeat, cache=self.cache, digests=self._digests())
+
+    def _digests(self) -> tuple[tuple[str, int], ...] | None:
+        """(sha256, bytes) of each URL's shard, from its manifest entry (the cache checks every shard by them)."""
+        if self.cache is None or self.manifest is None:
+            return None
+        entries = {s.name: (s.sha256, s.bytes) for s in self.manifest.shards}
+        return tuple(entries[split_url(u)[1]] for u in self.urls)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
         o = self.options
@@ -262,8 +272,26 @@ def _resolved(opts: LoaderOptions, n_shards: int) -> LoaderOptions:
     return replace(opts, num_workers=int(workers), decode_threads=int(threads))
 
 
+def _shard_cache(src: Source, cache_dir: str | os.PathLike | None, cache_limit: int | None) -> ShardCache | None:
+    """The shard cache asked for, checked: it needs the manifest (each shard's sha256 and size)."""
+    if cache_dir is None:
+        if cache_limit is not None:
+            raise LoaderError("cache_limit needs cache_dir (the folder the remote shards are cached in)")
+        return None
+    if cache_limit is not None and (isinstance(cache_limit, bool) or not isinstance(cache_limit, int)
+                                    or cache_limit < 0):
+        raise LoaderError(f"cache_limit must be a byte count >= 0 or None (got {cache_limit!r})")
+    if src.manifest is None:
+        raise LoaderError("cache_dir needs the shards' manifest: every cached shard is checked against its sha256")
+    listed = {s.name for s in src.manifest.shards}
+    missing = [u for u in src.urls if split_url(u)[1] not in listed]
+    if missing:
+        raise LoaderError(f"cache_dir: shard {missing[0]!r} has no manifest entry (no sha256 to check it against)")
+    return ShardCache(os.fspath(cache_dir), cache_limit)
+
+
 def _repeat_table(src: Source, dataset: DatasetFacts, opts: LoaderOptions, threshold: float,
-                  storage_options: dict | None) -> RepeatTable:
+                  storage_options: dict | None, cache: ShardCache | None) -> RepeatTable:
     """Repeat-factor sampling's table from one pass over the shards' JSON records (the labels each image holds).
 
     A record that breaks the record rules raises ShardFormatError, or with on_error="skip" counts as an
@@ -272,9 +300,12 @@ def _repeat_table(src: Source, dataset: DatasetFacts, opts: LoaderOptions, thres
     if src.counts is None:
         raise LoaderError("repeat_factor_threshold needs the shards' manifest (the per-shard counts and classes)")
     per_shard = []
+    digests = {s.name: (s.sha256, s.bytes) for s in src.manifest.shards} if src.manifest is not None else {}
     for url, count in zip(src.urls, src.counts):
         pairs = []
-        for where, raw in iter_raw_samples(url, opts.on_error, [], count, storage_options):
+        name = split_url(url)[1]
+        cached = (cache, *digests[name]) if cache is not None and name in digests else None
+        for where, raw in iter_raw_samples(url, opts.on_error, [], count, storage_options, None, cached):
             try:
                 pairs.append((raw.key, record_labels(raw, dataset.image_hw, dataset.num_classes)))
             except Exception as e:  # noqa: BLE001 - json and the record rules raise assorted types on bad bytes
@@ -313,6 +344,8 @@ def make_loader(  # long because its signature and Args name every option (the i
     image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     decode_threads: int | None = None,
     repeat_factor_threshold: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
 ) -> ShardLoader:
     """A loader of (images [B,3,H,W], targets) from a split folder (local or a URL such as s3://...), its
     manifest.json, a URL list or a brace pattern. Every option is checked here (LoaderError names the bad one).
@@ -343,6 +376,8 @@ def make_loader(  # long because its signature and Args name every option (the i
             in the calling process without image_transform, else 0.
         repeat_factor_threshold: t of LVIS's repeat-factor sampling (images with rare classes repeat in an
             epoch); None: every image once. The class frequencies come from one pass over the records, here.
+        cache_dir, cache_limit: a local folder keeping the shards read from object storage, each checked
+            against the manifest's sha256 before use, at most ``cache_limit`` bytes (None: no limit; LRU).
     """
     opts = LoaderOptions(
         batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, seed=seed, epoch=epoch,
@@ -357,10 +392,11 @@ def make_loader(  # long because its signature and Args name every option (the i
     if opts.hflip > 0 and dataset.flip_targets is False:
         raise LoaderError(f"hflip={opts.hflip} needs the mirrored images' anchor targets, but {source!r} was built "
                           "with --no-flip-targets (flip_targets=False): rebuild without it, or pass hflip=0")
+    cache = _shard_cache(src, cache_dir, cache_limit)
     repeat = None
     if repeat_factor_threshold is not None:
         t = repeat_factor_threshold
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 < t <= 1.0:
             raise LoaderError(f"repeat_factor_threshold must be a fraction within (0, 1] or None (got {t!r})")
-        repeat = _repeat_table(src, dataset, opts, float(t), storage_options)
-    return ShardLoader(src, _resolved(opts, len(src.urls)), dataset, storage_options, repeat)
+        repeat = _repeat_table(src, dataset, opts, float(t), storage_options, cache)
+    return ShardLoader(src, _resolved(opts, len(src.urls)), dataset, storage_options, repeat, cache)

@@ -19,6 +19,7 @@ from ..format.members import RawSample, ShardFormatError, group_by_key
 from ..seeds import buffer_rng, resample_rng
 from ..shards import store_of, tar_members
 from ..storage import StoreOutage
+from .cache import ShardCache
 from .collate import Batch, Norm, batch_rows, collate, stats_only
 from .decode import DecodeOptions, Decoded, decode_sample
 from .options import DatasetFacts, LoaderError
@@ -29,23 +30,31 @@ from .resume import StreamPosition
 from .sources import PASSTHROUGH_SCHEMES, split_url, url_scheme
 
 _READ_BUFSIZE = 1 << 20
+Cached = tuple[ShardCache, str, int]  # the cache, a shard's sha256 and size
 
 # ---------------------------------------------------------------------------------- raw reading
 
 
-def _open_url(url: str, storage_options: dict | None = None):
-    """A streaming reader of one shard: a local file, an object (retried reads), or a pipe:/http URL."""
+def _open_url(url: str, storage_options: dict | None = None, cached: Cached | None = None):
+    """A streaming reader of one shard: a local file, an object (retried reads; through the shard cache
+    when there is one), or a pipe:/http URL."""
     if url_scheme(url) in PASSTHROUGH_SCHEMES:
         from webdataset.gopen import gopen
 
         return gopen(url, "rb", bufsize=_READ_BUFSIZE)
     folder, name = split_url(url)
-    return store_of(folder, storage_options).open_read(name, _READ_BUFSIZE)
+    store = store_of(folder, storage_options)
+    if cached is not None and not store.is_local:
+        cache, sha256, size = cached
+        f = cache.open(sha256, size, lambda: store.open_read(name, _READ_BUFSIZE))
+        if f is not None:
+            return f
+    return store.open_read(name, _READ_BUFSIZE)
 
 
 def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None, expected: int | None = None,
-                     storage_options: dict | None = None, store_down: StoreOutage | None = None
-                     ) -> Iterator[tuple[str, RawSample]]:
+                     storage_options: dict | None = None, store_down: StoreOutage | None = None,
+                     cached: Cached | None = None) -> Iterator[tuple[str, RawSample]]:
     """Yield (url, encoded sample) for one shard URL; never unpickles, never uses a member name as a path.
 
     A sample breaking a member rule (pickle-type extension, traversal name, non-file, oversized,
@@ -56,10 +65,11 @@ def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = Non
     fewer samples than ``expected`` is the same loss; one with more is an error too (with "skip", the
     samples beyond the count are not delivered, and counted). ``store_down``: the stream's record of a
     store that failed for good (see StoreOutage): while it says so, a remote shard gets one attempt.
+    ``cached``: (the shard cache, the shard's sha256 and size) for a remote shard read through the cache.
     """
     key, got = None, 0
     try:
-        stream = _open_url(url, storage_options)
+        stream = _open_url(url, storage_options, cached)
     except OSError as e:
         _fail(on_error, skips, f"{url}: cannot open shard: {e}", expected if expected else 1)
         return
@@ -148,6 +158,8 @@ class StreamConfig:
     starts: tuple[StreamPosition, ...] | None = None  # a resumed epoch: where each stream of this rank stands
     first: int = 0  # a resumed epoch: the stream whose item comes first
     repeat: RepeatTable | None = None  # repeat-factor sampling: the images that appear more than once
+    cache: ShardCache | None = None  # the local cache of remote shards
+    digests: tuple[tuple[str, int], ...] | None = None  # (sha256, bytes) per shard, from the manifest
 
     @property
     def stream_count(self) -> int:
@@ -163,8 +175,9 @@ class StreamConfig:
               ) -> Iterator[tuple[str, RawSample]]:
         """The encoded samples of shard i, repeated as the epoch's repeat factors say (``outage``: the
         stream's, shared by its shards; ``track``: told when the shard does not yield its count)."""
+        cached = (self.cache, *self.digests[i]) if self.cache is not None and self.digests is not None else None
         items = iter_raw_samples(self.urls[i], self.on_error, skips, self.counts[i] if self.counts else None,
-                                 self.storage_options, outage)
+                                 self.storage_options, outage, cached)
         if self.repeat is not None:
             items = self.repeat.expand(i, items, self.epoch)
         if track is None:
