@@ -314,6 +314,7 @@ class FlakySource:
         self._inner, self.fail_at, self.exc, self.calls = inner, dict(fail_at), exc, []
         self.info, self.bbox_format, self.stats = inner.info, inner.bbox_format, inner.stats
         self.num_rows, self.fingerprint = inner.num_rows, inner.fingerprint
+        self.classes, self.crowd = inner.classes, inner.crowd
 
     def rows(self, start: int = 0, stop: int | None = None):
         self.calls.append(start)
