@@ -5,7 +5,9 @@ shards a source names (``sources``) -> tar members grouped into samples by the f
 no unpickling, checked member names (``stream``) -> sample-level shuffle buffer over the still-encoded
 samples (``stream``) -> decode: image, JSON record, sparse anchor targets, anchor sampling (``decode``)
 -> batch (``collate``). ``options`` checks what make_loader is asked for; ``shard_loader`` holds
-ShardLoader and make_loader. Targets stay sparse until the consumer: a batch carries the sampled
+ShardLoader and make_loader. For long runs: ``resume`` (the state_dict's form and checks), ``replay``
+(a stream resumed without decoding what it delivered), ``merge`` (the streams' turns, whichever
+workers ran them), ``repeat`` (repeat-factor sampling) and ``cache`` (the local cache of remote shards). Targets stay sparse until the consumer: a batch carries the sampled
 anchor indices and the positives' boxes, and ``Batch.unpack`` in the training process expands them
 to the dense per-anchor tensors the RPN loss takes.
 

@@ -43,13 +43,14 @@ def _open_url(url: str, storage_options: dict | None = None, cached: Cached | No
 
         return gopen(url, "rb", bufsize=_READ_BUFSIZE)
     folder, name = split_url(url)
-    store = store_of(folder, storage_options)
-    if cached is not None and not store.is_local:
+    if cached is not None and url_scheme(url) not in ("", "file"):
+        # A cached shard costs no store at all (making an object-store client is not free, and the
+        # store may be unreachable): the store is made only to fetch.
         cache, sha256, size = cached
-        f = cache.open(sha256, size, lambda: store.open_read(name, _READ_BUFSIZE))
+        f = cache.open(sha256, size, lambda: store_of(folder, storage_options).open_read(name, _READ_BUFSIZE))
         if f is not None:
             return f
-    return store.open_read(name, _READ_BUFSIZE)
+    return store_of(folder, storage_options).open_read(name, _READ_BUFSIZE)
 
 
 def iter_raw_samples(url: str, on_error: str = "raise", skips: list | None = None, expected: int | None = None,
