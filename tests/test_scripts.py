@@ -26,6 +26,7 @@ SCRIPTS = [
     ("bench_gpu.py", ["--device", "cpu", "--rows", "8", "--workers", "1", "--batch-sizes", "1,2",
                       "--min-seconds", "0.05", "--no-md"]),
     ("bench_scale.py", ["--images", "16", "--workers", "1", "--rounds", "1", "--no-md"]),
+    ("bench_resume.py", ["--images", "16", "--workers", "0", "--rounds", "1", "--batch-size", "2", "--no-md"]),
 ]
 
 
