@@ -15,6 +15,7 @@ from PIL import Image
 
 from .errors import FrcnnShardError
 from .labels import EXCLUDED_LABEL
+from .format.canvas import box_ratio, canvas_of, keep_ratio_size, resize_boxes_f32
 from .format.record import Record, key_of
 from .records import Dropped, Sample, SourceRow
 
@@ -22,9 +23,11 @@ from .records import Dropped, Sample, SourceRow
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-RESIZE_MODES = ("stretch", "letterbox")
+RESIZE_MODES = ("stretch", "letterbox", "keep-ratio")
+KEEP_RATIO = "keep-ratio"
 IMAGE_FORMATS = ("jpg", "png")
 BBOX_FORMATS = ("xywh", "xyxy")
+MAX_KEEP_RATIO_SIDE = 8192  # keep-ratio sides: far above any recipe (detectron2's largest is 1333)
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 Mpx: far above any COCO image, far below a decompression bomb
 RESAMPLE = Image.Resampling.BILINEAR
 RESAMPLE_NAME = "bilinear"
@@ -90,7 +93,12 @@ class TransformConfig:
         "help": "Output size: 400 or HxW.", "parse": parse_image_size})
     resize: str = field(default="stretch", metadata={
         "help": "stretch: fill the canvas (aspect not kept, as the reference model); "
-                "letterbox: keep the aspect, pad bottom and right with zeros.", "choices": RESIZE_MODES})
+                "letterbox: keep the aspect, pad bottom and right with zeros; keep-ratio: torchvision's "
+                "--min-size/--max-size sizes, a canvas per sample (docs/FORMAT.md).", "choices": RESIZE_MODES})
+    min_size: int = field(default=800, metadata={
+        "help": "keep-ratio: the shortest edge (torchvision's min_size)."})
+    max_size: int = field(default=1333, metadata={
+        "help": "keep-ratio: the longest edge at most (torchvision's max_size)."})
     min_box_size: float = field(default=1.0, metadata={"help": "Drop boxes narrower or lower than this (resized px)."})
     image_format: str = field(default="jpg", metadata={
         "help": "How the resized images are stored: jpg (small, re-encoded) or png (lossless, ~10x larger).",
@@ -107,6 +115,10 @@ class TransformConfig:
         object.__setattr__(self, "image_size", (int(h), int(w)))
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"TransformConfig.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if not (int(self.min_size) == self.min_size and int(self.max_size) == self.max_size
+                and 0 < self.min_size <= MAX_KEEP_RATIO_SIDE and 0 < self.max_size <= MAX_KEEP_RATIO_SIDE):
+            raise ValueError(f"TransformConfig.min_size and max_size must be integers in 1..{MAX_KEEP_RATIO_SIDE}, "
+                             f"got {self.min_size!r}, {self.max_size!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"TransformConfig.image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if self.bbox_format not in BBOX_FORMATS:
@@ -164,6 +176,21 @@ def resize_geometry(
     raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
 
 
+def geometry(orig_hw: tuple[int, int], cfg: TransformConfig
+             ) -> tuple[tuple[float, float], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(scale (sy, sx), content (h, w), pad (pad_h, pad_w), canvas (H, W)) of an image under ``cfg``.
+
+    keep-ratio: the content is torchvision's size (format.canvas.keep_ratio_size), the canvas that rounded up
+    to a multiple of 32, the scale torchvision's float32 box ratio; otherwise the canvas is ``image_size``.
+    """
+    if cfg.resize == KEEP_RATIO:
+        content = keep_ratio_size(orig_hw, cfg.min_size, cfg.max_size)
+        canvas = canvas_of(content)
+        return box_ratio(orig_hw, content), content, (canvas[0] - content[0], canvas[1] - content[1]), canvas
+    scale, content, pad = resize_geometry(orig_hw, cfg.image_size, cfg.resize)
+    return scale, content, pad, cfg.image_size
+
+
 def scale_boxes(boxes: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     """Scale xyxy boxes by (sy, sx)."""
     sy, sx = scale
@@ -185,8 +212,13 @@ def box_drop_reasons(
     scale: tuple[float, float],
     content_hw: tuple[int, int],
     min_box_size: float,
+    float32_resize: bool = False,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """Return (xyxy boxes in resized pixels clipped to the content, per-box drop reason or None)."""
+    """Return (xyxy boxes in resized pixels clipped to the content, per-box drop reason or None).
+
+    ``float32_resize``: scale as torchvision's ``resize_boxes`` does (float32 boxes times the float32 ratio
+    content / orig; keep-ratio), instead of by ``scale`` in float64.
+    """
     raw = np.asarray(bboxes, dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if len(labels) != len(raw):
@@ -200,7 +232,10 @@ def box_drop_reasons(
     degenerate = (xyxy[:, 2] <= xyxy[:, 0]) | (xyxy[:, 3] <= xyxy[:, 1])
     clipped = clip_boxes(xyxy, orig_hw)
     outside = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    resized = scale_boxes(clipped, scale)
+    if float32_resize:
+        resized = resize_boxes_f32(clipped, orig_hw, content_hw).astype(np.float64)
+    else:
+        resized = scale_boxes(clipped, scale)
     # Clip again after scaling: x2 * (cw / w) can overshoot cw by one ulp.
     resized = clip_boxes(resized, content_hw)
     # Judge size on the float32 values that will be written, so a kept box is never empty.
@@ -367,8 +402,9 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
             f"and {len(crowd)} iscrowd flags; they must be parallel arrays"
         )
     orig_hw = (img.height, img.width)
-    scale, content_hw, pad = resize_geometry(orig_hw, cfg.image_size, cfg.resize)
-    boxes, reasons = box_drop_reasons(raw, labels, cfg.bbox_format, orig_hw, scale, content_hw, cfg.min_box_size)
+    scale, content_hw, pad, canvas_hw = geometry(orig_hw, cfg)
+    boxes, reasons = box_drop_reasons(raw, labels, cfg.bbox_format, orig_hw, scale, content_hw, cfg.min_box_size,
+                                      float32_resize=cfg.resize == KEEP_RATIO)
     keep = np.array([r is None for r in reasons], dtype=bool)
     box_drops = _count(reasons, ~crowd)
     box_drops.update(_count(reasons, crowd, CROWD_PREFIX))
@@ -386,11 +422,13 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
         rgb = to_rgb(img)
     except ImageError as e:
         return dropped(e.reason, str(e), box_drops)
-    resized = resize_image(rgb, cfg.image_size, cfg.resize)
+    # keep-ratio stores the content alone: the loader pads it to the canvas (fewer bytes, less to decode).
+    resized = (resize_image(rgb, content_hw, "stretch") if cfg.resize == KEEP_RATIO
+               else resize_image(rgb, cfg.image_size, cfg.resize))
     image_bytes = encode_image(resized, cfg.image_format, cfg.quality)
 
     record = Record(
-        key=key_of(row.image_id), image_id=int(row.image_id), orig_size=orig_hw, size=cfg.image_size,
+        key=key_of(row.image_id), image_id=int(row.image_id), orig_size=orig_hw, size=canvas_hw,
         content_size=content_hw, scale=scale, pad=pad, boxes=out_boxes, labels=out_labels,
         bbox_ids=bbox_ids[sel], crowd_boxes=crowd_boxes, crowd_labels=labels[crowd_sel],
         crowd_bbox_ids=bbox_ids[crowd_sel], box_drops=box_drops, source_index=int(row.index),

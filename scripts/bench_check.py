@@ -221,7 +221,7 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
 
     def targets_rules() -> None:
         for (_, m), meta in zip(walked, metas):
-            sr.check_targets(m["rpn.npz"], meta, len(meta["boxes"]), ctx)
+            sr.check_targets(m["rpn.npz"], meta, len(meta["boxes"]), ctx, ctx.num_anchors)
 
     def unpack_only() -> None:
         for _, m in walked:
@@ -236,7 +236,7 @@ def stage_table(d: Path, repeats: int) -> tuple[str, float]:
         ("tar walk through tarfile (fallback for damaged tars)",
          per_sample(lambda: list(group_by_key(shr.archive_tarfile(data)[0], read_exts=None))), "(not run)"),
         ("image header (Pillow open: format + size)",
-         per_sample(lambda: [sr.check_image(m[ctx.image_ext], ctx.image_ext, ctx, False) for _, m in walked]),
+         per_sample(lambda: [sr.check_image(m[ctx.image_ext], ctx.image_ext, ctx.image_hw, False) for _, m in walked]),
          "main"),
         ("JSON decode (json.loads)", per_sample(lambda: [json.loads(m["json"]) for _, m in walked]), "main"),
         ("JSON rules (key, size, boxes, labels)",

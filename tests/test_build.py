@@ -201,9 +201,9 @@ def test_batched_device_path_writes_the_same_shards(hub_folders, tmp_path):
     opts = BuildOptions()
     real = batch_matcher(anchor_spec(opts), opts.matching, "cpu")  # the GPU path's matcher, on the CPU
 
-    def on_cpu(boxes, crowd):
+    def on_cpu(boxes, crowd, canvases):
         calls.append(len(boxes))
-        return real(boxes, crowd)
+        return real(boxes, crowd, canvases)
 
     for workers in (0, 2):
         dev = build_shards(tmp_path / f"dev{workers}", src, "train", workers=workers, gpu_batch=7, match_batch=on_cpu)

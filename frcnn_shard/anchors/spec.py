@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -132,6 +132,11 @@ class AnchorSpec:
     def cells_per_location(self, level: int) -> int:
         """Anchors per feature-map cell on one level."""
         return len(self.sizes[level]) * len(self.ratios)
+
+    def at(self, image_hw: Sequence[int]) -> "AnchorSpec":
+        """This spec over another image size: a keep-ratio sample's anchors are the build's spec at its canvas."""
+        hw = (int(image_hw[0]), int(image_hw[1]))
+        return self if hw == self.image_hw else replace(self, image_hw=hw)
 
     def num_anchors(self) -> int:
         """Total anchor count A."""

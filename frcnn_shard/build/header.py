@@ -9,7 +9,9 @@ from .. import __version__, anchors as anc
 from ..format import FORMAT_VERSION
 from ..format.layout import Layout
 from ..transform import IMAGENET_MEAN, IMAGENET_STD
-from .options import BuildOptions
+from ..format.canvas import CANVAS_DIVISOR
+from ..transform import KEEP_RATIO
+from .options import BuildOptions, canvas_bound
 
 
 def _jsonable(obj):
@@ -31,6 +33,16 @@ def output_options(opts: BuildOptions, split: str, spec: anc.AnchorSpec) -> dict
     })
 
 
+def image_section(opts: BuildOptions) -> dict:
+    """The manifest's ``image``: format and canvas; a keep-ratio build's ``size`` is its largest canvas, and it
+    records torchvision's min_size / max_size and the canvas divisor (format.canvas)."""
+    t = opts.transform
+    section = {"format": t.image_format, "size": list(canvas_bound(opts)), "resize": t.resize, "mode": "RGB"}
+    if t.resize == KEEP_RATIO:
+        section.update(min_size=t.min_size, max_size=t.max_size, divisor=CANVAS_DIVISOR)
+    return section
+
+
 def make_header(opts: BuildOptions, source, options: dict, layout: Layout) -> dict:
     """What every part of a build computes identically: the manifest apart from shards, totals and run."""
     return {
@@ -43,8 +55,7 @@ def make_header(opts: BuildOptions, source, options: dict, layout: Layout) -> di
         "bbox_format": source.bbox_format,
         "options": options,
         "layout": {"rows": layout.rows, "rows_per_shard": layout.rows_per_shard, "shards": layout.shards},
-        "image": {"format": opts.transform.image_format, "size": list(opts.transform.image_size),
-                  "resize": opts.transform.resize, "mode": "RGB"},
+        "image": image_section(opts),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "rule": "float = (uint8 / 255 - mean) / std, per RGB channel"},
         "classes": list(source.classes.class_names),

@@ -18,7 +18,8 @@ from .. import anchors as anc
 from ..errors import OptionError
 from ..sources import BBOX_FORMAT_CHOICES, DEFAULT_HUB_ID, HUB_CROWD_CHOICES
 from ..storage import StorageError, open_store
-from ..transform import TransformConfig
+from ..format.canvas import largest_canvas
+from ..transform import KEEP_RATIO, TransformConfig
 
 DEVICES = ("auto", "cpu", "cuda")  # where anchor targets are matched
 ENGINES = ("local", "ray")  # what runs the parts (build.engines holds the table)
@@ -161,10 +162,18 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def canvas_bound(opts: BuildOptions) -> tuple[int, int]:
+    """The build's canvas: its image size, or for keep-ratio the largest canvas a sample can have."""
+    if opts.transform.resize == KEEP_RATIO:
+        return largest_canvas(opts.transform.max_size)
+    return opts.transform.image_size
+
+
 def anchor_spec(opts: BuildOptions) -> anc.AnchorSpec:
-    """The anchor spec of a build: the preset at the build's image size, custom values applied."""
+    """The anchor spec of a build: the preset at the build's canvas (canvas_bound), custom values applied.
+    A keep-ratio sample's anchors are this spec at its own canvas (``AnchorSpec.at``)."""
     return anc.preset_spec(
-        opts.anchor_preset, opts.transform.image_size,
+        opts.anchor_preset, canvas_bound(opts),
         sizes=opts.anchor_sizes, ratios=opts.anchor_ratios, strides=opts.anchor_strides,
     )
 

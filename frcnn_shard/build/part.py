@@ -21,7 +21,7 @@ from ..records import Dropped, Sample
 from ..shards import read_manifest
 from ..sources import open_source
 from ..storage import open_store
-from ..transform import process_row
+from ..transform import KEEP_RATIO, process_row
 from .header import make_header, output_options
 from .options import BuildOptions, anchor_spec, resolve_device
 from .parts import acquire_lock, holder, release_lock, utc_now
@@ -33,7 +33,8 @@ from .worker import DROP_PROCESSING_ERROR, ProcessRow, pack, process_chunk
 from .writer import PartWriter
 
 log = logging.getLogger("frcnn_shard.build")
-MatchBatch = Callable[[list, list], list]  # (boxes per image, crowd boxes per image) -> [(labels, matched)]
+# (boxes per image, crowd boxes per image, canvas (H, W) per image) -> [(labels, matched)]
+MatchBatch = Callable[[list, list, list], list]
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,22 @@ class Collaborators:
 
 
 def batch_matcher(spec: anc.AnchorSpec, cfg: anc.MatchConfig, device: str) -> MatchBatch:
-    """A match_batch for ``device``: the anchors made once, each call one batched anchors.match_batch_torch at the
-    spec's image size (this machine's GPU path and the Ray engine's matching actors alike)."""
-    anchors = anc.make_anchors(spec)
+    """A match_batch for ``device``: one batched anchors.match_batch_torch per canvas in the batch (one for a fixed
+    canvas), each canvas's anchors made once (this machine's GPU path and the Ray engine's matching actors alike)."""
+    made: dict[tuple[int, int], object] = {}
 
-    def match_batch(boxes: list, crowd: list) -> list:
-        return anc.match_batch_torch(anchors, boxes, crowd, cfg, spec.image_hw, device=device)
+    def match_batch(boxes: list, crowd: list, canvases: list) -> list:
+        out: list = [None] * len(boxes)
+        for canvas in dict.fromkeys((int(h), int(w)) for h, w in canvases):  # in first-seen order
+            idx = [i for i, c in enumerate(canvases) if (int(c[0]), int(c[1])) == canvas]
+            if canvas not in made:
+                made.clear()  # a batch's canvases come and go: keep one set of anchors on the device
+                made[canvas] = anc.make_anchors(spec.at(canvas))
+            res = anc.match_batch_torch(made[canvas], [boxes[i] for i in idx], [crowd[i] for i in idx], cfg, canvas,
+                                        device=device)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
 
     return match_batch
 
@@ -202,9 +213,11 @@ class PartRun:
         if self.match_batch is None or not samples:
             return buffer
         flip = self.opts.flip_targets
+        keep_ratio = self.opts.transform.resize == KEEP_RATIO
         # The mirrored images ride in the same call: one batch of 2n images, the first n as stored.
-        records = [s.record for s in samples] + ([s.record.hflip() for s in samples] if flip else [])
-        results = self.match_batch([r.boxes for r in records], [r.crowd_boxes for r in records])
+        records = [s.record for s in samples] + ([s.record.hflip(content=keep_ratio) for s in samples] if flip else [])
+        results = self.match_batch([r.boxes for r in records], [r.crowd_boxes for r in records],
+                                   [r.size for r in records])
         n = len(samples)
         flipped = results[n:] if flip else [None] * n
         packed = iter([pack(s, stored, f) for s, stored, f in zip(samples, results[:n], flipped)])

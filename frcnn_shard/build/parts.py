@@ -347,6 +347,8 @@ def _merged(store, run: dict | None) -> dict:
                          "boxes": sum_counts(s["box_drops"] for s in entries),
                          "annotations": annotation_drops(head.get("source_stats") or {}),
                          "file": DROPS_NAME, "rows": len(dropped)}
+    if any("canvases" in s for s in entries):  # keep-ratio: the samples of each canvas, over the split
+        manifest["canvases"] = sum_counts(s.get("canvases", {}) for s in entries)
     manifest["run"] = {"parts": n, "merged_by": holder(), **(run or {}), "part_runs": [r["run"] for r in records]}
     _write_merged(store, DROPS_NAME, jsonl_bytes(dropped))
     fault_point("merge", 0)

@@ -68,8 +68,8 @@ def _run_part(opts, part: tuple[int, int], matcher=None) -> dict:
     os.environ["FRCNN_SHARD_TASK"] = f"ray:{ray.get_runtime_context().get_job_id()}:{part[0]}/{part[1]}"
     match_batch = None
     if matcher is not None:
-        def match_batch(boxes, crowd):
-            return ray.get(matcher.match.remote(boxes, crowd))
+        def match_batch(boxes, crowd, canvases):
+            return ray.get(matcher.match.remote(boxes, crowd, canvases))
     res = build_part(opts, part, match_batch=match_batch)
     return {"part": part, "samples": res.samples, "shards": res.shards, "rows": res.rows, "status": res.status,
             "rows_read": res.rows_read}
@@ -81,9 +81,9 @@ class MatchActor:
     def __init__(self, spec, cfg, device: str = "cuda"):
         self._match = batch_matcher(spec, cfg, device)
 
-    def match(self, boxes: list, crowd: list) -> list:
-        """[(labels, matched)] for a batch of images (part.batch_matcher: anchors.match_batch_torch)."""
-        return self._match(boxes, crowd)
+    def match(self, boxes: list, crowd: list, canvases: list) -> list:
+        """[(labels, matched)] for a batch of images (part.batch_matcher: anchors.match_batch_torch per canvas)."""
+        return self._match(boxes, crowd, canvases)
 
 
 def _actors(ray, opts, device: str) -> list:

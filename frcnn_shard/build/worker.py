@@ -18,7 +18,7 @@ from ..format.record import Record
 from ..format.targets import label_counts, pack_targets
 from ..malloc import tune_worker_malloc
 from ..records import Dropped, Sample, SourceRow
-from ..transform import TransformConfig, process_row
+from ..transform import KEEP_RATIO, TransformConfig, process_row
 
 # A row whose processing raised something other than the transform's own image errors (a Pillow
 # oddity, a bug): dropped and counted under this reason, with the exception logged.
@@ -42,7 +42,7 @@ def init_worker(tcfg: TransformConfig, spec: anc.AnchorSpec, mcfg: anc.MatchConf
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
         tune_worker_malloc()
     _W["tcfg"] = tcfg
-    _W["matcher"] = anc.AnchorMatcher(spec, mcfg) if match else None
+    _W["matcher"] = CanvasMatchers(spec, mcfg) if match else None
     _W["flip"] = flip
     _W["process"] = process
 
@@ -59,12 +59,14 @@ def process_chunk(job: tuple[str, list[SourceRow]]) -> list[tuple[Sample | Dropp
     bbox_format, rows = job
     tcfg = replace(_W["tcfg"], bbox_format=bbox_format)
     out = [_transform(row, tcfg, _W["process"]) for row in rows]
-    matcher = _W["matcher"]
-    if matcher is not None:
+    matchers = _W["matcher"]
+    if matchers is not None:
         for i, (item, _) in enumerate(out):
             if isinstance(item, Sample):
                 try:
-                    out[i] = (item, pack(item, *match_orientations(matcher, item.record, _W["flip"])))
+                    matcher = matchers.at(item.record.size)
+                    out[i] = (item, pack(item, *match_orientations(matcher, item.record, _W["flip"],
+                                                                   tcfg.resize == KEEP_RATIO)))
                 except Exception as e:  # noqa: BLE001 - one odd row must not stop (or silently hang) the build
                     out[i] = (_processing_error(rows[i], e), None)
     return out
@@ -88,12 +90,34 @@ def _processing_error(row: SourceRow, e: Exception) -> Dropped:
                    origin=row.origin)
 
 
-def match_orientations(matcher: anc.AnchorMatcher, record: Record, flip: bool) -> tuple[tuple, tuple | None]:
-    """(labels, matched) of the image as stored and, with ``flip``, of the mirrored image (Record.hflip's boxes)."""
+class CanvasMatchers:
+    """An AnchorMatcher per canvas, made on first use: one for a fixed canvas; for keep-ratio, the spec at each
+    sample's canvas, the most recently used MAX kept (each holds its anchors: ~4 MB at 1344 x 1344)."""
+
+    MAX = 8
+
+    def __init__(self, spec: anc.AnchorSpec, cfg: anc.MatchConfig):
+        self.spec, self.cfg = spec, cfg
+        self._made: dict[tuple[int, int], anc.AnchorMatcher] = {}
+
+    def at(self, canvas_hw) -> anc.AnchorMatcher:
+        """The matcher of the anchors over ``canvas_hw``."""
+        key = (int(canvas_hw[0]), int(canvas_hw[1]))
+        matcher = self._made.pop(key, None) or anc.AnchorMatcher(self.spec.at(key), self.cfg)
+        self._made[key] = matcher  # most recently used last
+        while len(self._made) > self.MAX:
+            self._made.pop(next(iter(self._made)))
+        return matcher
+
+
+def match_orientations(matcher: anc.AnchorMatcher, record: Record, flip: bool, keep_ratio: bool = False
+                       ) -> tuple[tuple, tuple | None]:
+    """(labels, matched) of the image as stored and, with ``flip``, of the mirrored image (Record.hflip's boxes;
+    ``keep_ratio``: the content is mirrored in place)."""
     stored = matcher.match(record.boxes, record.crowd_boxes)
     if not flip:
         return stored, None
-    mirrored = record.hflip()
+    mirrored = record.hflip(content=keep_ratio)
     return stored, matcher.match(mirrored.boxes, mirrored.crowd_boxes)
 
 

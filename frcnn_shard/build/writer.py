@@ -8,10 +8,12 @@ from collections import Counter
 from dataclasses import asdict
 
 from ..faults import fault_point
+from ..format.canvas import canvas_key
 from ..format.layout import Layout
 from ..format.members import sample_members
 from ..format.names import PARTS_DIR, shard_name
 from ..records import Dropped, Sample
+from ..transform import KEEP_RATIO
 from ..shards import ShardInfo, ShardWriter
 from .parts import record_name, utc_now, write_record
 
@@ -21,6 +23,7 @@ class PartWriter:
 
     def __init__(self, store, layout: Layout, shards: range, record: dict, progress):
         self.store, self.layout, self.range, self.record, self.progress = store, layout, shards, record, progress
+        self.keep_ratio = record["header"]["image"].get("resize") == KEEP_RATIO
         # Shards the record lists already (its own earlier runs, or taken over from a build split another
         # way: then not necessarily a prefix of the range); only the others are built.
         self.done = {e["index"] for e in record["shards"]}
@@ -52,6 +55,7 @@ class PartWriter:
     def _reset(self) -> None:
         self.drops: Counter = Counter()
         self.box_drops: Counter = Counter()
+        self.canvases: Counter = Counter()  # samples per canvas "HxW" (recorded for keep-ratio builds)
         self.dropped: list[dict] = []
 
     def _open(self) -> ShardWriter:
@@ -69,7 +73,8 @@ class PartWriter:
         start, stop = self.layout.shard_rows(self.cur)
         self.record["shards"].append({
             **asdict(info), "index": self.cur, "rows": [start, stop], "drops": dict(sorted(self.drops.items())),
-            "box_drops": dict(sorted(self.box_drops.items())), "dropped": self.dropped})
+            "box_drops": dict(sorted(self.box_drops.items())), "dropped": self.dropped,
+            **({"canvases": dict(sorted(self.canvases.items()))} if self.keep_ratio else {})})
         self.record["shards"].sort(key=lambda e: e["index"])  # listed in index order, taken-over ones too
         self.done.add(self.cur)
         self._write_record(fault_n=self.cur)
@@ -100,6 +105,7 @@ class PartWriter:
         row = sample.record.source_index
         self._to(row)
         self.box_drops.update(sample.record.box_drops)
+        self.canvases[canvas_key(sample.record.size)] += 1
         w = self._open()
         w.add(sample.key, sample_members(sample.image_ext, sample.image_bytes, sample.record.to_json(), targets))
         if w.samples == 1:

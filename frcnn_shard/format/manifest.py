@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, Callable, Mapping
 
 from ..errors import FrcnnShardError
+from .canvas import KeepRatioCanvas, parse_canvas_key
 from .classes import BACKGROUND, MAX_CLASSES, ClassMap, categories_problem
 from .layout import Layout
 from .names import DROPS_NAME, SPLIT_RE, shard_name_problem
@@ -93,6 +94,13 @@ def _counts(v: Any) -> str | None:
     return None
 
 
+def _canvas_counts(v: Any) -> str | None:
+    """{"HxW": n}: samples per keep-ratio canvas (sides positive multiples of 32)."""
+    if _counts(v) or not all(parse_canvas_key(k) for k in v):
+        return f"must be an object of counts {{\"HxW\": n}}, sides multiples of 32 (got {_short(v)})"
+    return None
+
+
 def _numbers(n: int, positive: bool) -> Callable[[Any], str | None]:
     def rule(v: Any) -> str | None:
         ok = isinstance(v, list) and len(v) == n and all(
@@ -148,6 +156,9 @@ _HEADER_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
     ("image.size", _size, True),
     ("image.format", lambda v: None if v in ("jpg", "png") else f"must be 'jpg' or 'png' (got {_short(v)})", True),
     ("image.resize", _want(str, "a string"), False),
+    ("image.min_size", _want_int(1, MAX_SIDE), False),
+    ("image.max_size", _want_int(1, MAX_SIDE), False),
+    ("canvases", _canvas_counts, False),
     ("normalization.mean", _numbers(3, False), False),
     ("normalization.std", _numbers(3, True), False),
     ("classes", lambda v: None if isinstance(v, list) and 2 <= len(v) <= MAX_CLASSES and all(
@@ -177,7 +188,7 @@ _ENTRY_RULES: tuple[tuple[str, Callable[[Any], str | None], bool], ...] = (
     ("first_key", _key, True), ("last_key", _key, True),
     ("rows", lambda v: None if isinstance(v, list) and len(v) == 2 and all(is_int(x) for x in v) and v[0] <= v[1]
      else f"must be [start, stop] with 0 <= start <= stop (got {_short(v)})", True),
-    ("drops", _counts, False), ("box_drops", _counts, False),
+    ("drops", _counts, False), ("box_drops", _counts, False), ("canvases", _canvas_counts, False),
 )
 
 
@@ -322,6 +333,28 @@ class Manifest(dict):
         """(H, W) of the stored canvas."""
         h, w = self["image"]["size"]
         return h, w
+
+    @property
+    def keep_ratio(self) -> bool:
+        """A canvas per sample (``--resize keep-ratio``): ``image.size`` is the largest, each record has its own."""
+        return self["image"].get("resize") == "keep-ratio"
+
+    @property
+    def canvas(self) -> tuple[int, int] | KeepRatioCanvas:
+        """The canvas rule the record rules take: the fixed (H, W), or a keep-ratio build's KeepRatioCanvas."""
+        return KeepRatioCanvas(self.image_hw) if self.keep_ratio else self.image_hw
+
+    def anchor_count(self, canvas_hw: tuple[int, int]) -> int:
+        """Anchors over a sample's canvas (its targets' length): ``num_anchors`` unless keep-ratio."""
+        key = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if not self.keep_ratio or key == self.image_hw:
+            return self.num_anchors
+        counts = self.__dict__.setdefault("_anchor_counts", {})  # a split has tens of canvases: count each once
+        if key not in counts:
+            from ..anchors.spec import AnchorSpec  # the anchors package imports format: import here, not at the top
+
+            counts[key] = AnchorSpec.from_dict(self["anchors"]["spec"]).at(key).num_anchors()
+        return counts[key]
 
     @property
     def image_format(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FrcnnShardError
+from .canvas import KeepRatioCanvas
 from .image import RULE_IMAGE_SIZE
 
 REQUIRED_FIELDS = ("image_id", "size", "boxes", "labels", "rpn")  # what a sound record must hold
@@ -152,9 +153,12 @@ class Record:
             rpn=d.get("rpn"),
         )
 
-    def hflip(self) -> "Record":
-        """The record of the horizontally mirrored canvas: boxes and crowd boxes flipped (flip_boxes), all else kept."""
-        w = self.size[1]
+    def hflip(self, content: bool = False) -> "Record":
+        """The record of the mirrored stored image: boxes and crowd boxes flipped (flip_boxes), all else kept.
+
+        ``content``: a keep-ratio sample, whose stored image is its content (mirrored in place, top-left of its
+        canvas); else the stored image is the whole canvas."""
+        w = self.content_size[1] if content else self.size[1]
         return replace(self, boxes=flip_boxes(self.boxes, w), crowd_boxes=flip_boxes(self.crowd_boxes, w))
 
     @classmethod
@@ -173,7 +177,8 @@ def parse_json(data: bytes) -> Any:
         raise RecordError("not valid JSON: nested too deeply") from None
 
 
-def checked_record(data: bytes, canvas_hw: tuple[int, int] | None, num_classes: int, key: str) -> "Record":
+def checked_record(data: bytes, canvas_hw: tuple[int, int] | KeepRatioCanvas | None, num_classes: int, key: str
+                   ) -> "Record":
     """The Record of a JSON member that keeps every record rule (``record_problems``), else RecordError
     "rule: detail" for the first rule it breaks. The arguments are record_problems' (``data``: the member)."""
     meta = parse_json(data)
@@ -187,12 +192,13 @@ def checked_record(data: bytes, canvas_hw: tuple[int, int] | None, num_classes: 
 # ------------------------------------------------------------------------------ the record rules
 
 
-def record_problems(meta: Any, canvas_hw: tuple[int, int] | None, num_classes: int, key: str
+def record_problems(meta: Any, canvas_hw: tuple[int, int] | KeepRatioCanvas | None, num_classes: int, key: str
                     ) -> tuple[list[tuple[str, str]], int | None]:
     """The record rules, for check and the loader alike: ([(rule, detail)], number of boxes or None).
 
-    ``meta``: the parsed JSON member; ``canvas_hw``: the manifest's image size (None without a manifest:
-    the record's own ``size`` bounds the boxes); ``num_classes``: background included (``Manifest.num_classes``),
+    ``meta``: the parsed JSON member; ``canvas_hw``: the manifest's canvas rule (``Manifest.canvas``: its image
+    size, or for a keep-ratio build a KeepRatioCanvas, whose records' boxes lie in their content; None without
+    a manifest: the record's own ``size`` bounds the boxes); ``num_classes``: background included (``Manifest.num_classes``),
     so labels must be integers in 1..num_classes-1; ``key``: the sample's key, which must be the
     12-digit image_id (and the record's own ``key``, when it has one). The common, sound record is
     decided in plain Python, in one pass over its boxes and labels.
@@ -200,7 +206,11 @@ def record_problems(meta: Any, canvas_hw: tuple[int, int] | None, num_classes: i
     if not isinstance(meta, dict):
         return [(RULE_JSON_INVALID, f"JSON member is a {type(meta).__name__}, expected an object")], None
     out = _field_problems(meta, key)
-    if canvas_hw is None:
+    if isinstance(canvas_hw, KeepRatioCanvas):  # a canvas per sample: the boxes lie in its content
+        canvas_hw, why = canvas_hw.content_of(meta)
+        if canvas_hw is None:
+            return out + [(RULE_IMAGE_SIZE, why)], None
+    elif canvas_hw is None:
         size = meta.get("size")
         if not (type(size) is list and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
             return out + [(RULE_JSON_INVALID, f"size {size!r} is not a pair of positive integers")], None
