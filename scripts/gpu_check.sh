@@ -49,7 +49,7 @@ cat "$OUT/machine.txt" | tail -1
 
 log "1. CUDA tests (-m gpu)"
 CI=true timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/test_matching.py tests/test_torchvision.py >"$OUT/pytest_gpu.txt" 2>&1
+  tests/test_matching.py tests/test_torchvision.py tests/test_keep_ratio.py >"$OUT/pytest_gpu.txt" 2>&1
 rc_tests=$?
 tail -3 "$OUT/pytest_gpu.txt"
 

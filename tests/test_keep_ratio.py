@@ -139,3 +139,35 @@ def test_check_deep_passes_and_catches_a_record_with_a_foreign_canvas(kr_shards,
         problems = record_problems(bad, man.canvas, man.num_classes, key)[0]
         assert problems and problems[0][0] == "image_size" and rule in problems[0][1]
     assert TARGETS_EXT in members
+
+
+def _shard_digests(split_dir) -> list[str]:
+    return [e.sha256 for e in read_manifest(split_dir).shards]
+
+
+def test_batched_matching_groups_each_batch_by_canvas(kr_shards, tmp_path):
+    """The batched (GPU) path, run on the CPU here: batches mixing canvases give the worker path's bytes."""
+    from frcnn_shard.build import BuildOptions, anchor_spec
+    from frcnn_shard.build.part import batch_matcher
+
+    opts = BuildOptions(anchor_preset="torchvision-fpn", transform=TransformConfig(resize="keep-ratio"))
+    real = batch_matcher(anchor_spec(opts), opts.matching, "cpu")
+    seen: list[int] = []
+
+    def on_cpu(boxes, crowd, canvases):
+        seen.append(len(set(map(tuple, canvases))))
+        return real(boxes, crowd, canvases)
+
+    dev = build_shards(tmp_path, f"coco:{require_tiny_coco()}", "train2017", anchor_preset="torchvision-fpn",
+                       transform=TransformConfig(resize="keep-ratio"), gpu_batch=7, match_batch=on_cpu)
+    assert max(seen) > 1  # the batches did mix canvases
+    assert _shard_digests(dev.out_dir) == _shard_digests(kr_shards)
+
+
+@pytest.mark.gpu
+def test_cuda_build_equals_the_cpu_build(kr_shards, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    dev = build_shards(tmp_path, f"coco:{require_tiny_coco()}", "train2017", anchor_preset="torchvision-fpn",
+                       transform=TransformConfig(resize="keep-ratio"), device="cuda", gpu_batch=16)
+    assert dev.device == "cuda" and _shard_digests(dev.out_dir) == _shard_digests(kr_shards)
