@@ -33,7 +33,7 @@ def run(*args: str):
 def test_a_missing_local_path_is_named_at_once(tmp_path, source):
     t0 = time.monotonic()
     r = run("build", "--source", source, "--split", "train", "--out", str(tmp_path / "x"), "--device", "cpu")
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 2, r.output  # bad input: the source is none of the forms
     assert time.monotonic() - t0 < 10  # no network retries
     assert "no such folder" in r.output or "not a folder here, and not a Hub dataset id" in r.output
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("*.tar"))
@@ -51,12 +51,12 @@ def test_a_file_given_as_source_is_refused(tmp_path):
     f = tmp_path / "data.parquet"
     f.write_bytes(b"x")
     r = run("build", "--source", str(f), "--split", "train", "--out", str(tmp_path / "o"))
-    assert r.exit_code == 1 and "a file, not a folder" in r.output
+    assert r.exit_code == 2 and "a file, not a folder" in r.output
 
 
 def test_a_malformed_hub_id_is_refused_before_any_network(tmp_path):
     r = run("build", "--source", "not a repo!", "--split", "train", "--out", str(tmp_path / "o"))
-    assert r.exit_code == 1 and "not a Hub dataset id" in r.output
+    assert r.exit_code == 2 and "not a Hub dataset id" in r.output
 
 
 def test_an_unreachable_hub_says_how_to_build_offline(tmp_path, monkeypatch):

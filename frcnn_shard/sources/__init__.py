@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .base import Source, resolve_split
 from .bbox_format import BBOX_FORMAT_CHOICES, BboxFormatError, bbox_format_evidence, decide_bbox_format
+from ..errors import SourceFormError
 from .coco import COCO_PREFIX, open_coco
 from .folder import VOC_PREFIX, refuse_non_hub_folder
 
@@ -93,7 +94,7 @@ def source_kind(source: str) -> str:
     if source.startswith((".", "/", "~")) or os.path.exists(source):
         return "path"
     if not _HUB_ID.match(source) or "--" in source or ".." in source:
-        raise ValueError(f"{source!r} is not a folder here, and not a Hub dataset id (owner/name, of letters, "
+        raise SourceFormError(f"{source!r} is not a folder here, and not a Hub dataset id (owner/name, of letters, "
                          "digits, '-', '_' and '.'); for a local folder, check the path")
     return "hub"
 
