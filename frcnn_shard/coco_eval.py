@@ -12,8 +12,12 @@ where ``loadRes([])`` fails inside pycocotools).
 
 Boxes go back to the original image by the record's ``scale`` (sy, sx) = content_size / orig_size:
 the content of the canvas sits at its top-left (stretch fills the canvas, letterbox pads at the bottom
-and right), so x_orig = x / sx, y_orig = y / sy, clipped to the original image. A sample the loader
-mirrored (``flipped``) has its boxes mirrored back on the canvas first (format.record.flip_boxes).
+and right, keep-ratio pads each sample to its own canvas), so x_orig = x / sx, y_orig = y / sy in float64,
+clipped to the original image. A keep-ratio record's ``scale`` is the float32 ratio its boxes were multiplied
+by (torchvision's ``resize_boxes``), so this gives the source boxes back within float32 rounding. A sample the
+loader mirrored (``flipped``) has its boxes mirrored back first (format.record.flip_boxes) about what was
+mirrored: the target's ``size`` width, the canvas (stretch, letterbox) or the content (keep-ratio, whose
+targets' ``size`` is the content and ``canvas`` the padded size).
 
 The ground truth's ``area`` is the box's w * h in original pixels: the shards do not keep COCO's
 ``area`` (the segmentation's). COCOeval uses ``area`` only to bin AP_small / medium / large; AP,
@@ -96,7 +100,8 @@ def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping
     ``outputs``: per image, ``boxes`` xyxy in canvas pixels, ``labels`` 1..K and ``scores`` (what
     torchvision's detection models return in eval mode). ``targets``: the loader's per-image dicts of
     the same images, in the same order (their ``image_id``, ``scale``, ``orig_size``, and ``size`` and
-    ``flipped`` for a mirrored sample (hflip), are used). ``classes``: the build whose category ids to write
+    ``flipped`` for a mirrored sample (hflip), are used: the boxes are mirrored back about ``size``'s width,
+    the content of a keep-ratio sample, the canvas otherwise). ``classes``: the build whose category ids to write
     (the loader, its manifest or split folder, or a ClassMap: see class_map_of).
     """
     if len(outputs) != len(targets):
@@ -105,7 +110,7 @@ def coco_results(outputs: Sequence[Mapping[str, Any]], targets: Sequence[Mapping
     results = []
     for out, t in zip(outputs, targets):
         boxes = as_numpy(out["boxes"])
-        if t.get("flipped"):  # the model saw the mirrored canvas: mirror its boxes back before undoing the scale
+        if t.get("flipped"):  # the model saw the mirrored image: mirror its boxes back before undoing the scale
             boxes = flip_boxes(boxes, int(t["size"][1]))
         boxes = original_xywh(boxes, t["scale"], t["orig_size"])
         labels = as_numpy(out["labels"]).reshape(-1)
@@ -125,10 +130,11 @@ def iter_records(split_dir: str | os.PathLike, storage_options: dict | None = No
 
 
 def _records(store: Store, manifest: Manifest) -> Iterator[Record]:
-    """The records of the split ``manifest`` describes, each held to the record rules with its K."""
+    """The records of the split ``manifest`` describes, each held to the record rules with its K and its canvas
+    rule (keep-ratio: each record its own canvas, its boxes within its content)."""
     for entry in manifest.shards:
         for key, members in iter_store_shard(store, entry.name):  # ShardFormatError names a bad sample
-            yield sample_record(members, key, store.location(entry.name), manifest.image_hw, manifest.num_classes)
+            yield sample_record(members, key, store.location(entry.name), manifest.canvas, manifest.num_classes)
 
 
 def _annotations(r: Record, classes: ClassMap) -> list[dict]:

@@ -6,6 +6,7 @@ from ..format.manifest import Manifest
 from ..words import human_bytes, plural
 
 CLASSES_SHOWN = 10  # labels named on the "class ids" row; the rest are counted
+CANVASES_SHOWN = 12  # keep-ratio canvases named on the "canvases" row; COCO at 800/1333 has tens of them
 
 
 def _counts_text(d: dict | None) -> str:
@@ -85,24 +86,49 @@ def _yes(v) -> str:
     return "yes" if v else "no"
 
 
+def canvas_counts_text(counts: dict | None, shown: int = CANVASES_SHOWN) -> str:
+    """'416x608 17, 544x416 10, ... (+3 more)': samples per canvas, most first (ties by name)."""
+    items = sorted((counts or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{k} {n}" for k, n in items[:shown]) or "none"
+    return text + (f", ... (+{len(items) - shown} more)" if len(items) > shown else "")
+
+
+def _image_rows(manifest: Manifest, tf: dict) -> list[tuple[str, str]]:
+    """The "image" row (the canvas rule, the format) and, for keep-ratio, the "canvases" row."""
+    image, fmt = _obj(manifest.get("image")), manifest.image_format
+    fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
+    h, w = manifest.image_hw
+    if not manifest.keep_ratio:
+        return [("image", f"{h}x{w} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}")]
+    canvases = _obj(manifest.get("canvases"))
+    rule = (f"keep-ratio {image.get('min_size', '?')}/{image.get('max_size', '?')}, "
+            f"{plural(len(canvases), 'canvas')}, largest {h}x{w} (HxW)")
+    return [("image", f"{rule}, {fmt_text}"), ("canvases", canvas_counts_text(canvases) + " (samples per canvas)")]
+
+
+def _anchors_text(manifest: Manifest) -> str:
+    """The preset, the anchor count (keep-ratio: at the largest canvas, each canvas its own) and the sha256."""
+    anc = manifest.anchors
+    sha = str(anc.get("sha256") or "")
+    where = ""
+    if manifest.keep_ratio:
+        h, w = manifest.image_hw
+        where = f" at {h}x{w} (each canvas its own: the same spec over it)"
+    return f"{anc.get('preset', '?')}, {plural(manifest.num_anchors, 'anchor')}{where}, sha256 {sha[:12] or '?'}"
+
+
 def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
     """A short (label, value) table describing a build from its manifest alone (``read_manifest``'s, or a dict
-    that passes its checks). Every field comes through the typed view except ``tool``, ``format_version`` and
-    ``image.resize`` (informational, no accessor)."""
+    that passes its checks). Every field comes through the typed view except ``tool``, ``format_version``,
+    ``image.resize`` / ``min_size`` / ``max_size`` and ``canvases`` (informational, no accessor)."""
     manifest = Manifest.checked(manifest, "manifest")
     src, opts, tool = manifest.source, manifest.options, _obj(manifest.get("tool"))
     tf = _obj(opts.get("transform"))
-    image, totals, drops = _obj(manifest.get("image")), manifest.totals, manifest.drops
-    anc = manifest.anchors
-    m = anc.get("matching") or {}
+    totals, drops = manifest.totals, manifest.drops
+    m = manifest.anchors.get("matching") or {}
 
     source_id = src.get("id") or src.get("name") or src.get("path") or opts.get("source") or "?"
     revision = src.get("revision") or opts.get("revision")
-    size = manifest.image_hw
-    fmt = manifest.image_format
-    fmt_text = f"{fmt} quality {tf.get('quality')}" if fmt == "jpg" and tf.get("quality") is not None else str(fmt)
-    sha = str(anc.get("sha256") or "")
-    anchors = plural(manifest.num_anchors, "anchor")
     if isinstance(m, dict):
         matching = ", ".join(f"{k} {_yes(v) if isinstance(v, bool) else v}" for k, v in m.items())
     else:
@@ -112,7 +138,7 @@ def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
         ("source", f"{source_id}" + (f" @ {revision}" if revision else " (no revision pinned)")),
         ("split", manifest.split),
         *_class_rows(manifest),
-        ("image", f"{size[0]}x{size[1]} (HxW), {image.get('resize') or tf.get('resize', '?')}, {fmt_text}"),
+        *_image_rows(manifest, tf),
         ("min box size", f"{tf.get('min_box_size', '?')} px" + (", empty images kept" if tf.get("keep_empty") else "")),
         ("rows per shard", str(opts.get("rows_per_shard", "?"))
          + (f" (the first {opts['max_rows']} rows only)" if opts.get("max_rows") else "")),
@@ -124,7 +150,7 @@ def info_rows(manifest: Manifest | dict) -> list[tuple[str, str]]:
          + (f" (each row in {drops['file']}: {_lines(drops.get('rows'))})" if drops.get("file") else "")),
         ("boxes dropped", _counts_text(drops.get("boxes"))),
         ("bbox format", bbox_format_text(manifest.bbox_format)),
-        ("anchors", f"{anc.get('preset', '?')}, {anchors}, sha256 {sha[:12] or '?'}"),
+        ("anchors", _anchors_text(manifest)),
         ("matching", matching or "?"),
         ("flip targets", "stored: the mirrored images' targets too (make_loader hflip=)" if manifest.flip_targets
          else "not stored (built with --no-flip-targets): no hflip in the loader"),

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..anchors import anchors_from_manifest
+from ..anchors import AnchorSpec, anchors_from_manifest, make_anchors
+from ..format.canvas import canvas_key
 from ..format.image import StoredImageError, decode_stored_image
 from ..format.members import ShardFormatError, image_member
 from ..format.manifest import Manifest
@@ -109,12 +110,13 @@ def _draw_boxes(ax, record: Record, image_h: int, names: Sequence[str]) -> None:
 
 
 def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.ndarray | None,
-                 names: Sequence[str], flip: bool = False) -> None:
+                 names: Sequence[str], flip: bool = False, canvas: bool = False) -> None:
     """One cell: the stored (resized) image, its boxes and class names, crowd boxes dashed, positive anchors thin.
 
     ``positives``: the positive anchors' boxes (None: not drawn); ``names``: the manifest's class names, index
     = label; ``flip``: the sample is drawn as the loader delivers it mirrored (hflip): image, record and
-    targets are the mirrored ones.
+    targets are the mirrored ones; ``canvas``: the title names the record's canvas (keep-ratio: a canvas each,
+    the image drawn being its content).
     """
     from matplotlib.patches import Rectangle
 
@@ -132,20 +134,42 @@ def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.
     title = f"{key}{' (flipped)' if flip else ''}: {plural(len(record.boxes), 'box')}"
     if positives is not None:
         title += f", {plural(n_pos, 'positive anchor')}"
+    if canvas:
+        title += f", canvas {canvas_key(record.size)}"
     ax.set_title(title, fontsize=8)
 
 
-def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anchors: np.ndarray | None, flip: bool
-             ) -> tuple[np.ndarray, Record, np.ndarray | None]:
+class _CanvasAnchors:
+    """The anchors of each sample's canvas, made once per canvas: the manifest's (count and sha256 checked), or
+    at a keep-ratio canvas the build's spec over it (what the build matched that canvas's samples against)."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.made: dict[tuple[int, int], np.ndarray] = {}
+
+    def at(self, canvas: tuple[int, int]) -> np.ndarray:
+        """The anchors [A, 4] of ``canvas``."""
+        canvas = (int(canvas[0]), int(canvas[1]))
+        if canvas not in self.made:
+            if canvas == self.manifest.image_hw:
+                self.made[canvas] = anchors_from_manifest(self.manifest)
+            else:
+                self.made[canvas] = make_anchors(AnchorSpec.from_dict(self.manifest.anchors["spec"]).at(canvas))
+        return self.made[canvas]
+
+
+def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anchors: _CanvasAnchors | None,
+             flip: bool) -> tuple[np.ndarray, Record, np.ndarray | None]:
     """(image, record, positive anchors' boxes or None) of a located sample, each member held to the format's
-    rules first (ShardFormatError / StoredImageError naming the shard, the key and the rule)."""
+    rules first (ShardFormatError / StoredImageError naming the shard, the key and the rule). A keep-ratio
+    sample's image is its content (``content_size``), mirrored in place."""
     key, members, where = sample
-    image_hw = manifest.image_hw
-    record = sample_record(members, key, where, image_hw, manifest.num_classes)
+    record = sample_record(members, key, where, manifest.canvas, manifest.num_classes)
+    image_hw = tuple(record.content_size) if manifest.keep_ratio else manifest.image_hw
     positives = None
     if anchors is not None:
-        targets = sample_targets(members, key, where, manifest.num_anchors, flipped=flip)
-        positives = anchors[targets.positive]
+        targets = sample_targets(members, key, where, manifest.anchor_count(record.size), flipped=flip)
+        positives = anchors.at(record.size)[targets.positive]
     image_ext = image_member(members)
     if image_ext is None:
         raise ShardFormatError(f"{where}: key {key!r}: no image member (run frcnn-shard check)")
@@ -153,7 +177,7 @@ def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anch
         image = decode_stored_image(members[image_ext], image_ext, image_hw, mirror=flip)  # header checked first
     except StoredImageError as e:
         raise StoredImageError(e.rule, f"{where}: key {key!r}: {e} (run frcnn-shard check)") from None
-    return image, record.hflip() if flip else record, positives
+    return image, record.hflip(content=manifest.keep_ratio) if flip else record, positives
 
 
 def render_samples(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), anchors: bool = False,
@@ -181,14 +205,15 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     samples += [_locate_index(store, manifest, int(i)) for i in indices]
     if not samples:
         raise ValueError("render_samples needs at least one key or index")
-    anchor_boxes = anchors_from_manifest(manifest) if anchors else None
+    anchor_boxes = _CanvasAnchors(manifest) if anchors else None
 
     cols = min(len(samples), MAX_COLS)
     rows = math.ceil(len(samples) / cols)
     fig = new_figure((cols * CELL_INCHES, rows * CELL_INCHES))
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, sample in zip(axes, samples):
-        _draw_sample(ax, sample[0], *_decoded(sample, manifest, anchor_boxes, flip), manifest.classes, flip=flip)
+        _draw_sample(ax, sample[0], *_decoded(sample, manifest, anchor_boxes, flip), manifest.classes, flip=flip,
+                     canvas=manifest.keep_ratio)
     for ax in axes[len(samples):]:
         ax.set_axis_off()
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.08)

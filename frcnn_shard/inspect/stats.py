@@ -14,19 +14,24 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..anchors.sampling import sample_indices, sample_rng
+from ..format.canvas import canvas_key
 from ..format.manifest import Manifest
+from ..format.record import Record
 from ..storage.base import Store
 from ..storage.location import store_of
 from ..storage.manifest_io import read_manifest
 from ..storage.samples import iter_store_shard, sample_record, sample_targets
 from ..words import plural
+from .info import canvas_counts_text
 from .plot import DPI, new_figure
 
 STATS_FIGSIZE = (12.0, 9.0)  # inches: stats PNGs are 1200 x 900 px
 SIZE_BINS = 40  # box-size histogram bins over [0, sqrt(H * W)]
 COCO_SMALL, COCO_MEDIUM = 32.0, 96.0  # COCO's area thresholds (sqrt of area, original pixels)
 PROGRESS_EVERY = 64  # samples between progress callbacks
-_PER_IMAGE = ("boxes", "crowd_boxes", "positive", "negative", "ignore", "sampled_positive", "sampled_negative")
+_PER_IMAGE = ("boxes", "crowd_boxes", "anchors", "positive", "negative", "ignore", "sampled_positive",
+              "sampled_negative")
+CANVASES_SHOWN = 8  # keep-ratio canvases named on the table's "canvases" line; all are in the dict
 
 
 def _summary(values: Sequence[float]) -> dict:
@@ -52,7 +57,8 @@ def _iter_samples(store: Store, manifest: Manifest, limit: int | None) -> Iterat
 
 
 class _BoxSizes:
-    """Running box-size statistics: sqrt(w * h) in resized pixels, and COCO's size classes."""
+    """Running box-size statistics: sqrt(w * h) in each sample's stored pixels (its content: keep-ratio samples
+    each have their own scale), and COCO's size classes through each sample's scale back to its source image."""
 
     def __init__(self, h: int, w: int):
         self.edges = np.linspace(0.0, math.sqrt(h * w), SIZE_BINS + 1)
@@ -81,13 +87,38 @@ class _BoxSizes:
     def to_dict(self) -> dict:
         """The "box_sizes" section of compute_stats."""
         return {
-            "measure": "sqrt(w * h), resized pixels",
+            "measure": "sqrt(w * h), resized pixels (each sample's stored content)",
             "edges": self.edges.tolist(), "counts": self.hist.tolist(),
             "n": self.n, "mean": self.total / self.n if self.n else 0.0,
             "min": self.min if self.n else 0.0, "max": self.max,
             "coco_area": dict(self.coco),  # by sqrt(area) in original pixels: < 32 small, < 96 medium, else large
             "log2_aspect_w_over_h": _summary(self.aspect_log2),
         }
+
+
+class _Canvases:
+    """Samples per canvas and the padding's share of the canvas pixels (letterbox pads one canvas, keep-ratio
+    pads each sample's content to its own canvas)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.content_px = self.canvas_px = 0
+
+    def add(self, record: Record) -> None:
+        """Count one sample's canvas and pixels."""
+        self.counts[canvas_key(record.size)] += 1
+        self.content_px += int(record.content_size[0]) * int(record.content_size[1])
+        self.canvas_px += int(record.size[0]) * int(record.size[1])
+
+    def to_dict(self, manifest: Manifest) -> dict:
+        """The "canvases" section of compute_stats: rule, samples and anchors per canvas, padding share."""
+        image = manifest["image"]
+        rule = (f"keep-ratio {image.get('min_size', '?')}/{image.get('max_size', '?')}" if manifest.keep_ratio
+                else f"fixed {canvas_key(manifest.image_hw)}")
+        counts = dict(sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        anchors = {k: manifest.anchor_count(tuple(int(v) for v in k.split("x"))) for k in counts}
+        share = 1.0 - self.content_px / self.canvas_px if self.canvas_px else 0.0
+        return {"rule": rule, "counts": counts, "anchors": anchors, "padding_share": share}
 
 
 def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256,
@@ -100,17 +131,16 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
     store = store_of(shard_dir)  # a folder or a URL (s3://...)
     manifest = read_manifest(store)
     total = manifest.samples if limit is None else min(limit, manifest.samples)
-    num_anchors = manifest.num_anchors
-    h, w = manifest.image_hw
     classes: Counter = Counter()
     keys: list[str] = []
     per_image: dict[str, list[int]] = {k: [] for k in _PER_IMAGE}
-    sizes = _BoxSizes(h, w)
+    sizes, canvases = _BoxSizes(*manifest.image_hw), _Canvases()  # keep-ratio: image_hw is the largest canvas
     if progress is not None:
         progress(0, total)
-    num_classes = manifest.num_classes
     for where, key, members in _iter_samples(store, manifest, limit):
-        record = sample_record(members, key, where, (h, w), num_classes)  # ShardFormatError names a bad one
+        # ShardFormatError names a bad one; keep-ratio: each record its own canvas, its boxes in its content
+        record = sample_record(members, key, where, manifest.canvas, manifest.num_classes)
+        num_anchors = manifest.anchor_count(record.size)  # the sample's canvas's anchors
         targets = sample_targets(members, key, where, num_anchors)
         # The loader's draws for epoch 0 (same generator, same sparse sampler).
         sampled_pos, sampled_neg = sample_indices(targets, num_anchors, rpn_batch_size, positive_fraction,
@@ -118,22 +148,23 @@ def compute_stats(shard_dir, limit: int | None = None, rpn_batch_size: int = 256
         keys.append(key)
         classes.update(int(v) for v in record.labels)
         sizes.add(record.boxes, record.scale)
+        canvases.add(record)
         counts = targets.counts(num_anchors)
         for name, value in (("boxes", len(record.boxes)), ("crowd_boxes", len(record.crowd_boxes)),
-                            ("positive", counts["positive"]), ("negative", counts["negative"]),
-                            ("ignore", counts["ignore"]), ("sampled_positive", len(sampled_pos)),
-                            ("sampled_negative", len(sampled_neg))):
+                            ("anchors", num_anchors), ("positive", counts["positive"]),
+                            ("negative", counts["negative"]), ("ignore", counts["ignore"]),
+                            ("sampled_positive", len(sampled_pos)), ("sampled_negative", len(sampled_neg))):
             per_image[name].append(value)
         if progress is not None and len(keys) % PROGRESS_EVERY == 0:
             progress(len(keys), total)
     if progress is not None:
         progress(len(keys), total)
-    return _stats_dict(store.url, manifest, limit, keys, classes, per_image, sizes,
+    return _stats_dict(store.url, manifest, limit, keys, classes, per_image, sizes, canvases.to_dict(manifest),
                        {"rpn_batch_size": rpn_batch_size, "positive_fraction": positive_fraction, "seed": seed})
 
 
 def _stats_dict(shard_dir: str, manifest: Manifest, limit: int | None, keys: list[str], classes: Counter,
-                per_image: dict, sizes: _BoxSizes, sampling: dict) -> dict:
+                per_image: dict, sizes: _BoxSizes, canvases: dict, sampling: dict) -> dict:
     """The result of compute_stats from its tallies."""
     total_boxes = sum(per_image["boxes"])
     class_rows = [{**_class_of(manifest, lab), "count": n, "share": n / total_boxes if total_boxes else 0.0}
@@ -144,7 +175,9 @@ def _stats_dict(shard_dir: str, manifest: Manifest, limit: int | None, keys: lis
         "class_count": manifest.num_classes - 1,  # K, the classes of the build (labels 1..K; no background)
         "keys": keys, "classes": class_rows, "boxes": total_boxes, "crowd_boxes": sum(per_image["crowd_boxes"]),
         "per_image": per_image, "boxes_per_image": _summary(per_image["boxes"]), "box_sizes": sizes.to_dict(),
+        "canvases": canvases,
         "anchors": {
+            "per_image": _summary(per_image["anchors"]),  # keep-ratio: each sample's canvas's count
             "before": {k: _summary(per_image[k]) for k in ("positive", "negative", "ignore")},
             "after": {"positive": _summary(per_image["sampled_positive"]),
                       "negative": _summary(per_image["sampled_negative"])},
@@ -168,6 +201,26 @@ def _line(s: dict) -> str:
     return f"min {_fmt(s['min'])}  median {_fmt(s['median'])}  mean {_fmt(s['mean'])}  max {_fmt(s['max'])}"
 
 
+def _canvas_lines(stats: dict) -> list[str]:
+    """The canvas rule, samples per canvas (keep-ratio) and the padding's share of the canvas pixels."""
+    c = stats.get("canvases")
+    if not c:  # a stats dict from before the canvases section
+        return []
+    share = f"padding {c['padding_share']:.1%} of the canvas pixels"
+    if not c["rule"].startswith("keep-ratio"):
+        return [f"canvas            {c['rule']}, {share}"]
+    return [f"canvases          {plural(len(c['counts']), 'canvas')} ({c['rule']}), {share}:",
+            f"  samples         {canvas_counts_text(c['counts'], CANVASES_SHOWN)}"]
+
+
+def _anchors_of(stats: dict) -> str:
+    """How many anchors each image's labels count: the build's, or "its canvas's a..b" (keep-ratio)."""
+    per = stats["anchors"].get("per_image") or {}
+    if not per.get("n"):  # no samples, or a stats dict from before per-image anchor counts
+        return f"{stats['num_anchors']}"
+    return f"its canvas's {per['min']}..{per['max']}" if per["min"] != per["max"] else f"{per['min']}"
+
+
 def stats_table(stats: dict, top: int = 20) -> str:
     """The numbers of compute_stats as a plain-text table (top-N classes by box count)."""
     a, bs = stats["anchors"], stats["box_sizes"]
@@ -180,7 +233,8 @@ def stats_table(stats: dict, top: int = 20) -> str:
         f"boxes per image   {_line(stats['boxes_per_image'])}",
         f"box size          sqrt(w*h) in resized px: min {bs['min']:.1f}  mean {bs['mean']:.1f}  max {bs['max']:.1f}",
         f"COCO size         small {coco['small']}  medium {coco['medium']}  large {coco['large']} (original px)",
-        f"anchors/image     of {stats['num_anchors']}, stored labels before sampling:",
+        *_canvas_lines(stats),
+        f"anchors/image     of {_anchors_of(stats)}, stored labels before sampling:",
         f"  positive        {_line(a['before']['positive'])}",
         f"  negative        {_line(a['before']['negative'])}",
         f"  ignore          {_line(a['before']['ignore'])}",
@@ -240,10 +294,13 @@ def stats_figure(stats: dict, top: int = 20):
               ("negative\nsampled", pi["sampled_negative"])]
     ax_anc.boxplot([s or [0] for _, s in series], tick_labels=[n for n, _ in series])
     ax_anc.set_yscale("symlog", linthresh=1)  # positives are tens, negatives tens of thousands
-    ax_anc.set_title(f"anchor labels per image (of {stats['num_anchors']})")
+    ax_anc.set_title(f"anchor labels per image (of {_anchors_of(stats)})")
     ax_anc.tick_params(axis="x", labelsize=7)
 
-    fig.suptitle(f"{stats.get('split') or ''} - {plural(stats['samples'], 'sample')}, {plural(stats['boxes'], 'box')}")
+    canvases = stats.get("canvases") or {}
+    rule = f", {plural(len(canvases['counts']), 'canvas')} ({canvases['rule']})" if canvases.get("counts") else ""
+    fig.suptitle(f"{stats.get('split') or ''} - {plural(stats['samples'], 'sample')}, "
+                 f"{plural(stats['boxes'], 'box')}{rule}")
     fig.tight_layout()
     return fig
 
