@@ -372,6 +372,21 @@ def _count(reasons: list[str | None], mask: np.ndarray, prefix: str = "") -> dic
     return out
 
 
+def _row_arrays(row: SourceRow) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(raw boxes float64 [N, 4], labels, iscrowd, bbox_ids) of a row, checked to be parallel."""
+    raw = np.asarray(row.bboxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(row.labels, dtype=np.int64).reshape(-1)
+    crowd = np.asarray(row.iscrowd, dtype=bool).reshape(-1)
+    bbox_ids = np.asarray(row.bbox_ids, dtype=np.int64).reshape(-1)
+    if not len(raw) == len(labels) == len(crowd) == len(bbox_ids):
+        # A broken record from our own source code, not bad data: fail loudly.
+        raise ValueError(
+            f"row {row.index} ({row.origin}): {len(raw)} boxes, {len(labels)} labels, {len(bbox_ids)} bbox_ids "
+            f"and {len(crowd)} iscrowd flags; they must be parallel arrays"
+        )
+    return raw, labels, crowd, bbox_ids
+
+
 def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
     """Turn one source row into a Sample, or a Dropped naming the rule that removed it."""
 
@@ -391,16 +406,7 @@ def process_row(row: SourceRow, cfg: TransformConfig) -> Sample | Dropped:
             f"decoded image is {img.width}x{img.height} (WxH) but the row declares {row.width}x{row.height}",
         )
 
-    raw = np.asarray(row.bboxes, dtype=np.float64).reshape(-1, 4)
-    labels = np.asarray(row.labels, dtype=np.int64).reshape(-1)
-    crowd = np.asarray(row.iscrowd, dtype=bool).reshape(-1)
-    bbox_ids = np.asarray(row.bbox_ids, dtype=np.int64).reshape(-1)
-    if not len(raw) == len(labels) == len(crowd) == len(bbox_ids):
-        # A broken record from our own source code, not bad data: fail loudly.
-        raise ValueError(
-            f"row {row.index} ({row.origin}): {len(raw)} boxes, {len(labels)} labels, {len(bbox_ids)} bbox_ids "
-            f"and {len(crowd)} iscrowd flags; they must be parallel arrays"
-        )
+    raw, labels, crowd, bbox_ids = _row_arrays(row)
     orig_hw = (img.height, img.width)
     scale, content_hw, pad, canvas_hw = geometry(orig_hw, cfg)
     boxes, reasons = box_drop_reasons(raw, labels, cfg.bbox_format, orig_hw, scale, content_hw, cfg.min_box_size,
