@@ -27,6 +27,8 @@ SCRIPTS = [
                       "--min-seconds", "0.05", "--no-md"]),
     ("bench_scale.py", ["--images", "16", "--workers", "1", "--rounds", "1", "--no-md"]),
     ("bench_resume.py", ["--images", "16", "--workers", "0", "--rounds", "1", "--batch-size", "2", "--no-md"]),
+    ("bench_keep_ratio.py", ["--images", "8", "--workers", "0", "--repeats", "1", "--seeds", "2", "--match-images", "4",
+                             "--no-md"]),
 ]
 
 
