@@ -72,6 +72,10 @@ def fed_back(split_dir: Path) -> list[dict]:
     from frcnn_shard.loader import make_loader
 
     loader = make_loader(split_dir, 8, shuffle=False, num_workers=0)
+    from frcnn_shard.storage import read_manifest
+
+    man = read_manifest(split_dir)
+    assert loader.classes == ("__background__", *man.class_map.names)  # index = label, from the manifest
     outputs, targets = [], []
     for _, batch in loader:
         for t in batch:
