@@ -4,8 +4,10 @@ Pipeline per (rank, worker) stream, one module per stage: the epoch's shard plan
 shards a source names (``sources``) -> tar members grouped into samples by the format's one group-by-key,
 no unpickling, checked member names (``stream``) -> sample-level shuffle buffer over the still-encoded
 samples (``stream``) -> decode: image, JSON record, sparse anchor targets, anchor sampling (``decode``)
--> batch (``collate``). ``options`` checks what make_loader is asked for; ``shard_loader`` holds
-ShardLoader and make_loader. For long runs: ``resume`` (the state_dict's form and checks), ``replay``
+-> batch (``collate``); ``workers`` runs the streams in the DataLoader's processes. Keep-ratio shards (a
+canvas per sample): ``buckets`` (a bucket per canvas) and ``canvas_stream`` (batches of one canvas).
+``options`` checks what make_loader is asked for; ``make`` holds make_loader, ``shard_loader`` ShardLoader.
+For long runs: ``resume`` (the state_dict's form and checks), ``replay``
 (a stream resumed without decoding what it delivered), ``merge`` (the streams' turns, whichever
 workers ran them), ``repeat`` (repeat-factor sampling) and ``cache`` (the local cache of remote shards). Targets stay sparse until the consumer: a batch carries the sampled
 anchor indices and the positives' boxes, and ``Batch.unpack`` in the training process expands them
@@ -26,7 +28,8 @@ from .options import (
     LoaderWarning,
 )
 from .plan import EpochPlan, feedable_workers, plan_epoch
-from .shard_loader import MAX_SKIP_LOG, ShardLoader, make_loader
+from .make import make_loader
+from .shard_loader import MAX_SKIP_LOG, ShardLoader
 from .sources import Source, expand_urls, manifest_folder, resolve_source
 from .stream import iter_raw_samples, shuffle_buffer
 

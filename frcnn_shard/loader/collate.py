@@ -70,6 +70,7 @@ class Batch:
         # streams, the encoded samples it has handed to decoding, all shards so far held their counts,
         # and whether this item marks the stream's end (it then holds no images).
         self.stream, self.raw, self.exact, self.end = 0, 0, True, False
+        self.pending: tuple[int, ...] = ()  # keep-ratio: the stream's samples waiting in its canvas buckets
 
     def dense_targets(self) -> tuple[np.ndarray, np.ndarray]:
         """anchor_labels int64 [B, A] and anchor_matched_gt float32 [B, A, 4] from the index lists."""
@@ -115,9 +116,13 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> to
     return proto.new(storage).view(shape)
 
 
-def _meta(s: Decoded) -> dict:
-    """The per-image fields a target dict carries besides the tensors."""
+def _meta(s: Decoded, keep_ratio: bool = False) -> dict:
+    """The per-image fields a target dict carries besides the tensors; a keep-ratio sample's ``size`` is its
+    content (the image's own pixels, top-left of the batch), ``canvas`` the batch's (H, W)."""
     r = s.record
+    if keep_ratio:
+        return {"key": r.key, "image_id": r.image_id, "orig_size": r.orig_size, "size": r.content_size,
+                "canvas": r.size, "scale": r.scale, "pad": r.pad, "flipped": s.flipped}
     return {"key": r.key, "image_id": r.image_id, "orig_size": r.orig_size, "size": r.size,
             "scale": r.scale, "pad": r.pad, "flipped": s.flipped}
 
@@ -153,12 +158,13 @@ def _images(samples: list[Decoded], norm: Norm | None, shared: bool) -> torch.Te
 
 
 def collate(samples: list[Decoded], num_anchors: int, sampled: bool, norm: Norm | None = None,
-            shared: bool = False, rows: torch.Tensor | None = None) -> Batch:
+            shared: bool = False, rows: torch.Tensor | None = None, keep_ratio: bool = False) -> Batch:
     """Write decoded samples into one batch (the image tensor in shared memory when ``shared``, i.e. in a worker).
 
     ``sampled``: the targets are an anchor sample (else the stored labels); ``norm``: (mean, std) to
-    normalise the images into float32 [B, 3, H, W] (None: uint8 [B, H, W, 3]); ``rows``: the uint8
-    batch (from batch_rows) the samples were decoded into, row i holding sample i.
+    normalise the images into float32 [B, 3, H, W] (None: uint8 [B, H, W, 3]); ``rows``: the batch's
+    images already written (row i holding sample i: uint8 from batch_rows, or a keep-ratio canvas batch);
+    ``keep_ratio``: the samples' records are keep-ratio ones (``size`` is the content, ``canvas`` added).
     """
     b = len(samples)
     images = rows[:b] if rows is not None else _images(samples, norm, shared)
@@ -171,7 +177,7 @@ def collate(samples: list[Decoded], num_anchors: int, sampled: bool, norm: Norm 
         np.concatenate([s.others + i * a for i, s in enumerate(samples)]).astype(np.int64),
         np.concatenate([s.record.boxes for s in samples]).astype(np.float32).reshape(-1, 4),
         np.concatenate([s.record.labels for s in samples]).astype(np.int64),
-        [len(s.record.boxes) for s in samples], [_meta(s) for s in samples],
+        [len(s.record.boxes) for s in samples], [_meta(s, keep_ratio) for s in samples],
     )
 
 

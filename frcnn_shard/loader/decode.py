@@ -80,7 +80,7 @@ def _transformed(image: np.ndarray, transform: Callable, where: str) -> np.ndarr
     return out
 
 
-def _checked_members(url: str, raw: RawSample) -> str:
+def checked_members(url: str, raw: RawSample) -> str:
     """The image member's extension of a sample whose members keep the format's rules (else ShardFormatError)."""
     error = sample_error(raw, url)
     if error is not None:
@@ -98,7 +98,7 @@ def _decoded_members(raw: RawSample, ext: str, ds: DatasetFacts, flip: bool, out
     try:
         image = decode_stored_image(raw.members[ext], ext, ds.image_hw, mirror=flip, out=out)
         stage = "json"
-        record = checked_record(raw.members[JSON_EXT], ds.image_hw, ds.num_classes, raw.key)  # check's rules
+        record = checked_record(raw.members[JSON_EXT], ds.record_canvas, ds.num_classes, raw.key)  # check's rules
         stage = "anchor targets"
         targets = unpack_targets(raw.members[TARGETS_EXT], ds.num_anchors, flipped=flip)
         if len(targets.matched) and targets.matched.max() >= len(record.boxes):
@@ -119,12 +119,12 @@ def decode_sample(url: str, raw: RawSample, ds: DatasetFacts, how: DecodeOptions
     A bad sample raises ShardFormatError naming URL and key; a failing image_transform ImageTransformError.
     ``out``: the uint8 [H, W, 3] batch row the image is decoded into (the sample's image is then that row).
     """
-    ext = _checked_members(url, raw)
+    ext = checked_members(url, raw)
     where = f"{url}: key {raw.key!r}"
     flip = hflip_decision(how.seed, epoch, raw.key, how.hflip)
     image, record, targets = _decoded_members(raw, ext, ds, flip, out, where)
-    if flip:
-        record = record.hflip()  # the image was decoded mirrored
+    if flip:  # the image was decoded mirrored: a keep-ratio sample's content, in place at the top-left
+        record = record.hflip(content=ds.keep_ratio is not None)
     if how.image_transform is not None:
         image = _transformed(image, how.image_transform, where)
         if out is not None and image is not out:

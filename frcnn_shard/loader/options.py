@@ -3,17 +3,20 @@ each checked once, and the loader's errors."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import FrcnnShardError
+from ..format.canvas import KeepRatioCanvas
 from ..labels import NUM_CLASSES
 from ..transform import IMAGENET_MEAN, IMAGENET_STD
 
 ON_ERROR_CHOICES = ("raise", "skip")
 DEFAULT_SHUFFLE_BUFFER = 256  # encoded samples (~30-60 KB each), so a few MB per worker
+DEFAULT_CANVAS_STREAMS = 8  # keep-ratio streams per rank by default (capped by the shards per rank)
+MAX_STREAMS = 4096  # streams per rank anyone may ask for (a state bounds its own the same way)
 
 
 class LoaderError(FrcnnShardError, ValueError):
@@ -58,6 +61,7 @@ class LoaderOptions:
     hflip: float = 0.0  # probability that a sample is mirrored left-right (needs shards with flip targets)
     image_transform: Callable[[np.ndarray], np.ndarray] | None = None  # uint8 HWC -> same shape and dtype
     decode_threads: int | None = None  # threads decoding a batch's samples side by side in each stream
+    streams: int | None = None  # streams per rank, fixed whatever num_workers is (None: keep-ratio 8, else per worker)
 
     def __post_init__(self) -> None:
         for ok, message in self._rules():
@@ -84,12 +88,20 @@ class LoaderOptions:
              f"image_transform must be a callable or None (got {type(self.image_transform).__name__})"),
             (self.decode_threads is None or int(self.decode_threads) >= 0,
              f"decode_threads must be >= 0 or None (got {self.decode_threads})"),
+            (self.streams is None or (isinstance(self.streams, numbers.Integral) and not isinstance(self.streams, bool)
+                                      and 1 <= self.streams <= MAX_STREAMS),
+             f"streams must be an integer within 1..{MAX_STREAMS} or None (got {self.streams!r})"),
         ]
 
 
 @dataclass(frozen=True)
 class DatasetFacts:
-    """What the manifest says about every sample: anchor count, canvas size, normalisation."""
+    """What the manifest says about every sample: anchor count, canvas size, normalisation.
+
+    A keep-ratio build (``keep_ratio`` set) has a canvas per sample: ``image_hw`` is then the largest canvas,
+    ``canvas_anchors`` the anchor count of each canvas the manifest lists, and ``at_sample`` gives the facts
+    one sample is decoded with (its content size, its canvas's anchor count).
+    """
 
     num_anchors: int
     image_hw: tuple[int, int] | None
@@ -97,6 +109,22 @@ class DatasetFacts:
     std: tuple[float, ...]
     flip_targets: bool | None = None  # the shards store the mirrored image's targets (None: no manifest says)
     num_classes: int = NUM_CLASSES  # background included (the manifest's classes): labels lie in 1..num_classes-1
+    keep_ratio: KeepRatioCanvas | None = None  # the record-size rule of a keep-ratio build (None: one canvas)
+    canvas_anchors: tuple[tuple[tuple[int, int], int], ...] = ()  # keep-ratio: (canvas, anchor count) per canvas
+
+    @property
+    def record_canvas(self) -> tuple[int, int] | KeepRatioCanvas | None:
+        """What the record rules take: the fixed canvas, or the keep-ratio rule (a canvas per record)."""
+        return self.keep_ratio if self.keep_ratio is not None else self.image_hw
+
+    def anchors_at(self, canvas_hw: tuple[int, int]) -> int | None:
+        """The anchor count of a keep-ratio canvas the manifest lists (None: not one of them)."""
+        return dict(self.canvas_anchors).get((int(canvas_hw[0]), int(canvas_hw[1])))
+
+    def at_sample(self, content_hw: tuple[int, int], num_anchors: int) -> "DatasetFacts":
+        """The facts a keep-ratio sample is decoded with: its stored image is its content, its targets index
+        its canvas's ``num_anchors`` anchors (the record rule stays the build's)."""
+        return replace(self, image_hw=(int(content_hw[0]), int(content_hw[1])), num_anchors=int(num_anchors))
 
 
 def mean_std(mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[tuple, tuple]:

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
+from ..format.canvas import KeepRatioCanvas
 from ..format.members import JSON_EXT, RawSample
 from ..format.record import checked_record
 from ..seeds import repeat_copies
@@ -47,6 +48,7 @@ class RepeatTable:
     seed: int
     factors: tuple[Mapping[str, float], ...]  # index = the shard's position in the loader's URL list
     threshold: float = 0.0
+    canvases: tuple[Mapping[str, tuple[int, int]], ...] = ()  # keep-ratio: each repeated image's canvas
 
     def copies(self, shard: int, key: str, epoch: int) -> int:
         """How many times sample ``key`` of ``shard`` appears in ``epoch``."""
@@ -57,6 +59,15 @@ class RepeatTable:
         """The items a shard of ``count`` samples yields in ``epoch``, copies included."""
         return count + sum(repeat_copies(self.seed, epoch, k, r) - 1 for k, r in self.factors[shard].items())
 
+    def canvas_items(self, shard: int, per_canvas: Mapping[tuple[int, int], int], epoch: int
+                     ) -> dict[tuple[int, int], int]:
+        """A keep-ratio shard's items per canvas in ``epoch`` (its manifest counts ``per_canvas``, copies included)."""
+        out = dict(per_canvas)
+        for key, r in self.factors[shard].items():
+            canvas = self.canvases[shard][key]
+            out[canvas] = out.get(canvas, 0) + repeat_copies(self.seed, epoch, key, r) - 1
+        return out
+
     def expand(self, shard: int, items: Iterator[tuple[str, RawSample]], epoch: int) -> Iterator[tuple[str, RawSample]]:
         """Each encoded sample of ``shard`` as many times as it appears in ``epoch`` (copies side by side)."""
         for url, raw in items:
@@ -64,17 +75,26 @@ class RepeatTable:
                 yield url, raw
 
 
-def repeat_table(per_shard: Sequence[Sequence[tuple[str, tuple[int, ...]]]], threshold: float, seed: int
-                 ) -> RepeatTable:
-    """The table of a split from each shard's (key, labels) pairs and the threshold t."""
+def repeat_table(per_shard: Sequence[Sequence[tuple[str, tuple[int, ...]]]], threshold: float, seed: int,
+                 canvases: Sequence[Mapping[str, tuple[int, int]]] | None = None) -> RepeatTable:
+    """The table of a split from each shard's (key, labels) pairs and the threshold t; ``canvases``: for a
+    keep-ratio split, each shard's key -> canvas (the table keeps those of the repeated images)."""
     factors = class_factors(class_frequencies(labels for shard in per_shard for _, labels in shard), threshold)
     table = []
     for shard in per_shard:
         table.append({key: r for key, labels in shard if (r := image_factor(labels, factors)) > 1.0})
-    return RepeatTable(seed, tuple(table), threshold)
+    kept = tuple({k: canvases[i][k] for k in t} for i, t in enumerate(table)) if canvases is not None else ()
+    return RepeatTable(seed, tuple(table), threshold, kept)
 
 
-def record_labels(raw: RawSample, canvas_hw: tuple[int, int] | None, num_classes: int) -> tuple[int, ...]:
+def record_labels(raw: RawSample, canvas_hw: tuple[int, int] | KeepRatioCanvas | None, num_classes: int
+                  ) -> tuple[int, ...]:
     """The labels of a sample's JSON record, held to the record rules (ShardFormatError's cause otherwise)."""
+    return record_facts(raw, canvas_hw, num_classes)[0]
+
+
+def record_facts(raw: RawSample, canvas_hw: tuple[int, int] | KeepRatioCanvas | None, num_classes: int
+                 ) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """(labels, canvas) of a sample's JSON record, held to the record rules (ShardFormatError's cause otherwise)."""
     record = checked_record(raw.members[JSON_EXT], canvas_hw, num_classes, raw.key)
-    return tuple(int(v) for v in record.labels)
+    return tuple(int(v) for v in record.labels), (int(record.size[0]), int(record.size[1]))

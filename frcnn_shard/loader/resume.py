@@ -5,7 +5,9 @@ the order, and well-formed (a state is untrusted input, like every byte the load
 The order of an epoch is a function of (seed, epoch, streams per rank) and the options below, never of the
 worker processes that run the streams: so a state records the stream count, and per stream how many
 encoded samples its shuffle buffer has handed to decoding (``raw``), whether the stream has ended, and
-whether every shard so far held its manifest count (``exact``: the cheap replay needs the counts).
+whether every shard so far held its manifest count (``exact``: the cheap replay needs the counts); for a
+keep-ratio loader also which of the samples already drawn wait in the stream's canvas buckets (``pending``:
+their numbers in the stream's input, bucket by bucket in arrival order).
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..format.manifest import Manifest
-from .options import LoaderError, LoaderOptions
+from .options import MAX_STREAMS, LoaderError, LoaderOptions
 
 STATE_FORMAT = "frcnn_shard.loader_state"
 STATE_VERSION = 1
-MAX_STREAMS = 4096  # streams per rank a state may name: far above any worker count, bounds a hostile state
 MAX_COUNT = 1 << 48  # any count in a state (samples, batches): bounds a hostile state
+MAX_PENDING = 1 << 20  # samples one stream's canvas buckets may hold in a state: bounds a hostile state
 
 
 @dataclass
@@ -30,6 +32,7 @@ class StreamPosition:
     raw: int = 0
     ended: bool = False
     exact: bool = True
+    pending: tuple[int, ...] = ()  # keep-ratio: the samples waiting in the canvas buckets (input numbers)
 
 
 @dataclass
@@ -43,10 +46,10 @@ class Progress:
     skipped_total: int = 0
     started: bool = field(default=False)  # any item taken (a fresh epoch's state says so, for the record)
 
-    def take(self, stream: int, raw: int, exact: bool, end: bool) -> None:
+    def take(self, stream: int, raw: int, exact: bool, end: bool, pending: tuple[int, ...] = ()) -> None:
         """Record an item of ``stream`` taken by the consumer (a batch, or the stream's end marker)."""
         pos = self.positions[stream]
-        pos.raw, pos.exact, pos.ended = raw, exact, pos.ended or end
+        pos.raw, pos.exact, pos.ended, pos.pending = raw, exact, pos.ended or end, tuple(pending)
         self.last, self.started = stream, True
 
     def first_turn(self) -> int:
@@ -86,7 +89,8 @@ def to_state(progress: Progress, dataset: str, options: dict) -> dict:
         "format": STATE_FORMAT, "version": STATE_VERSION, "dataset": dataset, "options": dict(options),
         "epoch": progress.epoch, "streams": len(progress.positions), "last": progress.last,
         "skipped": progress.skipped, "skipped_total": progress.skipped_total,
-        "positions": [[p.raw, p.ended, p.exact] for p in progress.positions],
+        "positions": [[p.raw, p.ended, p.exact] + ([list(p.pending)] if p.pending else [])
+                      for p in progress.positions],
     }
 
 
@@ -96,11 +100,17 @@ def _is_count(v: Any) -> bool:
 
 
 def _position(v: Any, i: int) -> StreamPosition:
-    """One stream's [raw, ended, exact] from a state, or LoaderError naming it."""
-    if (not isinstance(v, (list, tuple)) or len(v) != 3 or not _is_count(v[0])
+    """One stream's [raw, ended, exact] (keep-ratio: [raw, ended, exact, pending]) from a state, or LoaderError."""
+    if (not isinstance(v, (list, tuple)) or len(v) not in (3, 4) or not _is_count(v[0])
             or not isinstance(v[1], bool) or not isinstance(v[2], bool)):
-        raise LoaderError(f"malformed loader state: positions[{i}] must be [samples >= 0, ended, exact], got {v!r:.80}")
-    return StreamPosition(v[0], v[1], v[2])
+        raise LoaderError(f"malformed loader state: positions[{i}] must be [samples >= 0, ended, exact] "
+                          f"(and the pending samples), got {v!r:.80}")
+    pending = v[3] if len(v) == 4 else []
+    if (not isinstance(pending, list) or len(pending) > MAX_PENDING or not all(_is_count(n) for n in pending)
+            or len(set(pending)) != len(pending)):
+        raise LoaderError(f"malformed loader state: positions[{i}][3] must be a list of distinct sample numbers "
+                          f"(at most {MAX_PENDING}), got {pending!r:.80}")
+    return StreamPosition(v[0], v[1], v[2], tuple(pending))
 
 
 def _shape_problem(state: Any) -> str | None:

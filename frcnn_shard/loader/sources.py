@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import braceexpand
 
+from ..format.canvas import parse_canvas_key
 from ..format.manifest import Manifest
 from ..format.names import MANIFEST_NAME
 from ..shards import read_manifest, store_of
@@ -163,4 +164,30 @@ def dataset_facts(man: Manifest | None, source: Any, num_anchors: int | None) ->
     if num_anchors is not None and int(num_anchors) != man.num_anchors:
         raise LoaderError(f"num_anchors={num_anchors} but the manifest records {man.num_anchors} anchors")
     return DatasetFacts(man.num_anchors, man.image_hw, *mean_std(*(man.mean_std or (None, None))),
-                        flip_targets=man.flip_targets, num_classes=man.num_classes)
+                        flip_targets=man.flip_targets, num_classes=man.num_classes,
+                        keep_ratio=man.canvas if man.keep_ratio else None, canvas_anchors=_canvas_anchors(man))
+
+
+def _canvas_anchors(man: Manifest) -> tuple[tuple[tuple[int, int], int], ...]:
+    """(canvas, anchor count) of every canvas a keep-ratio manifest lists (a sample on another canvas is refused)."""
+    if not man.keep_ratio:
+        return ()
+    if not isinstance(man.get("canvases"), dict):
+        raise LoaderError("a keep-ratio manifest without its 'canvases' counts: the loader needs them (each sample's "
+                          "canvas is checked against them, and len() counts per canvas); rebuild the split")
+    canvases = sorted(parse_canvas_key(k) for k in man["canvases"])  # check_manifest vouches for the keys
+    return tuple((c, man.anchor_count(c)) for c in canvases)
+
+
+def shard_canvases(man: Manifest | None, urls: Sequence[str]) -> list[dict[tuple[int, int], int]] | None:
+    """Per URL, its shard's samples per canvas from the manifest entry (None: not keep-ratio, or unknown)."""
+    if man is None or not man.keep_ratio:
+        return None
+    entries = {e.get("name"): e.get("canvases") for e in man["shards"]}
+    out = []
+    for u in urls:
+        counts = entries.get(split_url(u)[1])
+        if not isinstance(counts, dict):
+            return None
+        out.append({parse_canvas_key(k): int(n) for k, n in counts.items()})
+    return out

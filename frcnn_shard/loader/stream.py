@@ -7,6 +7,7 @@ and the resampled top-up from (seed, epoch, rank, worker), a sample's draws from
 from __future__ import annotations
 
 import itertools
+import math
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -204,51 +205,18 @@ def _counted(items: Iterator, expected: int, track: Track) -> Iterator:
         track.exact = False
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """The batches of one rank; inside a DataLoader worker, of that worker's slot only."""
-
-    def __init__(self, cfg: StreamConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
-        if info is not None and info.num_workers != self.cfg.workers:
-            raise LoaderError(f"planned for {self.cfg.workers} workers, running in {info.num_workers}")
-        return worker_batches(self.cfg, worker)
-
-
-def worker_batches(cfg: StreamConfig, worker: int) -> Iterator[Batch]:
-    """The batches of the streams worker ``worker`` runs (stream v runs in worker v % workers), taking
-    turns as the global order does, so the consumer (``merge.in_stream_order``) rarely has to wait."""
-    n = cfg.stream_count
-    order = [(cfg.first + k) % n for k in range(n)]
-    mine = [v for v in order if v % cfg.workers == worker and not (cfg.starts and cfg.starts[v].ended)]
-    running = [run_stream(cfg, v, cfg.starts[v] if cfg.starts else None) for v in mine]
-    k = 0
-    while running:
-        k %= len(running)
-        try:
-            item = next(running[k])
-        except StopIteration:
-            del running[k]
-            continue
-        yield item
-        k += 1
-
-
-def _raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list, outage: StoreOutage, track: Track
-                ) -> Iterator[tuple[str, RawSample]]:
-    """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota."""
+def raw_stream(cfg: StreamConfig, slot: int, worker: int, skips: list, outage: StoreOutage, track: Track
+               ) -> Iterator[tuple[str, RawSample]]:
+    """Encoded samples of one slot: its own shards; in resampled mode topped up to the slot's quota (a
+    resampled keep-ratio stream, whose quota is in batches, draws until its reader stops)."""
     own = cfg.plan.slots[slot]
-    if cfg.plan.quotas is None:
+    if cfg.plan.quotas is None and cfg.plan.batches is None:
         for i in own:
             yield from cfg.shard(i, skips, outage, track)
         return
     # Resampled: own shards first, then shards drawn with replacement, until the quota is met.
     rng = resample_rng(cfg.seed, cfg.epoch, cfg.rank, worker)
-    quota, n, empty_in_a_row = cfg.plan.quotas[slot], 0, 0
+    quota, n, empty_in_a_row = cfg.plan.quotas[slot] if cfg.plan.quotas is not None else math.inf, 0, 0
     sequence = iter(own)
     while n < quota:
         i = next(sequence, None)
@@ -277,7 +245,7 @@ def _positioned(cfg: StreamConfig, slot: int, stream: int, skips: list, track: T
         fast = _fast_forward(cfg, slot, stream, skips, outage, track, start.raw, rng)
         if fast is not None:
             return fast
-    raws: Iterator = _raw_stream(cfg, slot, stream, skips, outage, track)
+    raws: Iterator = raw_stream(cfg, slot, stream, skips, outage, track)
     if rng is not None:
         raws = shuffle_buffer(raws, size, rng)
     if start is not None and start.raw > 0:
@@ -311,7 +279,7 @@ def _fast_forward(cfg: StreamConfig, slot: int, stream: int, skips: list, outage
     return shuffle_buffer(rest, cfg.shuffle_buffer, rng, [got[i] for i in held])
 
 
-def _counting(raws: Iterator, track: Track) -> Iterator:
+def counting(raws: Iterator, track: Track) -> Iterator:
     """The stream's encoded samples, each counted in ``track.raw`` as decoding takes it."""
     for item in raws:
         track.raw += 1
@@ -328,7 +296,7 @@ def run_stream(cfg: StreamConfig, stream: int, start: StreamPosition | None = No
     shared = torch.utils.data.get_worker_info() is not None  # batches cross a process boundary
     skips: list[tuple[int, str]] = []  # (samples lost, why)
     track = Track(start.raw if start else 0, start.exact if start else True)
-    raws = _counting(_positioned(cfg, slot, stream, skips, track, start), track)
+    raws = counting(_positioned(cfg, slot, stream, skips, track, start), track)
     reported = 0
     sampled = cfg.decode.rpn_batch_size is not None
 
@@ -343,17 +311,17 @@ def run_stream(cfg: StreamConfig, stream: int, start: StreamPosition | None = No
         return batch
 
     threads = cfg.decode_threads
-    with ThreadPoolExecutor(threads) if threads > 1 else _NoPool() as pool:
+    with ThreadPoolExecutor(threads) if threads > 1 else NoPool() as pool:
         for pending, rows in _decoded_batches(raws, cfg, shared, skips, pool):
             if len(pending) == cfg.batch_size or (pending and not cfg.drop_last):
                 yield emit(pending, rows)
     yield emit(None)
 
 
-class _NoPool:
+class NoPool:
     """ThreadPoolExecutor's ``map`` in the calling thread (decode_threads 0 or 1)."""
 
-    def __enter__(self) -> "_NoPool":
+    def __enter__(self) -> "NoPool":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -371,7 +339,7 @@ def _decoded_batches(raws: Iterator, cfg: StreamConfig, shared: bool, skips: lis
     single thread makes. A sample that fails (on_error="skip") leaves its row to the next one.
     """
     size = cfg.batch_size
-    step = 1 if isinstance(pool, _NoPool) else size  # samples handed out at once
+    step = 1 if isinstance(pool, NoPool) else size  # samples handed out at once
     # uint8 batches of a known canvas are decoded straight into their batch rows; else collate copies.
     direct = cfg.norm is None and cfg.dataset.image_hw is not None
 
