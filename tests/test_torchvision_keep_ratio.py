@@ -303,3 +303,33 @@ def test_losses_identical_at_800_1333(kr800):
         losses.append(losses_of(plain, crops, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]))
     assert losses[0] == losses[1], losses
     assert stored.checked_canvases == {canvas}
+
+
+def test_the_loaders_batches_train_the_model_as_torchvision_does(kr400, stock400):
+    """End to end: make_loader's keep-ratio batches (uint8 and normalised, mirrored too) into the model; the stored
+    targets give the losses of torchvision's own matching, and of torchvision's model fed the contents."""
+    from frcnn_shard.loader import make_loader
+
+    stored = StoredTargetsRPN.from_rpn(stock400.rpn, read_manifest(kr400).anchors, keep_ratio=True)
+    seen = 0
+    for normalize in (False, True):
+        loader = make_loader(kr400, 2, shuffle=False, num_workers=0, rpn_batch_size=None, normalize=normalize,
+                             hflip=0.5, seed=3)
+        model = fasterrcnn_resnet50_fpn(loader, weights_backbone=None)
+        assert type(model.transform) is type(stock400.transform)
+        for images, targets in loader:
+            if len(targets) < 2:
+                continue
+            assert all(tuple(t["canvas"]) == tuple(images.shape[-2:]) for t in targets)
+            crops = [c if normalize else c.float() / 255 for c in content_images(images, targets)]
+            plain = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+            losses = [losses_of(stock400, images, targets)]
+            with parts(stock400, rpn=stored) as m:
+                losses.append(losses_of(m, images, targets))
+            if not normalize:  # torchvision's own model normalises the [0, 1] contents itself
+                with parts(stock400, transform=stock_transform(400, 666)) as m:
+                    losses.append(losses_of(m, crops, plain))
+            assert len(set(map(str, losses))) == 1, losses
+            seen += 1
+            break
+    assert seen == 2
