@@ -8,6 +8,8 @@
 4. padding: the share of canvas pixels that are padding, ours (a canvas per sample: the size rounded up to
    32) against torchvision's own grouping (references/detection: GroupedBatchSampler over aspect-ratio bins,
    k = 3, each batch padded to its largest image rounded up to 32) at batch 2, 4 and 8 (goal: no more).
+5. loader: images/s of make_loader over the keep-ratio shards against the PIL delivered-decode floor at the same
+   sizes (tar read, decode, into a zeroed canvas), the same worker count.
 
 Input: tiny_coco repeated to ``--images`` (a Hub-layout folder under bench_data/, as the other benchmarks).
 Run:  python scripts/bench_keep_ratio.py [--images 200] [--workers 2] [--no-md]
@@ -23,13 +25,15 @@ import shutil
 import time
 
 import numpy as np
+import torch
 
 from bench_common import (BENCH_DATA, BENCH_MD, best_of, fmt, goal, hub_folder, log, md_table, publish, report_header,
                           repeated_hub_rows)
 from frcnn_shard import anchors as anc
 from frcnn_shard.build import BuildOptions, anchor_spec, build
 from frcnn_shard.format.canvas import canvas_of, keep_ratio_size
-from frcnn_shard.format.members import TARGETS_EXT
+from frcnn_shard.format.members import TARGETS_EXT, group_by_key
+from frcnn_shard.storage.tar import tar_members
 from frcnn_shard.transform import TransformConfig
 
 MIN_SIZE, MAX_SIZE = 800, 1333
@@ -73,6 +77,59 @@ def bench_build(n: int, workers: int, repeats: int) -> tuple[list, str]:
              fmt(t_floor / t_build)],
             ["PIL codec floor (decode, resize, encode)", fmt(n / t_floor, 1), fmt(1000 * t_floor / n, 1), "1.00"]]
     return rows, str(out / "train")
+
+
+class DecodeFloor(torch.utils.data.IterableDataset):
+    """The least a loader of these shards does: whole shards per worker, the tar read, each stored content decoded
+    with PIL into a zeroed uint8 canvas of its own size (what a batch of that canvas holds), handed over in
+    lists of ``batch`` (no grouping, no targets)."""
+
+    def __init__(self, tars: list[str], batch: int):
+        super().__init__()
+        self.tars, self.batch = tars, batch
+
+    def __iter__(self):
+        from PIL import Image
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        out = []
+        for path in self.tars[wid::nw]:
+            with open(path, "rb") as f:
+                for raw in group_by_key(tar_members(f)):
+                    img = np.asarray(Image.open(io.BytesIO(raw.members["jpg"])).convert("RGB"))
+                    h, w = img.shape[:2]
+                    canvas = torch.zeros((3, *canvas_of((h, w))), dtype=torch.uint8)
+                    canvas[:, :h, :w] = torch.from_numpy(img).permute(2, 0, 1)
+                    out.append(canvas)
+                    if len(out) == self.batch:
+                        yield out
+                        out = []
+        if out:
+            yield out
+
+
+def bench_loader(split_dir: str, workers: int, batch: int, rounds: int) -> list:
+    """images/s of make_loader on keep-ratio shards (uint8 batches of one canvas) against the PIL delivered-decode
+    floor at the same sizes, the same worker count."""
+    from frcnn_shard.loader import make_loader
+    from frcnn_shard.storage import read_manifest
+
+    man = read_manifest(split_dir)
+    tars = [os.path.join(split_dir, e.name) for e in man.shards]
+    loader = make_loader(split_dir, batch, num_workers=workers, normalize=False)
+    floor = torch.utils.data.DataLoader(DecodeFloor(tars, batch), batch_size=None, num_workers=workers)
+
+    def epoch(dl) -> None:
+        for _ in dl:
+            pass
+
+    t_loader = best_of(lambda: epoch(loader), rounds)
+    t_floor = best_of(lambda: epoch(floor), rounds)
+    n = man.samples
+    return [["make_loader (uint8, batches of one canvas, targets, hflip off)", fmt(n / t_loader, 1),
+             fmt(t_floor / t_loader)],
+            ["PIL delivered-decode floor (tar read, decode, into a zeroed canvas)", fmt(n / t_floor, 1), "1.00"]]
 
 
 def bench_matching(split_dir: str, limit: int) -> list:
@@ -160,6 +217,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--match-images", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="loader epochs timed (best of)")
     p.add_argument("--seeds", type=int, default=20, help="epochs of torchvision's sampler averaged for the padding")
     p.add_argument("--out-md", default=str(BENCH_MD))
     p.add_argument("--no-md", action="store_true")
@@ -169,6 +228,8 @@ def main() -> None:
     match_rows = bench_matching(split_dir, a.match_images)
     payload_rows, _ = bench_payload(split_dir)
     padding_rows, _ = bench_padding(a.seeds)
+    log("loader against the delivered-decode floor")
+    loader_rows = bench_loader(split_dir, a.workers, a.batch_size, a.rounds)
     spec = anchor_spec(BuildOptions(anchor_preset="torchvision-fpn", transform=TransformConfig(resize="keep-ratio")))
     text = "\n".join([
         report_header("Keep-ratio builds (800 / 1333, a canvas per sample): scripts/bench_keep_ratio.py"),
@@ -185,6 +246,9 @@ def main() -> None:
         f"**Padding**: the share of canvas pixels that are padding on tiny_coco's 50 real sizes; torchvision's "
         f"grouping averaged over {a.seeds} epochs (goal: ours no more):\n",
         md_table(["batch", "ours (canvas per sample)", "torchvision (aspect-ratio groups, k=3)", "goal"], padding_rows),
+        "", f"**Loader** at 800/1333, {a.workers} workers, batch {a.batch_size}, one epoch of the build above (best of "
+        f"{a.rounds}), against the PIL delivered-decode floor at the same sizes and workers:\n",
+        md_table(["path", "images/s", "speed / floor's"], loader_rows),
         "", f"Total run time {time.perf_counter() - t0:.0f} s.",
     ])
     publish("keep_ratio", text, a.out_md, a.no_md)
