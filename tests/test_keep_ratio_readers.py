@@ -9,32 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_shards, require_extra, require_tiny_coco
+from conftest import require_extra, require_tiny_coco
 
 from frcnn_shard.coco_eval import coco_results, evaluate_bbox, iter_records, split_ground_truth
 from frcnn_shard.format.canvas import canvas_key
 from frcnn_shard.inspect.info import info_rows
 from frcnn_shard.inspect.stats import compute_stats, stats_table
 from frcnn_shard.storage import read_manifest
-from frcnn_shard.transform import TransformConfig
-
-
-def _build(tmp_path_factory, min_size: int, max_size: int):
-    return build_shards(tmp_path_factory.mktemp(f"kr{min_size}"), f"coco:{require_tiny_coco()}", "train2017",
-                        anchor_preset="torchvision-fpn",
-                        transform=TransformConfig(resize="keep-ratio", min_size=min_size, max_size=max_size)).out_dir
-
-
-@pytest.fixture(scope="module")
-def kr400(tmp_path_factory):
-    """tiny_coco, keep-ratio 400/666: canvases up to 672x672."""
-    return _build(tmp_path_factory, 400, 666)
-
-
-@pytest.fixture(scope="module")
-def kr800(tmp_path_factory):
-    """tiny_coco, keep-ratio 800/1333 (torchvision's COCO recipe)."""
-    return _build(tmp_path_factory, 800, 1333)
 
 
 def official() -> dict:

