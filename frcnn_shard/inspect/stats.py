@@ -298,7 +298,8 @@ def stats_figure(stats: dict, top: int = 20):
     ax_anc.tick_params(axis="x", labelsize=7)
 
     canvases = stats.get("canvases") or {}
-    rule = f", {plural(len(canvases['counts']), 'canvas')} ({canvases['rule']})" if canvases.get("counts") else ""
+    keep_ratio = canvases.get("counts") and str(canvases.get("rule", "")).startswith("keep-ratio")
+    rule = f", {plural(len(canvases['counts']), 'canvas')} ({canvases['rule']})" if keep_ratio else ""
     fig.suptitle(f"{stats.get('split') or ''} - {plural(stats['samples'], 'sample')}, "
                  f"{plural(stats['boxes'], 'box')}{rule}")
     fig.tight_layout()
