@@ -315,3 +315,15 @@ def test_an_epoch_ends_when_the_store_stays_down_and_counts_every_sample(s3, fs,
     got = json.loads(out.strip().splitlines()[-1])
     assert got["delivered"] == 0 and got["skipped"] == total, got
     assert "train-000000.tar" in got["log"][0], got
+
+
+def test_a_process_that_points_its_settings_elsewhere_gets_another_filesystem(monkeypatch):
+    """Filesystems are kept per process, options and AWS_* settings: one made for an endpoint is never reused
+    for another (the next module's S3 server, a notebook that switches accounts)."""
+    from frcnn_shard.storage.remote import filesystem
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    first = filesystem("s3", {})
+    assert filesystem("s3", {}) is first
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+    assert filesystem("s3", {}) is not first

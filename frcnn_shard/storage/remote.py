@@ -7,6 +7,7 @@ standard settings (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_END
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -268,14 +269,21 @@ class RetryingReader:
         self.close()
 
 
-_FILESYSTEMS: dict = {}  # (pid, scheme, options) -> filesystem made in this process
+_FILESYSTEMS: dict = {}  # (pid, scheme, options, settings) -> filesystem made in this process
+
+
+def _settings_digest() -> str:
+    """A digest of the environment settings a filesystem reads when made (AWS_*, FSSPEC_*): a process that points
+    them elsewhere (another endpoint, other credentials) gets a new filesystem, not one bound to the old ones."""
+    items = sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_")))
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def filesystem(scheme: str, options: dict):
-    """This process's filesystem for a scheme and options (fsspec's own instances are not fork-safe)."""
+    """This process's filesystem for a scheme, options and settings (fsspec's own instances are not fork-safe)."""
     import fsspec  # here, not at the top: local-only use never pays for importing it
 
-    key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str))
+    key = (os.getpid(), scheme, json.dumps(options, sort_keys=True, default=str), _settings_digest())
     if key not in _FILESYSTEMS:
         fs = fsspec.filesystem(scheme, skip_instance_cache=True, **_bounded_requests(scheme, options))
         if options and callable(getattr(fs, "connect", None)):
