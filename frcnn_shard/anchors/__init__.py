@@ -12,14 +12,14 @@ from .match import (
 )
 from .match_torch import match_batch_torch
 from .sampling import encode_deltas, key_hash, sample_indices, sample_labels, sample_rng
-from .manifest import anchors_from_manifest, anchors_manifest_section, check_anchors, has_flip_targets
+from .manifest import CanvasAnchors, anchors_from_manifest, anchors_manifest_section, check_anchors, has_flip_targets
 from .spec import (
     DEFAULT_PRESET, ORDERS, PRESETS, RATIO_CONVENTIONS, AnchorSpec, anchors_sha256, as_hw, as_numpy, locate_anchor,
     make_anchors, parse_numbers, parse_sizes, preset_spec,
 )
 
 __all__ = [
-    "AnchorMatcher", "AnchorSpec", "CROWD_COVER", "DEFAULT_PRESET", "LOW_QUALITY_MODES", "MatchConfig", "ORDERS",
+    "AnchorMatcher", "AnchorSpec", "CROWD_COVER", "CanvasAnchors", "DEFAULT_PRESET", "LOW_QUALITY_MODES", "MatchConfig", "ORDERS",
     "PRESETS", "RATIO_CONVENTIONS", "anchors_from_manifest", "anchors_manifest_section", "anchors_sha256", "as_boxes",
     "as_hw", "as_numpy", "check_anchors", "encode_deltas", "has_flip_targets", "inside_image", "iou_matrix64", "key_hash", "locate_anchor",
     "make_anchors", "match_batch_torch", "match_reference", "parse_numbers", "parse_sizes", "preset_spec", "sample_indices", "sample_labels",

@@ -84,3 +84,32 @@ def check_anchors(model_anchors: Any, manifest_or_spec: Any, atol: float = 1e-4)
             f"anchor {i} differs ({int(bad.sum())} of {len(bad)} differ beyond atol={atol}): "
             f"model {got[i].tolist()} vs shards {expected[i].astype(np.float64).tolist()} at {locate_anchor(spec, i)}"
         )
+
+
+class CanvasAnchors:
+    """The anchors over each canvas of a split, made once per canvas (the ``keep`` most recently used kept): the
+    manifest's spec over that canvas. The manifest's anchors (count and sha256) are verified on the first use, and
+    serve its own canvas; a keep-ratio sample's canvas gets the same spec over it (``AnchorSpec.at``), which is
+    what the build matched that sample against."""
+
+    def __init__(self, manifest: Mapping[str, Any], keep: int = 8):
+        self.section = _anchors_section(manifest)
+        self.spec = AnchorSpec.from_dict(self.section["spec"])
+        self.keep = keep
+        self._made: dict[tuple[int, int], np.ndarray] = {}
+        self._own: np.ndarray | None = None  # the manifest's anchors, verified once
+
+    def at(self, canvas_hw: Any) -> np.ndarray:
+        """The float32 [A, 4] anchors over ``canvas_hw`` (H, W); ValueError when the manifest's do not verify."""
+        key = (int(canvas_hw[0]), int(canvas_hw[1]))
+        if self._own is None:
+            self._own = anchors_from_manifest(self.section)
+        if key == self.spec.image_hw:
+            return self._own
+        anchors = self._made.pop(key, None)
+        if anchors is None:
+            anchors = make_anchors(self.spec.at(key))
+        self._made[key] = anchors  # most recently used last
+        while len(self._made) > self.keep:
+            self._made.pop(next(iter(self._made)))
+        return anchors

@@ -74,23 +74,19 @@ def _deep_matcher(manifest: Manifest) -> Callable[[dict, bool], np.ndarray]:
     the sample's canvas; flipped: for the mirrored boxes (format.record.flip_boxes, the build's own definition:
     about the canvas width, or a keep-ratio sample's content width)."""
     try:
-        anchors = anc.anchors_from_manifest(manifest)  # the manifest's canvas, count and sha256 verified
-        spec = anc.AnchorSpec.from_dict(manifest.anchors["spec"])
+        anchors = anc.CanvasAnchors(manifest)
+        anchors.at(manifest.image_hw)  # the manifest's canvas: count and sha256 verified now
         cfg = anc.MatchConfig.from_dict(manifest.anchors["matching"])
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"manifest anchors section cannot be used for a deep check: {e}") from None
-    made = {spec.image_hw: anchors}
 
     def recompute(meta: dict, flipped: bool) -> np.ndarray:
         canvas = (meta["size"][0], meta["size"][1]) if manifest.keep_ratio else manifest.image_hw
-        if canvas not in made:
-            made.clear()
-            made[canvas] = anc.make_anchors(spec.at(canvas))
         boxes, crowd = box_array(meta.get("boxes"), "boxes"), box_array(meta.get("crowd_boxes"), "crowd_boxes")
         if flipped:
             w = meta["content_size"][1] if manifest.keep_ratio else canvas[1]
             boxes, crowd = flip_boxes(boxes, w), flip_boxes(crowd, w)
-        labels, _ = anc.match_reference(made[canvas], boxes, crowd, cfg, canvas)
+        labels, _ = anc.match_reference(anchors.at(canvas), boxes, crowd, cfg, canvas)
         return np.asarray(labels)
 
     return recompute

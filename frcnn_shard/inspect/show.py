@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..anchors import AnchorSpec, anchors_from_manifest, make_anchors
+from ..anchors import CanvasAnchors
 from ..format.canvas import canvas_key
 from ..format.image import StoredImageError, decode_stored_image
 from ..format.members import ShardFormatError, image_member
@@ -139,26 +139,7 @@ def _draw_sample(ax, key: str, image: np.ndarray, record: Record, positives: np.
     ax.set_title(title, fontsize=8)
 
 
-class _CanvasAnchors:
-    """The anchors of each sample's canvas, made once per canvas: the manifest's (count and sha256 checked), or
-    at a keep-ratio canvas the build's spec over it (what the build matched that canvas's samples against)."""
-
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
-        self.made: dict[tuple[int, int], np.ndarray] = {}
-
-    def at(self, canvas: tuple[int, int]) -> np.ndarray:
-        """The anchors [A, 4] of ``canvas``."""
-        canvas = (int(canvas[0]), int(canvas[1]))
-        if canvas not in self.made:
-            if canvas == self.manifest.image_hw:
-                self.made[canvas] = anchors_from_manifest(self.manifest)
-            else:
-                self.made[canvas] = make_anchors(AnchorSpec.from_dict(self.manifest.anchors["spec"]).at(canvas))
-        return self.made[canvas]
-
-
-def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anchors: _CanvasAnchors | None,
+def _decoded(sample: tuple[str, dict[str, bytes], str], manifest: Manifest, anchors: CanvasAnchors | None,
              flip: bool) -> tuple[np.ndarray, Record, np.ndarray | None]:
     """(image, record, positive anchors' boxes or None) of a located sample, each member held to the format's
     rules first (ShardFormatError / StoredImageError naming the shard, the key and the rule). A keep-ratio
@@ -205,7 +186,7 @@ def sample_figure(shard_dir, keys: Sequence = (), indices: Sequence[int] = (), a
     samples += [_locate_index(store, manifest, int(i)) for i in indices]
     if not samples:
         raise ValueError("render_samples needs at least one key or index")
-    anchor_boxes = _CanvasAnchors(manifest) if anchors else None
+    anchor_boxes = CanvasAnchors(manifest) if anchors else None
 
     cols = min(len(samples), MAX_COLS)
     rows = math.ceil(len(samples) / cols)

@@ -54,6 +54,7 @@ class ShardLoader:
         self.skipped_total = 0
         self._anchors: torch.Tensor | None = None
         self._canvas_anchors: dict[tuple[int, int], torch.Tensor] = {}  # keep-ratio: anchors_for's cache
+        self._anchor_maker: anc.CanvasAnchors | None = None
         self._canvases = shard_canvases(self.manifest, self.urls)  # keep-ratio: samples per canvas of each URL
         self._streams: int | None = None  # streams per rank taken from a loaded state (None: one per worker)
         self._identity = dataset_identity(self.manifest, self.urls)
@@ -112,10 +113,9 @@ class ShardLoader:
             if count is None:
                 raise LoaderError(f"canvas {hw} is not one of the manifest's canvases "
                                   f"({', '.join(f'{h}x{w}' for (h, w), _ in self.dataset.canvas_anchors)})")
-            if not self._canvas_anchors:  # the spec's own size is checked against the manifest's sha256 once
-                anc.anchors_from_manifest(self.manifest.anchors)
-            spec = anc.AnchorSpec.from_dict(self.manifest.anchors["spec"]).at(hw)
-            anchors = anc.make_anchors(spec)
+            if self._anchor_maker is None:  # verifies the manifest's anchors (count, sha256) on its first use
+                self._anchor_maker = anc.CanvasAnchors(self.manifest, keep=0)  # the tensors below are the cache
+            anchors = self._anchor_maker.at(hw)
             if len(anchors) != count:
                 raise LoaderError(f"the spec gives {len(anchors)} anchors at {hw}, the manifest counts {count}")
             self._canvas_anchors[hw] = torch.from_numpy(anchors)
